@@ -1,0 +1,1 @@
+"""Measurement and reporting: op and model benchmarks, FLOPs, ablation reports."""

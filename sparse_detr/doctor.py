@@ -1,0 +1,35 @@
+"""Environment report: library versions, devices, and which op backends run here (and why not)."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from sparse_detr.ops import BackendStatus, backend_status
+
+
+def environment() -> dict[str, str]:
+    """Versions and devices that decide what this installation can do."""
+    import timm
+    import torchvision
+
+    cuda = "not available"
+    if torch.cuda.is_available():
+        names = {torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())}
+        cuda = f"{torch.cuda.device_count()} device(s): {', '.join(sorted(names))}"
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch CUDA build": str(torch.version.cuda),
+        "CUDA devices": cuda,
+        "CPU threads": str(torch.get_num_threads()),
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+    }
+
+
+def op_backends() -> list[BackendStatus]:
+    """Status of the ``cuda``, ``cpu`` and ``pytorch`` backends, building kernels if needed."""
+    return backend_status()

@@ -97,6 +97,20 @@ def _library_name(kind: str) -> str:
     return f"sparse_detr_msda_{kind}"
 
 
+def _cpp_extension():
+    """``torch.utils.cpp_extension``, imported with ``CUDA_HOME`` defaulting to ``/usr/local/cuda``.
+
+    torch reads ``CUDA_HOME`` once, at import, and otherwise guesses it from the ``nvcc`` on PATH,
+    which is wrong when that is a wrapper script (``/usr/local/bin/nvcc`` gives ``/usr/local``).
+    """
+    default = Path("/usr/local/cuda")
+    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and (default / "bin" / "nvcc").is_file():
+        os.environ["CUDA_HOME"] = str(default)
+    import torch.utils.cpp_extension
+
+    return torch.utils.cpp_extension
+
+
 def _missing_toolchain(kind: str) -> str | None:
     if kind == "cuda" and not torch.cuda.is_available():
         return "no CUDA GPU visible to torch (torch.cuda.is_available() is False)"
@@ -106,9 +120,8 @@ def _missing_toolchain(kind: str) -> str | None:
     if shutil.which(compiler) is None:
         return f"no C++ compiler: '{compiler}' is not on PATH (install g++ or set CXX)"
     if kind == "cuda":
-        from torch.utils.cpp_extension import CUDA_HOME
-
-        if CUDA_HOME is None or not (Path(CUDA_HOME) / "bin" / "nvcc").is_file():
+        cuda_home = _cpp_extension().CUDA_HOME
+        if cuda_home is None or not (Path(cuda_home) / "bin" / "nvcc").is_file():
             return "CUDA compiler nvcc not found (set CUDA_HOME to the CUDA toolkit)"
     return None
 
@@ -118,8 +131,7 @@ def compile_extension(kind: str, build_dir: Path) -> Path:
 
     Raises ``BackendUnavailableError`` naming the build log when the compiler fails.
     """
-    from torch.utils.cpp_extension import load
-
+    load = _cpp_extension().load
     build_dir.mkdir(parents=True, exist_ok=True)
     log_path = build_dir / "build.log"
     sources = [str(CSRC_DIR / source) for source in _SOURCES[kind]]

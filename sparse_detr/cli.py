@@ -33,33 +33,80 @@ def evaluate() -> None:
     _not_implemented("eval")
 
 
+def _split(values: str) -> list[str]:
+    return [v.strip() for v in values.split(",") if v.strip()]
+
+
+def _parse_size(size: str) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise typer.BadParameter(f"expected HEIGHTxWIDTH such as 800x1066, got {size!r}") from None
+    return height, width
+
+
+def _print_frame(frame, title: str) -> None:
+    table = Table(title=title)
+    for column in frame.columns:
+        table.add_column(str(column), justify="right" if frame[column].dtype.kind in "fi" else "left")
+    for row in frame.itertuples(index=False):
+        table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row))
+    console.print(table)
+
+
 @app.command()
 def benchmark(
-    op: bool = typer.Option(False, "--op", help="Time the deformable attention op backends."),
-    backends: str = typer.Option(
-        "pytorch,cpu,cuda", help="Comma-separated op backends to time (those unavailable are listed)."
-    ),
-    repeats: int = typer.Option(5, min=1, help="Timed repetitions per measurement (median reported)."),
-    dtype: str = typer.Option("float32", help="float32, float64, float16 or bfloat16."),
+    op: bool = typer.Option(False, "--op", help="Time the deformable attention op backends instead of models."),
+    preset: str = typer.Option("deformable-topk-bbr,sparse-rho0.1", help="Comma-separated presets to time."),
+    backbone: str | None = typer.Option(None, help="Backbone for every preset (r50, swin-t, a timm ResNet)."),
+    rho: str | None = typer.Option(None, help="Comma-separated keep ratios applied to the sparse presets."),
+    input_size: str = typer.Option("800x1066", help="HEIGHTxWIDTH of the synthetic input image."),
+    batch_size: int = typer.Option(1, min=1, help="Images per forward pass."),
+    device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    threads: int | None = typer.Option(None, min=1, help="CPU threads (default: torch's)."),
+    backends: str = typer.Option("pytorch,cpu,cuda", help="With --op: op backends to time."),
+    repeats: int = typer.Option(3, min=1, help="Timed repetitions per measurement (median reported)."),
+    dtype: str = typer.Option("float32", help="With --op: float32, float64, float16 or bfloat16."),
     output: Path | None = typer.Option(None, help="Also write the table as CSV to this file."),
 ) -> None:
-    """Benchmark the op (``--op``); model FLOPs/FPS benchmarks are not implemented yet."""
-    if not op:
-        _not_implemented("benchmark (model)")
-    from sparse_detr.analysis.op_benchmark import run_op_benchmark
+    """Time models (forward latency, peak memory) or, with --op, the deformable attention op backends.
 
-    frame = run_op_benchmark(
-        backends=[b.strip() for b in backends.split(",") if b.strip()],
-        repeats=repeats,
-        dtype=dtype,
-        log=console.print,
-    )
-    table = Table(title="ms_deform_attn: median milliseconds (ratio = pytorch time / this time)")
-    for column in frame.columns:
-        table.add_column(str(column), justify="right" if frame[column].dtype.kind == "f" else "left")
-    for row in frame.itertuples(index=False):
-        table.add_row(*(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row))
-    console.print(table)
+    Each model is measured in a fresh process with random weights; the ratio column compares every row
+    with the first. FLOPs and FPS reports come with the full benchmark (see the open issues).
+    """
+    if op:
+        from sparse_detr.analysis.op_benchmark import DEFAULT_SHAPES, run_op_benchmark
+
+        frame = run_op_benchmark(_split(backends), repeats=repeats, dtype=dtype, log=console.print)
+        _print_frame(frame, f"ms_deform_attn, {dtype}: median ms of {repeats} (speed-up vs pytorch)")
+        for shape in DEFAULT_SHAPES:
+            console.print(f"  {shape.name}: {shape.description}")
+    else:
+        import pandas as pd
+
+        from sparse_detr.analysis.latency import LatencyRequest, measure_latency_isolated
+        from sparse_detr.config import get_preset
+
+        import torch
+
+        height, width = _parse_size(input_size)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        rows = []
+        for name in _split(preset):
+            sparse = get_preset(name, backbone).model.keep_ratio > 0
+            for keep_ratio in [float(r) for r in _split(rho)] if (rho and sparse) else [None]:
+                request = LatencyRequest(
+                    name, backbone, keep_ratio, height, width, batch_size, repeats, 1, threads, device
+                )
+                with console.status(f"timing {name}" + (f" at rho {keep_ratio}" if keep_ratio else "")):
+                    result = measure_latency_isolated(request)
+                rows.append(result)
+        frame = pd.DataFrame(rows)
+        frame["ratio_to_first"] = frame["median_s"].iloc[0] / frame["median_s"]
+        columns = ["preset", "backbone", "keep_ratio", "kept_tokens", "tokens", "batch", "threads",
+                   "median_s", "min_s", "max_s", "ratio_to_first", "peak_rss_mib"]
+        frame = frame[columns + (["peak_cuda_mib"] if "peak_cuda_mib" in frame else [])]
+        _print_frame(frame, f"forward latency, {input_size}, {device}, median of {repeats} after a warm-up")
     if output is not None:
         from sparse_detr.utils.io import atomic_write_text
 

@@ -21,6 +21,7 @@ class OpShape:
     """One call of the op: batch, queries, levels, heads, channels per head, points."""
 
     name: str
+    description: str
     batch: int
     num_queries: int | None  # None: every token is a query (encoder self-attention)
     level_shapes: tuple[tuple[int, int], ...] = LEVEL_SHAPES_800x1066
@@ -34,8 +35,8 @@ class OpShape:
 
 
 DEFAULT_SHAPES = (
-    OpShape("encoder 800x1066 (N=1, every token a query)", batch=1, num_queries=None),
-    OpShape("decoder 800x1066 (N=4, 300 queries)", batch=4, num_queries=300),
+    OpShape("encoder", "800x1066 input, N=1, every token a query", batch=1, num_queries=None),
+    OpShape("decoder", "800x1066 input, N=4, 300 queries", batch=4, num_queries=300),
 )
 
 _DTYPES = {

@@ -1,5 +1,23 @@
-"""Deformable DETR and Sparse DETR."""
+"""Deformable DETR and Sparse DETR: the model, its parts, the criterion and post-processing."""
 
+from sparse_detr.models.attention_map import attention_coverage, decoder_attention_map, fill_padded_tokens
+from sparse_detr.models.criterion import SetCriterion, build_criterion, build_weight_dict
 from sparse_detr.models.deformable_attention import MSDeformAttn
+from sparse_detr.models.detector import DeformableDETR, build_model, pad_images
+from sparse_detr.models.matcher import HungarianMatcher
+from sparse_detr.models.postprocess import postprocess
 
-__all__ = ["MSDeformAttn"]
+__all__ = [
+    "DeformableDETR",
+    "HungarianMatcher",
+    "MSDeformAttn",
+    "SetCriterion",
+    "attention_coverage",
+    "build_criterion",
+    "build_model",
+    "build_weight_dict",
+    "decoder_attention_map",
+    "fill_padded_tokens",
+    "pad_images",
+    "postprocess",
+]

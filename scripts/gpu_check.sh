@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# GPU checks for a lent CUDA machine (the `device` tool): builds the CUDA kernels, runs the CUDA op tests
+# against the grid_sample reference, and times the op backends. Run from the repository root; results
+# go to $OUT (or ./gpu_check_out). The machine's own python3 has torch; fvcore/pycocotools are not needed.
+set -uo pipefail
+out="${OUT:-gpu_check_out}"
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-/tmp/sdetr_ext}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/gpu.txt"
+python3 -m sparse_detr.cli doctor 2>&1 | tee "$out/doctor.txt"
+python3 -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py tests/test_ops.py tests/test_deformable_attention.py \
+    2>&1 | tee "$out/tests.txt"
+for dtype in float32 bfloat16; do
+    python3 -m sparse_detr.cli benchmark --op --repeats 20 --dtype "$dtype" --output "$out/op_benchmark_$dtype.csv" \
+        2>&1 | tee "$out/op_benchmark_$dtype.txt"
+done

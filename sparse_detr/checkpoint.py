@@ -1,0 +1,226 @@
+"""Detector checkpoints: this project's files and the released official ones (SPEC §8).
+
+An official file is ``{"model": state_dict, "args": argparse.Namespace, ...}`` whose state dict repeats
+every head under a second name (``transformer.decoder.class_embed.*``, …, and in the plain preset the
+shared head once per decoder layer) and keeps Swin-T in the Microsoft layout. :func:`load_model` checks
+those aliases against their canonical tensors, drops them, converts Swin and loads strictly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sparse_detr.config import (
+    PRESETS,
+    Config,
+    ModelConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    get_preset,
+)
+from sparse_detr.models.backbone import swin_from_official
+from sparse_detr.models.detector import DeformableDETR, build_model
+from sparse_detr.utils.io import atomic_write
+from sparse_detr.utils.state_dict import format_keys, load_state_dict_strict
+
+FORMAT = "sparse_detr"
+VERSION = 1
+BODY_PREFIX = "backbone.0.body."
+# backbone names of the reference code's --backbone
+OFFICIAL_BACKBONES = {"resnet50": "r50", "swin-t": "swin-t"}
+# options of the reference code's main.py that are ModelConfig fields of the same name
+OFFICIAL_ARGS = (
+    *("hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "dropout"),
+    *("num_feature_levels", "enc_n_points", "dec_n_points", "num_queries"),
+    *("two_stage", "with_box_refine", "use_enc_aux_loss", "aux_loss"),
+)
+
+
+def save_checkpoint(path: str | Path, model: DeformableDETR, **extra: Any) -> Path:
+    """Write ``model`` (config and state dict) and ``extra`` entries (optimizer, epoch, …) atomically."""
+    content = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": config_to_dict(model.config),
+        "model": model.state_dict(),
+        **extra,
+    }
+    return atomic_write(path, lambda tmp: torch.save(content, tmp))
+
+
+def load_model(
+    path: str | Path,
+    preset: str | None = None,
+    map_location: str | torch.device = "cpu",
+    overrides: Mapping[str, Any] | None = None,
+    trust_checkpoint: bool = False,
+) -> DeformableDETR:
+    """The detector stored in ``path`` (this project's format or a released official file), in eval mode.
+
+    Args:
+        preset: architecture to build (a name of ``PRESETS``) instead of the one the file describes;
+            the backbone and the number of classes still come from the file.
+        overrides: dotted config overrides applied before building (e.g. ``{"model.keep_ratio": 0.3}``).
+        trust_checkpoint: unpickle the file fully. Without it only tensors, containers and the official
+            ``argparse.Namespace`` are unpickled, and a file holding anything else is refused.
+    """
+    checkpoint = read_checkpoint(path, map_location, trust_checkpoint)
+    state_dict = checkpoint["model"]
+    official = checkpoint.get("format") != FORMAT
+    if official:
+        config = official_config(checkpoint.get("args"), state_dict, preset, path)
+    else:
+        config = config_from_dict(checkpoint["config"])
+        if preset is not None:
+            config = _preset_like(preset, config.model.backbone, config.model.num_classes)
+    # the checkpoint replaces any backbone initialization
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, pretrained_backbone=None))
+    if overrides:
+        config = apply_overrides(config, dict(overrides))
+    model = build_model(config)
+    if official:
+        state_dict = official_to_model_state(state_dict, model)
+    load_state_dict_strict(model, state_dict, f"checkpoint {path}")
+    return model.to(map_location).eval()
+
+
+def read_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", trust_checkpoint: bool = False
+) -> dict:
+    """The dict stored in ``path``, unpickled with an allow-list (tensors, containers,
+    ``argparse.Namespace``) unless ``trust_checkpoint``. A file that is no checkpoint, or that holds
+    other objects, raises ``ValueError``."""
+    try:
+        if trust_checkpoint:
+            content = torch.load(path, map_location=map_location, weights_only=False)
+        else:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                content = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except pickle.UnpicklingError as error:
+        untrusted = _untrusted_globals(path)
+        if untrusted:
+            raise ValueError(
+                f"{path} holds {', '.join(untrusted)} object(s), which safe loading does not unpickle; "
+                "load_model(..., trust_checkpoint=True) unpickles the whole file (only for files you trust)"
+            ) from None
+        raise ValueError(f"{path} is not a PyTorch checkpoint: {_first_line(error)}") from None
+    except Exception as error:  # torch.load fails in many ways on foreign files
+        raise ValueError(
+            f"{path} is not a PyTorch checkpoint: {type(error).__name__} {_first_line(error)}"
+        ) from None
+    if not isinstance(content, dict) or not isinstance(content.get("model"), Mapping):
+        found = (
+            f"keys {format_keys(map(str, content))}" if isinstance(content, dict) else type(content).__name__
+        )
+        raise ValueError(f"{path} is not a detector checkpoint: no 'model' state dict ({found})")
+    return content
+
+
+def official_config(
+    args: argparse.Namespace | None, state_dict: Mapping[str, Tensor], preset: str | None, path
+) -> Config:
+    """The configuration of an official checkpoint: ``preset`` when given, else read from its ``args``."""
+    num_classes = state_dict["class_embed.0.weight"].shape[0] if "class_embed.0.weight" in state_dict else 91
+    backbone = _official_backbone(args, state_dict)
+    if preset is not None:
+        return _preset_like(preset, backbone, num_classes)
+    if args is None:
+        raise ValueError(
+            f"{path} has no 'args' to tell its architecture; pass preset= (one of {', '.join(PRESETS)})"
+        )
+    defaults = ModelConfig()
+    model = ModelConfig(
+        backbone=backbone,
+        num_classes=num_classes,
+        keep_ratio=float(getattr(args, "rho", 0.0)),
+        **{name: getattr(args, name, getattr(defaults, name)) for name in OFFICIAL_ARGS},
+    )
+    return Config(name=_matching_preset(model), model=model)
+
+
+def official_to_model_state(state_dict: Mapping[str, Tensor], model: DeformableDETR) -> dict[str, Tensor]:
+    """Official state dict -> this model's names: aliases checked against their canonical tensors and
+    dropped, the Swin-T body converted to timm's layout. Unknown keys stay, for the strict load to report."""
+    own_keys = model.state_dict().keys()
+    # heads are ordered: decoder layers, encoder output, encoder aux layers
+    encoder_head_offset = model.config.model.dec_layers + 1
+    converted, aliases = {}, {}
+    for key, value in state_dict.items():
+        canonical = None if key in own_keys else _alias_target(key, own_keys, encoder_head_offset)
+        if canonical is None:
+            converted[key] = value
+        else:
+            aliases[key] = canonical
+    for alias, canonical in aliases.items():
+        if canonical in converted and not torch.equal(state_dict[alias], converted[canonical]):
+            raise ValueError(
+                f"{alias} should hold the same tensor as {canonical} (the same head registered twice) "
+                "but differs: the file is corrupted or was saved from another architecture"
+            )
+    if model.config.model.backbone == "swin-t":
+        body = {
+            key.removeprefix(BODY_PREFIX): value
+            for key, value in converted.items()
+            if key.startswith(BODY_PREFIX)
+        }
+        converted = {key: value for key, value in converted.items() if not key.startswith(BODY_PREFIX)}
+        converted.update({BODY_PREFIX + key: value for key, value in swin_from_official(body).items()})
+    return converted
+
+
+def _alias_target(key: str, own_keys, encoder_head_offset: int) -> str | None:
+    """The canonical key that the official alias ``key`` repeats, or None if ``key`` is no alias."""
+    match = re.fullmatch(r"transformer\.(decoder|encoder)\.(class_embed|bbox_embed)\.(\d+)\.(.+)", key)
+    if match:
+        part, head, index, rest = match.groups()
+        index = int(index) + (encoder_head_offset if part == "encoder" else 0)
+        return f"{head}.{index}.{rest}"
+    match = re.fullmatch(r"(class_embed|bbox_embed)\.(\d+)\.(.+)", key)
+    if match and f"{match[1]}.0.{match[3]}" in own_keys:
+        # the plain preset shares one head across decoder layers; the official file lists it per layer
+        return f"{match[1]}.0.{match[3]}"
+    return None
+
+
+def _official_backbone(args: argparse.Namespace | None, state_dict: Mapping[str, Tensor]) -> str:
+    if args is not None and hasattr(args, "backbone"):
+        return OFFICIAL_BACKBONES.get(args.backbone, args.backbone)
+    return "swin-t" if f"{BODY_PREFIX}patch_embed.proj.weight" in state_dict else "r50"
+
+
+def _preset_like(preset: str, backbone: str, num_classes: int) -> Config:
+    config = get_preset(preset, backbone=backbone)
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, num_classes=num_classes))
+
+
+def _matching_preset(model: ModelConfig) -> str:
+    """The preset name whose architecture ``model`` is, or ``"official"`` if none is."""
+    for name in PRESETS:
+        candidate = _preset_like(name, model.backbone, model.num_classes).model
+        if candidate == model:
+            return name
+    return "official"
+
+
+def _untrusted_globals(path: str | Path) -> list[str]:
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint: nothing to list
+        return []
+    return [name for name in found if name != "argparse.Namespace"]
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else ""

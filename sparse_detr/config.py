@@ -1,0 +1,165 @@
+"""Typed configuration and the named presets of SPEC §1.
+
+A :class:`Config` is plain data: build one with :func:`get_preset`, change fields with
+:func:`apply_overrides` (dotted keys such as ``"model.keep_ratio"``), and store it with
+:func:`config_to_dict` / :func:`config_from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+BACKBONES = ("r50", "swin-t")
+SALIENCY_CRITERIA = ("dam", "oam", "random")
+KEEP_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
+PRESETS = ["deformable", "deformable-topk-bbr", *(f"sparse-rho{r}" for r in KEEP_RATIOS), "tiny"]
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of Deformable DETR / Sparse DETR.
+
+    ``backbone`` is ``"r50"``, ``"swin-t"`` or a timm ResNet name (``"resnet18"``) for small models.
+    ``keep_ratio`` is the share ρ of encoder tokens that are encoded (0 = every token, no scoring).
+    ``saliency_criterion`` picks how tokens are ranked when ρ > 0: ``"dam"`` (scoring network trained on
+    the decoder attention map), ``"oam"`` (objectness of a detection head) or ``"random"``.
+    """
+
+    backbone: str = "r50"
+    pretrained_backbone: str | None = None
+    hidden_dim: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 1024
+    dropout: float = 0.1
+    num_feature_levels: int = 4
+    enc_n_points: int = 4
+    dec_n_points: int = 4
+    num_queries: int = 300
+    num_classes: int = 91
+    two_stage: bool = False
+    with_box_refine: bool = False
+    keep_ratio: float = 0.0
+    use_enc_aux_loss: bool = False
+    saliency_criterion: str = "dam"
+    aux_loss: bool = True
+
+    def __post_init__(self) -> None:
+        if self.saliency_criterion not in SALIENCY_CRITERIA:
+            raise ValueError(
+                f"saliency_criterion must be one of {SALIENCY_CRITERIA}, got {self.saliency_criterion!r}"
+            )
+        if not 0.0 <= self.keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in [0, 1], got {self.keep_ratio}")
+        if self.hidden_dim % 32 != 0:
+            raise ValueError(f"hidden_dim must be a multiple of 32 (GroupNorm(32)), got {self.hidden_dim}")
+        if self.hidden_dim % self.nheads != 0:
+            raise ValueError(f"hidden_dim ({self.hidden_dim}) must be divisible by nheads ({self.nheads})")
+        if self.num_feature_levels < 3:
+            raise ValueError(f"num_feature_levels must be at least 3, got {self.num_feature_levels}")
+
+
+@dataclass
+class LossConfig:
+    """Loss weights and matching costs (SPEC §6)."""
+
+    cls_loss_coef: float = 2.0
+    bbox_loss_coef: float = 5.0
+    giou_loss_coef: float = 2.0
+    mask_prediction_coef: float = 1.0
+    focal_alpha: float = 0.25
+    set_cost_class: float = 2.0
+    set_cost_bbox: float = 5.0
+    set_cost_giou: float = 2.0
+
+
+@dataclass
+class Config:
+    """Everything needed to rebuild a model and its criterion."""
+
+    name: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+def _preset_model(name: str) -> ModelConfig:
+    if name == "deformable":
+        return ModelConfig()
+    if name == "deformable-topk-bbr":
+        return ModelConfig(two_stage=True, with_box_refine=True)
+    if name.startswith("sparse-rho") and name in PRESETS:
+        keep_ratio = float(name.removeprefix("sparse-rho"))
+        return ModelConfig(two_stage=True, with_box_refine=True, keep_ratio=keep_ratio, use_enc_aux_loss=True)
+    if name == "tiny":
+        # the sparse code path at CPU scale: only the numbers differ
+        return ModelConfig(
+            backbone="resnet18",
+            hidden_dim=64,
+            nheads=4,
+            enc_layers=3,
+            dec_layers=3,
+            dim_feedforward=128,
+            num_queries=50,
+            two_stage=True,
+            with_box_refine=True,
+            keep_ratio=0.3,
+            use_enc_aux_loss=True,
+        )
+    raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+
+
+def get_preset(name: str, backbone: str | None = None) -> Config:
+    """The preset ``name`` (see ``PRESETS``); ``backbone`` replaces the preset's (``r50`` or ``tiny``'s
+    ``resnet18``) when given."""
+    model = _preset_model(name)
+    if backbone is not None:
+        model.backbone = backbone
+    return Config(name=name, model=model)
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """Nested plain dict (JSON/YAML-ready)."""
+    return dataclasses.asdict(config)
+
+
+# dataclass fields that hold another dataclass
+_NESTED = {(Config, "model"): ModelConfig, (Config, "loss"): LossConfig}
+
+
+def _from_dict(cls, data: dict[str, Any], path: str):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise KeyError(f"unknown {path or 'config'} field(s) {unknown}; known: {sorted(known)}")
+    kwargs = {}
+    for key, value in data.items():
+        nested = _NESTED.get((cls, key))
+        kwargs[key] = _from_dict(nested, value, f"{path}{key}.") if nested is not None else value
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Inverse of :func:`config_to_dict`; missing fields take their defaults, unknown ones raise KeyError."""
+    return _from_dict(Config, data, "")
+
+
+def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
+    """A copy of ``config`` with dotted-key overrides, e.g. ``{"model.keep_ratio": 0.3, "name": "x"}``.
+
+    Unknown keys raise KeyError naming the valid ones; field checks run again on the result.
+    """
+    data = config_to_dict(config)
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = data
+        for i, part in enumerate(parents):
+            if not isinstance(node.get(part), dict):
+                raise KeyError(f"unknown config key {key!r}: {'.'.join(parents[: i + 1])!r} is not a section")
+            node = node[part]
+        if leaf not in node:
+            raise KeyError(f"unknown config key {key!r}; known here: {sorted(node)}")
+        node[leaf] = value
+    return config_from_dict(data)

@@ -1,0 +1,233 @@
+"""Training objective of Deformable DETR and Sparse DETR (SPEC §6)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
+
+from sparse_detr.config import SALIENCY_CRITERIA, Config, LossConfig, ModelConfig
+from sparse_detr.models.attention_map import attention_coverage, decoder_attention_map, fill_padded_tokens
+from sparse_detr.models.matcher import HungarianMatcher
+
+DETECTION_LOSSES = ("loss_ce", "loss_bbox", "loss_giou")
+
+Targets = list[dict[str, torch.Tensor]]
+Indices = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class SetCriterion(nn.Module):
+    """Hungarian detection losses on every output set, plus the scoring network's DAM loss.
+
+    ``forward`` returns the unweighted losses and log-only metrics; ``weight_dict`` names the
+    losses that are trained and their weights. Detection losses on the model's output sets:
+
+    - ``pred_logits``/``pred_boxes`` (last decoder layer): ``loss_ce``, ``loss_bbox``, ``loss_giou``;
+    - ``aux_outputs`` (earlier decoder layers): suffix ``_0``, ``_1``, ...;
+    - ``enc_outputs`` (two-stage proposals): suffix ``_enc``;
+    - ``enc_aux_outputs`` (sparse encoder aux heads): suffix ``_enc_0``, ``_enc_1``, ...;
+    - ``backbone_outputs`` (OAM objectness head): suffix ``_backbone``.
+
+    All of them are matched with the real class labels. With ``saliency_criterion="dam"`` and
+    ``token_scores`` in the outputs, ``loss_mask_prediction`` trains the scoring network to predict
+    the tokens the decoder attends to most. Metrics: ``class_error`` (last layer, in %) and, when
+    tokens were selected, ``dam_coverage`` and ``dam_coverage_level{l}``.
+    """
+
+    def __init__(
+        self,
+        matcher: HungarianMatcher,
+        weight_dict: dict[str, float],
+        focal_alpha: float = 0.25,
+        saliency_criterion: str = "dam",
+    ):
+        super().__init__()
+        if saliency_criterion not in SALIENCY_CRITERIA:
+            raise ValueError(f"saliency_criterion must be one of {SALIENCY_CRITERIA}, got {saliency_criterion!r}")
+        self.matcher = matcher
+        self.weight_dict = weight_dict
+        self.focal_alpha = focal_alpha
+        self.saliency_criterion = saliency_criterion
+
+    def loss_labels(
+        self, outputs: dict[str, torch.Tensor], targets: Targets, indices: Indices, num_boxes: float
+    ) -> torch.Tensor:
+        """Sigmoid focal loss over the one-hot classes of all queries, / number of target boxes."""
+        logits = outputs["pred_logits"]  # (N, Q, C)
+        batch_index, query_index = _matched_queries(indices)
+        one_hot = torch.zeros_like(logits)
+        one_hot[batch_index, query_index, _matched_targets(targets, indices, "labels")] = 1
+        loss = sigmoid_focal_loss(logits, one_hot, alpha=self.focal_alpha, gamma=2.0, reduction="none")
+        # mean over queries, then x Q: the reference's order of operations, kept for identical numbers
+        return loss.mean(1).sum() / num_boxes * logits.shape[1]
+
+    def loss_boxes(
+        self, outputs: dict[str, torch.Tensor], targets: Targets, indices: Indices, num_boxes: float
+    ) -> dict[str, torch.Tensor]:
+        """L1 (cxcywh) and 1 - GIoU over the matched pairs, / number of target boxes."""
+        boxes = outputs["pred_boxes"][_matched_queries(indices)]  # (num matched, 4)
+        target_boxes = _matched_targets(targets, indices, "boxes").to(boxes.dtype)
+        giou = generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(target_boxes, "cxcywh", "xyxy"))
+        return {
+            "loss_bbox": F.l1_loss(boxes, target_boxes, reduction="none").sum() / num_boxes,
+            "loss_giou": (1 - torch.diag(giou)).sum() / num_boxes,
+        }
+
+    def detection_losses(
+        self, outputs: dict[str, torch.Tensor], targets: Targets, num_boxes: float, suffix: str = ""
+    ) -> tuple[dict[str, torch.Tensor], Indices]:
+        """Match one output set and return its three losses, named with ``suffix``, and the match."""
+        device = outputs["pred_logits"].device
+        indices = [(query.to(device), target.to(device)) for query, target in self.matcher(outputs, targets)]
+        losses = {"loss_ce": self.loss_labels(outputs, targets, indices, num_boxes)}
+        losses.update(self.loss_boxes(outputs, targets, indices, num_boxes))
+        return {name + suffix: value for name, value in losses.items()}, indices
+
+    def loss_mask_prediction(
+        self, token_scores: torch.Tensor, attention_map: torch.Tensor, keep_counts: torch.Tensor
+    ) -> torch.Tensor:
+        """Binary cross-entropy of the token scores against the top ``keep_counts[i]`` DAM tokens.
+
+        Args:
+            token_scores: (N, S) scoring network logits, padded tokens included.
+            attention_map: (N, S) DAM with padded tokens filled below every other token.
+            keep_counts: (N,) int64 number of selected tokens per image.
+
+        Returns:
+            Mean over all N·S tokens.
+        """
+        num_top = min(int(keep_counts.max()), attention_map.shape[1])
+        top_tokens = attention_map.topk(num_top, dim=1).indices  # (N, num_top)
+        is_kept = torch.arange(num_top, device=keep_counts.device) < keep_counts[:, None]
+        target = torch.zeros_like(token_scores).scatter_(1, top_tokens, is_kept.to(token_scores.dtype))
+        return F.binary_cross_entropy_with_logits(token_scores, target)
+
+    def forward(self, outputs: dict, targets: Targets) -> dict[str, torch.Tensor]:
+        """Compute every loss the outputs allow.
+
+        Args:
+            outputs: the model's output dict (see :class:`SetCriterion` for the keys used).
+            targets: N dicts with ``labels`` (T_i,) int64 and ``boxes`` (T_i, 4) normalized cxcywh.
+
+        Returns:
+            Unweighted losses and metrics by name.
+        """
+        num_boxes = _average_num_boxes(targets, outputs["pred_logits"].device)
+        losses, indices = self.detection_losses(outputs, targets, num_boxes)
+        losses["class_error"] = _class_error(outputs["pred_logits"], targets, indices)
+
+        output_sets = [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
+        if "enc_outputs" in outputs:
+            output_sets.append(("_enc", outputs["enc_outputs"]))
+        output_sets += [(f"_enc_{i}", aux) for i, aux in enumerate(outputs.get("enc_aux_outputs", []))]
+        if "backbone_outputs" in outputs:
+            output_sets.append(("_backbone", outputs["backbone_outputs"]))
+        for suffix, output_set in output_sets:
+            losses.update(self.detection_losses(output_set, targets, num_boxes, suffix)[0])
+
+        losses.update(self.token_losses(outputs))
+        return losses
+
+    def token_losses(self, outputs: dict) -> dict[str, torch.Tensor]:
+        """``loss_mask_prediction`` (DAM criterion) and the DAM coverage of the selected tokens."""
+        trains_scores = self.saliency_criterion == "dam" and "token_scores" in outputs
+        if not trains_scores and "selected_tokens" not in outputs:
+            return {}
+        missing = [key for key in _DAM_INPUTS if key not in outputs]
+        if missing:
+            raise KeyError(f"the decoder attention map needs {missing} in the model outputs")
+        spatial_shapes = outputs["spatial_shapes"]
+        attention_map = decoder_attention_map(
+            outputs["sampling_locations"], outputs["attention_weights"], spatial_shapes, outputs["level_start_index"]
+        )
+        losses = {}
+        if trains_scores:
+            target_map = attention_map
+            if outputs.get("mask_flatten") is not None:
+                target_map = fill_padded_tokens(attention_map, outputs["mask_flatten"])
+            losses["loss_mask_prediction"] = self.loss_mask_prediction(
+                outputs["token_scores"], target_map, outputs["keep_counts"]
+            )
+        if "selected_tokens" in outputs:
+            overall, per_level = attention_coverage(
+                attention_map, outputs["selected_tokens"], outputs["keep_counts"], spatial_shapes
+            )
+            losses["dam_coverage"] = overall.mean()
+            losses.update({f"dam_coverage_level{level}": share for level, share in enumerate(per_level.mean(0))})
+        return losses
+
+
+_DAM_INPUTS = ("sampling_locations", "attention_weights", "spatial_shapes", "level_start_index", "keep_counts")
+
+
+def _matched_queries(indices: Indices) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch index, query index) of every matched prediction, images concatenated."""
+    batch_index = torch.cat([torch.full_like(query, i) for i, (query, _) in enumerate(indices)])
+    query_index = torch.cat([query for query, _ in indices])
+    return batch_index, query_index
+
+
+def _matched_targets(targets: Targets, indices: Indices, key: str) -> torch.Tensor:
+    """``key`` of the target matched to each matched prediction, in :func:`_matched_queries` order."""
+    return torch.cat([t[key][target] for t, (_, target) in zip(targets, indices, strict=True)])
+
+
+def _average_num_boxes(targets: Targets, device: torch.device) -> float:
+    """Target boxes per process (averaged over processes when distributed), at least 1."""
+    num_boxes = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(num_boxes)
+        num_boxes = num_boxes / dist.get_world_size()
+    return num_boxes.clamp(min=1).item()
+
+
+@torch.no_grad()
+def _class_error(logits: torch.Tensor, targets: Targets, indices: Indices) -> torch.Tensor:
+    """Top-1 error (%) of the matched predictions' classes; 100 when there is nothing to match."""
+    labels = _matched_targets(targets, indices, "labels")
+    if labels.numel() == 0:
+        return torch.tensor(100.0, device=logits.device)
+    predicted = logits[_matched_queries(indices)].argmax(-1)
+    return 100.0 * (1 - (predicted == labels).float().mean())
+
+
+def build_weight_dict(model_config: ModelConfig, loss_config: LossConfig) -> dict[str, float]:
+    """Weights of exactly the losses a model built from ``model_config`` produces in training."""
+    base = {
+        "loss_ce": loss_config.cls_loss_coef,
+        "loss_bbox": loss_config.bbox_loss_coef,
+        "loss_giou": loss_config.giou_loss_coef,
+    }
+    sparse = model_config.keep_ratio > 0
+    suffixes = [""]
+    if model_config.aux_loss:
+        suffixes += [f"_{i}" for i in range(model_config.dec_layers - 1)]
+    if model_config.two_stage:
+        suffixes.append("_enc")
+    if model_config.use_enc_aux_loss:
+        suffixes += [f"_enc_{i}" for i in range(model_config.enc_layers - 1)]
+    if sparse and model_config.saliency_criterion == "oam":
+        suffixes.append("_backbone")
+    weight_dict = {name + suffix: weight for suffix in suffixes for name, weight in base.items()}
+    if sparse and model_config.saliency_criterion == "dam":
+        weight_dict["loss_mask_prediction"] = loss_config.mask_prediction_coef
+    return weight_dict
+
+
+def build_criterion(config: Config) -> SetCriterion:
+    """The criterion for a model built from ``config``."""
+    loss = config.loss
+    matcher = HungarianMatcher(
+        cost_class=loss.set_cost_class,
+        cost_bbox=loss.set_cost_bbox,
+        cost_giou=loss.set_cost_giou,
+        focal_alpha=loss.focal_alpha,
+    )
+    return SetCriterion(
+        matcher,
+        build_weight_dict(config.model, loss),
+        focal_alpha=loss.focal_alpha,
+        saliency_criterion=config.model.saliency_criterion,
+    )

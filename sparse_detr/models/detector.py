@@ -1,0 +1,174 @@
+"""Deformable DETR / Sparse DETR detector: backbone, input projections, transformer, heads (SPEC §2, §5)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparse_detr.config import Config
+from sparse_detr.models.backbone import build_backbone
+from sparse_detr.models.heads import build_heads
+from sparse_detr.models.position_encoding import sine_position_encoding
+from sparse_detr.models.transformer import DeformableTransformer
+
+
+def pad_images(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad (3, H_i, W_i) images to the largest H and W.
+
+    Returns:
+        images (N, 3, H, W) and mask (N, H, W) bool, True on padding.
+    """
+    height = max(image.shape[1] for image in images)
+    width = max(image.shape[2] for image in images)
+    batch = images[0].new_zeros(len(images), images[0].shape[0], height, width)
+    mask = torch.ones(len(images), height, width, dtype=torch.bool, device=images[0].device)
+    for image, padded, image_mask in zip(images, batch, mask):
+        padded[:, : image.shape[1], : image.shape[2]].copy_(image)
+        image_mask[: image.shape[1], : image.shape[2]] = False
+    return batch, mask
+
+
+def _input_projections(in_channels: list[int], hidden_dim: int, num_levels: int) -> nn.ModuleList:
+    """1x1 conv + GroupNorm per backbone map; extra levels: 3x3 stride-2 conv + GroupNorm, the first on
+    the raw last backbone map, later ones on the previous projection."""
+    projections = [
+        nn.Sequential(nn.Conv2d(channels, hidden_dim, kernel_size=1), nn.GroupNorm(32, hidden_dim))
+        for channels in in_channels
+    ]
+    channels = in_channels[-1]
+    for _ in range(num_levels - len(in_channels)):
+        projections.append(
+            nn.Sequential(
+                nn.Conv2d(channels, hidden_dim, kernel_size=3, stride=2, padding=1),
+                nn.GroupNorm(32, hidden_dim),
+            )
+        )
+        channels = hidden_dim
+    for projection in projections:
+        nn.init.xavier_uniform_(projection[0].weight, gain=1)
+        nn.init.zeros_(projection[0].bias)
+    return nn.ModuleList(projections)
+
+
+class DeformableDETR(nn.Module):
+    """One class for every preset; ``config`` decides two-stage queries, box refinement and sparsity.
+
+    Parameter names equal the released checkpoints' (without their alias keys): the heads are
+    registered once here as ``class_embed.{i}`` / ``bbox_embed.{i}`` and handed to the transformer.
+
+    The encoder keep ratio ρ can be changed at inference without rebuilding, for every call with
+    :meth:`set_keep_ratio` or for one call with ``forward(..., keep_ratio=...)``: any ρ in (0, 1]
+    (1.0 encodes every token through the sparse path), or 0 to encode every token without scoring.
+    ``config`` keeps the value the model was built with.
+    """
+
+    def __init__(self, config: Config, backbone: nn.Module | None = None):
+        """``backbone`` replaces the one ``config.model`` describes (for tests with a stand-in)."""
+        super().__init__()
+        self.config = config
+        model = config.model
+        hidden_dim = model.hidden_dim
+        self.transformer = DeformableTransformer(model)
+        num_heads = (
+            model.dec_layers + int(model.two_stage) + (model.enc_layers - 1) * int(model.use_enc_aux_loss)
+        )
+        # as in the reference: one shared head pair unless boxes are refined or the encoder has aux heads
+        shared = not (model.with_box_refine or model.use_enc_aux_loss)
+        self.class_embed, self.bbox_embed = build_heads(
+            hidden_dim, model.num_classes, num_heads, shared, model.two_stage
+        )
+        if not model.two_stage:
+            self.query_embed = nn.Embedding(model.num_queries, 2 * hidden_dim)
+        if backbone is None:
+            backbone = build_backbone(model)
+        self.input_proj = _input_projections(
+            list(backbone.num_channels), hidden_dim, model.num_feature_levels
+        )
+        self.backbone = nn.ModuleList([backbone])
+        self.num_heads = num_heads
+
+    def set_keep_ratio(self, keep_ratio: float) -> None:
+        """Encode ``int(valid_tokens * keep_ratio) + 1`` tokens per image from now on (0: all, no scoring)."""
+        if not 0.0 <= keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in [0, 1], got {keep_ratio}")
+        if keep_ratio > 0 and not self.transformer.can_sparsify:
+            raise ValueError("this model has no token scorer; it was built with keep_ratio 0")
+        self.transformer.keep_ratio = keep_ratio
+
+    @property
+    def keep_ratio(self) -> float:
+        """The keep ratio forward passes use."""
+        return self.transformer.keep_ratio
+
+    def _heads(self) -> tuple[list[nn.Module], list[nn.Module]]:
+        """Head i for output i; the plain preset's single pair repeated for every decoder layer."""
+        if len(self.class_embed) == self.num_heads:
+            return list(self.class_embed), list(self.bbox_embed)
+        return [self.class_embed[0]] * self.num_heads, [self.bbox_embed[0]] * self.num_heads
+
+    def _multiscale_features(self, images: torch.Tensor, mask: torch.Tensor):
+        """Projected maps, their padding masks and position encodings, one per level."""
+        features = self.backbone[0](images)
+        srcs = [projection(feature) for projection, feature in zip(self.input_proj, features)]
+        for projection in self.input_proj[len(features) :]:
+            srcs.append(projection(features[-1] if len(srcs) == len(features) else srcs[-1]))
+        masks = [F.interpolate(mask[None].float(), size=src.shape[-2:]).to(torch.bool)[0] for src in srcs]
+        pos = [sine_position_encoding(m, src.shape[1] // 2).to(src.dtype) for m, src in zip(masks, srcs)]
+        return srcs, masks, pos
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        return_aux: bool = False,
+        keep_ratio: float | None = None,
+    ) -> dict:
+        """Detect objects in a padded batch.
+
+        Args:
+            images: (N, 3, H, W) normalized images.
+            mask: (N, H, W) bool, True on padding; None = no padding.
+            return_aux: compute the loss-only outputs (``enc_aux_outputs``, ``backbone_outputs``) in eval
+                mode too; training mode always computes them.
+            keep_ratio: this call's keep ratio instead of :attr:`keep_ratio`.
+
+        Returns:
+            ``pred_logits`` (N, Q, C), ``pred_boxes`` (N, Q, 4) normalized cxcywh, ``aux_outputs``
+            (decoder layers but the last), ``sampling_locations`` (N, D, Q, M, L, P, 2),
+            ``attention_weights`` (N, D, Q, M, L, P), ``spatial_shapes``, ``level_start_index``,
+            ``mask_flatten``, ``valid_ratios``; two-stage presets ``enc_outputs``; sparse presets
+            ``token_scores`` (N, S), ``selected_tokens`` (N, k), ``keep_counts`` (N,), and with aux
+            ``enc_aux_outputs`` / ``backbone_outputs`` (OAM).
+        """
+        if mask is None:
+            mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
+        srcs, masks, pos = self._multiscale_features(images, mask)
+        class_heads, box_heads = self._heads()
+        query_embed = self.query_embed.weight if hasattr(self, "query_embed") else None
+        out = self.transformer(
+            srcs,
+            masks,
+            pos,
+            class_heads,
+            box_heads,
+            query_embed,
+            keep_ratio,
+            with_aux=self.training or return_aux,
+        )
+        layer_logits, layer_boxes = out.pop("layer_logits"), out.pop("layer_boxes")  # (N, D, Q, ...)
+        out["pred_logits"], out["pred_boxes"] = layer_logits[:, -1], layer_boxes[:, -1]
+        if self.config.model.aux_loss:
+            out["aux_outputs"] = [
+                {"pred_logits": layer_logits[:, i], "pred_boxes": layer_boxes[:, i]}
+                for i in range(layer_logits.shape[1] - 1)
+            ]
+        return out
+
+
+def build_model(config: Config) -> DeformableDETR:
+    """The detector ``config`` describes, randomly initialized (backbone weights per
+    ``config.model.pretrained_backbone``)."""
+    return DeformableDETR(config)

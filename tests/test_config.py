@@ -1,0 +1,87 @@
+"""Presets, overrides and serialization of the configuration."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sparse_detr.config import PRESETS, Config, apply_overrides, config_from_dict, config_to_dict, get_preset
+
+
+@pytest.mark.parametrize("backbone", ["r50", "swin-t"])
+@pytest.mark.parametrize("name", [p for p in PRESETS if p != "tiny"])
+def test_published_presets_follow_spec_table(name, backbone):
+    model = get_preset(name, backbone).model
+    assert model.backbone == backbone
+    assert (model.hidden_dim, model.nheads, model.enc_layers, model.dec_layers) == (256, 8, 6, 6)
+    assert (model.dim_feedforward, model.num_queries, model.num_classes) == (1024, 300, 91)
+    if name == "deformable":
+        assert not model.two_stage and not model.with_box_refine and model.keep_ratio == 0
+    elif name == "deformable-topk-bbr":
+        assert (
+            model.two_stage and model.with_box_refine and model.keep_ratio == 0 and not model.use_enc_aux_loss
+        )
+    else:
+        assert model.two_stage and model.with_box_refine and model.use_enc_aux_loss
+        assert model.keep_ratio == float(name.removeprefix("sparse-rho"))
+        assert model.saliency_criterion == "dam"
+
+
+def test_sparse_presets_cover_rho_01_to_05():
+    assert [p for p in PRESETS if p.startswith("sparse-rho")] == [f"sparse-rho0.{i}" for i in range(1, 6)]
+
+
+def test_tiny_preset_runs_the_sparse_path_at_small_scale():
+    model = get_preset("tiny").model
+    assert model.backbone == "resnet18"
+    assert model.two_stage and model.with_box_refine and model.use_enc_aux_loss
+    assert 0 < model.keep_ratio < 1 and model.hidden_dim <= 128 and model.num_queries <= 100
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ValueError, match="sparse-rho0.1") as error:
+        get_preset("sparse-rho0.7")
+    assert "sparse-rho0.7" in str(error.value)
+
+
+def test_overrides_return_a_changed_copy():
+    config = get_preset("sparse-rho0.1")
+    changed = apply_overrides(
+        config,
+        {"model.keep_ratio": 0.3, "model.saliency_criterion": "oam", "loss.cls_loss_coef": 1.0, "name": "x"},
+    )
+    assert (changed.model.keep_ratio, changed.model.saliency_criterion) == (0.3, "oam")
+    assert changed.loss.cls_loss_coef == 1.0 and changed.name == "x"
+    assert config.model.keep_ratio == 0.1 and config.name == "sparse-rho0.1"
+
+
+@pytest.mark.parametrize("key", ["model.keep_rato", "optimizer.lr", "model.keep_ratio.x", "nmae"])
+def test_unknown_override_key_is_a_clear_error(key):
+    with pytest.raises(KeyError, match="unknown config key"):
+        apply_overrides(get_preset("tiny"), {key: 1})
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("model.saliency_criterion", "objectness"), ("model.keep_ratio", 1.5), ("model.hidden_dim", 100)],
+)
+def test_invalid_values_are_rejected(key, value):
+    with pytest.raises(ValueError, match=key.split(".")[1]):
+        apply_overrides(get_preset("tiny"), {key: value})
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_dict_round_trip(name):
+    config = get_preset(name, "swin-t")
+    data = json.loads(json.dumps(config_to_dict(config)))
+    assert config_from_dict(data) == config
+    assert isinstance(config_from_dict(data), Config)
+
+
+def test_from_dict_rejects_unknown_fields_and_fills_defaults():
+    data = config_to_dict(get_preset("tiny"))
+    data["model"]["typo"] = 1
+    with pytest.raises(KeyError, match="typo"):
+        config_from_dict(data)
+    assert config_from_dict({"name": "plain"}).model == get_preset("deformable").model

@@ -12,6 +12,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "ms_deform_attn_checks.h"
+
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -21,44 +23,20 @@ namespace {
 // Channels handled per inner step: fixed-width lanes the compiler vectorizes without reordering sums.
 constexpr int64_t kLanes = 16;
 
-struct Geometry {
-  int64_t N, S, M, D, Lq, L, P;
-};
+using sparse_detr::Geometry;
 
 Geometry check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                       const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                       const at::Tensor& attention_weights) {
-  TORCH_CHECK(value.dim() == 4, "ms_deform_attn: value must be (N, S, M, D), got ", value.sizes());
-  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2,
-              "ms_deform_attn: spatial_shapes must be (L, 2), got ", spatial_shapes.sizes());
-  const int64_t L = spatial_shapes.size(0);
-  TORCH_CHECK(level_start_index.dim() == 1 && level_start_index.size(0) == L,
-              "ms_deform_attn: level_start_index must be (L,) = (", L, ",), got ",
-              level_start_index.sizes());
-  TORCH_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
-              "ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2), got ",
-              sampling_locations.sizes());
-  Geometry g{value.size(0), value.size(1), value.size(2), value.size(3),
-             sampling_locations.size(1), L, sampling_locations.size(4)};
-  TORCH_CHECK(sampling_locations.size(0) == g.N && sampling_locations.size(2) == g.M &&
-                  sampling_locations.size(3) == L,
-              "ms_deform_attn: sampling_locations ", sampling_locations.sizes(),
-              " do not match value ", value.sizes(), " and ", L, " levels");
-  TORCH_CHECK(attention_weights.sizes() == sampling_locations.sizes().slice(0, 5),
-              "ms_deform_attn: attention_weights must be (N, Lq, M, L, P) = ",
-              sampling_locations.sizes().slice(0, 5), ", got ", attention_weights.sizes());
+  TORCH_CHECK(spatial_shapes.is_cpu() && level_start_index.is_cpu(),
+              "ms_deform_attn (cpu): spatial_shapes and level_start_index must be CPU tensors");
   TORCH_CHECK(value.scalar_type() == sampling_locations.scalar_type() &&
                   value.scalar_type() == attention_weights.scalar_type(),
               "ms_deform_attn (cpu): value, sampling_locations and attention_weights must share "
               "one dtype, got ", value.scalar_type(), ", ", sampling_locations.scalar_type(), ", ",
               attention_weights.scalar_type());
-  auto shapes = spatial_shapes.to(at::kLong).contiguous();
-  const int64_t* hw = shapes.data_ptr<int64_t>();
-  int64_t tokens = 0;
-  for (int64_t l = 0; l < L; ++l) tokens += hw[2 * l] * hw[2 * l + 1];
-  TORCH_CHECK(tokens == g.S, "ms_deform_attn: spatial_shapes cover ", tokens,
-              " tokens but value has S = ", g.S);
-  return g;
+  return sparse_detr::check_geometry(value, spatial_shapes, level_start_index, sampling_locations,
+                                     attention_weights);
 }
 
 // The four bilinear corners of one sampling point: row pointers into the level's values (or into a

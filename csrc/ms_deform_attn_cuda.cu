@@ -26,6 +26,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "ms_deform_attn_checks.h"
+
 #include <algorithm>
 #include <tuple>
 #include <type_traits>
@@ -38,9 +40,7 @@ constexpr int kWarpsPerBlock = kThreads / kWarp;
 // Enough blocks to fill any GPU many times over; the grid-stride loop covers the remaining rows.
 constexpr int64_t kMaxBlocks = int64_t{1} << 20;
 
-struct Geometry {
-  int64_t N, S, M, D, Lq, L, P;
-};
+using sparse_detr::Geometry;
 
 // Where one sampling point falls on a level: the flat (y * W + x) tokens of its corners in the
 // order (x0, y0), (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1), which of them lie on the map, and
@@ -274,29 +274,8 @@ Geometry check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                       const at::Tensor& attention_weights) {
   TORCH_CHECK(value.is_cuda(), "ms_deform_attn (cuda): value must be a CUDA tensor, got ",
               value.device());
-  TORCH_CHECK(value.dim() == 4, "ms_deform_attn: value must be (N, S, M, D), got ", value.sizes());
-  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2,
-              "ms_deform_attn: spatial_shapes must be (L, 2), got ", spatial_shapes.sizes());
-  const int64_t L = spatial_shapes.size(0);
-  TORCH_CHECK(level_start_index.dim() == 1 && level_start_index.size(0) == L,
-              "ms_deform_attn: level_start_index must be (L,) = (", L, ",), got ",
-              level_start_index.sizes());
-  TORCH_CHECK(!at::isFloatingType(spatial_shapes.scalar_type()) &&
-                  !at::isFloatingType(level_start_index.scalar_type()),
-              "ms_deform_attn: spatial_shapes and level_start_index must be integer tensors, got ",
-              spatial_shapes.scalar_type(), " and ", level_start_index.scalar_type());
-  TORCH_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
-              "ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2), got ",
-              sampling_locations.sizes());
-  const Geometry g{value.size(0), value.size(1), value.size(2), value.size(3),
-                   sampling_locations.size(1), L, sampling_locations.size(4)};
-  TORCH_CHECK(sampling_locations.size(0) == g.N && sampling_locations.size(2) == g.M &&
-                  sampling_locations.size(3) == L,
-              "ms_deform_attn: sampling_locations ", sampling_locations.sizes(),
-              " do not match value ", value.sizes(), " and ", L, " levels");
-  TORCH_CHECK(attention_weights.sizes() == sampling_locations.sizes().slice(0, 5),
-              "ms_deform_attn: attention_weights must be (N, Lq, M, L, P) = ",
-              sampling_locations.sizes().slice(0, 5), ", got ", attention_weights.sizes());
+  const Geometry g = sparse_detr::check_geometry(value, spatial_shapes, level_start_index,
+                                                 sampling_locations, attention_weights);
   TORCH_CHECK(sampling_locations.device() == value.device() &&
                   attention_weights.device() == value.device(),
               "ms_deform_attn (cuda): sampling_locations and attention_weights must be on ",
@@ -309,23 +288,6 @@ Geometry check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
               " value, sampling_locations and attention_weights must be ", expected,
               " (float32 for float16/bfloat16 value, else value's dtype), got ",
               sampling_locations.scalar_type(), " and ", attention_weights.scalar_type());
-  // Shapes on the host are checked here for free; on the device the kernels guard them instead.
-  if (spatial_shapes.is_cpu() && level_start_index.is_cpu()) {
-    const auto shapes = spatial_shapes.to(at::kLong).contiguous();
-    const auto starts = level_start_index.to(at::kLong).contiguous();
-    const int64_t* hw = shapes.data_ptr<int64_t>();
-    const int64_t* start = starts.data_ptr<int64_t>();
-    int64_t tokens = 0;
-    for (int64_t l = 0; l < L; ++l) {
-      TORCH_CHECK(hw[2 * l] >= 0 && hw[2 * l + 1] >= 0 && start[l] >= 0 &&
-                      start[l] + hw[2 * l] * hw[2 * l + 1] <= g.S,
-                  "ms_deform_attn: level ", l, " of shape (", hw[2 * l], ", ", hw[2 * l + 1],
-                  ") starting at ", start[l], " does not fit in value's S = ", g.S);
-      tokens += hw[2 * l] * hw[2 * l + 1];
-    }
-    TORCH_CHECK(tokens == g.S, "ms_deform_attn: spatial_shapes cover ", tokens,
-                " tokens but value has S = ", g.S);
-  }
   return g;
 }
 

@@ -23,6 +23,7 @@ from sparse_detr.ops import library  # noqa: F401  (defines the op schema the ke
 CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
 COMPILED_BACKENDS = ("cpu", "cuda")
 _SOURCES = {"cpu": ("ms_deform_attn_cpu.cpp",), "cuda": ("ms_deform_attn_cuda.cu",)}
+_HEADERS = ("ms_deform_attn_checks.h",)
 _CPU_FLAGS = ("-O3", "-march=native", "-fopenmp")
 _CPU_LDFLAGS = ("-fopenmp",)
 _CUDA_FLAGS = ("-O3", "-lineinfo")
@@ -87,7 +88,7 @@ def build_directory(kind: str) -> Path:
         _cpu_identity() if kind == "cpu" else _cuda_arch_list(),
     ):
         digest.update(part.encode())
-    for source in _SOURCES[kind]:
+    for source in _SOURCES[kind] + _HEADERS:
         digest.update((CSRC_DIR / source).read_bytes())
     tag = f"torch{torch.__version__.split('+')[0]}"
     return cache_root() / f"{kind}-{tag}-{digest.hexdigest()[:16]}"

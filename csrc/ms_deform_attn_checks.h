@@ -1,0 +1,61 @@
+// Shape validation shared by the CPU and CUDA kernels of sparse_detr::ms_deform_attn.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace sparse_detr {
+
+// Sizes of one call: batch, tokens, heads, channels per head, queries, levels, points.
+struct Geometry {
+  int64_t N, S, M, D, Lq, L, P;
+};
+
+// Checks ranks and sizes of the op's inputs. Level bounds are checked when the shapes live on the
+// host (reading device tensors here would synchronize every call; the CUDA kernels guard them).
+inline Geometry check_geometry(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                               const at::Tensor& level_start_index,
+                               const at::Tensor& sampling_locations,
+                               const at::Tensor& attention_weights) {
+  TORCH_CHECK(value.dim() == 4, "ms_deform_attn: value must be (N, S, M, D), got ", value.sizes());
+  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2,
+              "ms_deform_attn: spatial_shapes must be (L, 2), got ", spatial_shapes.sizes());
+  const int64_t L = spatial_shapes.size(0);
+  TORCH_CHECK(level_start_index.dim() == 1 && level_start_index.size(0) == L,
+              "ms_deform_attn: level_start_index must be (L,) = (", L, ",), got ",
+              level_start_index.sizes());
+  TORCH_CHECK(!at::isFloatingType(spatial_shapes.scalar_type()) &&
+                  !at::isFloatingType(level_start_index.scalar_type()),
+              "ms_deform_attn: spatial_shapes and level_start_index must be integer tensors, got ",
+              spatial_shapes.scalar_type(), " and ", level_start_index.scalar_type());
+  TORCH_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
+              "ms_deform_attn: sampling_locations must be (N, Lq, M, L, P, 2), got ",
+              sampling_locations.sizes());
+  const Geometry g{value.size(0), value.size(1), value.size(2), value.size(3),
+                   sampling_locations.size(1), L, sampling_locations.size(4)};
+  TORCH_CHECK(sampling_locations.size(0) == g.N && sampling_locations.size(2) == g.M &&
+                  sampling_locations.size(3) == L,
+              "ms_deform_attn: sampling_locations ", sampling_locations.sizes(),
+              " do not match value ", value.sizes(), " and ", L, " levels");
+  TORCH_CHECK(attention_weights.sizes() == sampling_locations.sizes().slice(0, 5),
+              "ms_deform_attn: attention_weights must be (N, Lq, M, L, P) = ",
+              sampling_locations.sizes().slice(0, 5), ", got ", attention_weights.sizes());
+  if (spatial_shapes.is_cpu() && level_start_index.is_cpu()) {
+    const auto shapes = spatial_shapes.to(at::kLong).contiguous();
+    const auto starts = level_start_index.to(at::kLong).contiguous();
+    const int64_t* hw = shapes.data_ptr<int64_t>();
+    const int64_t* start = starts.data_ptr<int64_t>();
+    int64_t tokens = 0;
+    for (int64_t l = 0; l < L; ++l) {
+      TORCH_CHECK(hw[2 * l] >= 0 && hw[2 * l + 1] >= 0 && start[l] >= 0 &&
+                      start[l] + hw[2 * l] * hw[2 * l + 1] <= g.S,
+                  "ms_deform_attn: level ", l, " of shape (", hw[2 * l], ", ", hw[2 * l + 1],
+                  ") starting at ", start[l], " does not fit in value's S = ", g.S);
+      tokens += hw[2 * l] * hw[2 * l + 1];
+    }
+    TORCH_CHECK(tokens == g.S, "ms_deform_attn: spatial_shapes cover ", tokens,
+                " tokens but value has S = ", g.S);
+  }
+  return g;
+}
+
+}  // namespace sparse_detr

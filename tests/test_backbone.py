@@ -15,7 +15,7 @@ import torchvision
 from sparse_detr.config import ModelConfig
 from sparse_detr.models.backbone import build_backbone, swin_from_official
 
-OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "official"
+OFFICIAL = Path(__file__).resolve().parent / "data" / "official"
 SWIN_DEPTHS = (2, 2, 6, 2)
 SWIN_HEADS = (3, 6, 12, 24)
 

@@ -110,8 +110,6 @@ def perturbed(model):
 def official_file(request, tmp_path_factory):
     """(model it was written from, path of an official-layout file with args, config file name)."""
     preset, backbone, config_file = OFFICIAL_CASES[request.param]
-    if not OFFICIAL.exists():
-        pytest.skip(f"{OFFICIAL} not available")
     model = perturbed(build_model(get_preset(preset, backbone)))
     path = tmp_path_factory.mktemp("official") / f"{request.param}.pth"
     torch.save(
@@ -165,8 +163,6 @@ def test_official_checkpoint_loads_and_runs(official_file):
 
 @pytest.fixture(scope="module")
 def topk_official():
-    if not OFFICIAL.exists():
-        pytest.skip(f"{OFFICIAL} not available")
     model = build_model(get_preset("deformable-topk-bbr"))
     return {"model": official_state_dict(model, "r50_efficient_detr"), "args": official_args(model.config)}
 

@@ -13,7 +13,7 @@ from sparse_detr.models.backbone import swin_from_official
 from sparse_detr.models.detector import build_model, pad_images
 from sparse_detr.models.postprocess import postprocess
 
-OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "official"
+OFFICIAL = Path(__file__).resolve().parent / "data" / "official"
 PLAIN = {
     "model.two_stage": False,
     "model.with_box_refine": False,

@@ -99,7 +99,9 @@ def read_checkpoint(
 ) -> dict:
     """The dict stored in ``path``, unpickled with an allow-list (tensors, containers,
     ``argparse.Namespace``) unless ``trust_checkpoint``. A file that is no checkpoint, or that holds
-    other objects, raises ``ValueError``."""
+    other objects, raises ``ValueError``; a missing file ``FileNotFoundError``."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         if trust_checkpoint:
             content = torch.load(path, map_location=map_location, weights_only=False)

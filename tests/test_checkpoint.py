@@ -298,3 +298,8 @@ def test_files_that_are_not_detector_checkpoints(tmp_path, content, message):
         torch.save(content, path)
     with pytest.raises(ValueError, match=message):
         load_model(path)
+
+
+def test_missing_checkpoint_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*nowhere.pth"):
+        load_model(tmp_path / "nowhere.pth")

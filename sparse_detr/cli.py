@@ -45,12 +45,18 @@ def _parse_size(size: str) -> tuple[int, int]:
     return height, width
 
 
+def _format_cell(value) -> str:
+    if isinstance(value, float):
+        return "-" if value != value else f"{value:.3f}"  # NaN: not applicable
+    return str(value)
+
+
 def _print_frame(frame, title: str) -> None:
     table = Table(title=title)
     for column in frame.columns:
         table.add_column(str(column), justify="right" if frame[column].dtype.kind in "fi" else "left")
     for row in frame.itertuples(index=False):
-        table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row))
+        table.add_row(*(_format_cell(v) for v in row))
     console.print(table)
 
 

@@ -125,6 +125,12 @@ def test_mask_none_means_no_padding():
     torch.testing.assert_close(a["pred_logits"], b["pred_logits"], rtol=0, atol=0)
 
 
+def test_too_few_tokens_for_the_queries_is_a_clear_error():
+    model = tiny().eval()  # 50 queries; a 32x32 image gives 16 + 4 + 1 + 1 tokens
+    with pytest.raises(ValueError, match="fewer than the 50 queries"):
+        model(torch.randn(1, 3, 32, 32))
+
+
 def test_float64(padded_batch):
     model = tiny().double().eval()
     images, mask = padded_batch

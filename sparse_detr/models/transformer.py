@@ -164,6 +164,11 @@ class DeformableTransformer(nn.Module):
         box_head_: nn.Module,
     ):
         """Rank every token as a detection and turn the top ``num_queries`` into decoder queries."""
+        if memory.shape[1] < self.num_queries:
+            raise ValueError(
+                f"the image gives {memory.shape[1]} tokens, fewer than the {self.num_queries} queries "
+                "that two-stage selection takes: use a larger input image"
+            )
         projected = self._project(memory, mask_flatten, valid)
         enc_logits = class_head_(projected)  # (N, S, C')
         enc_box_logits = box_head_(projected) + proposals  # (N, S, 4)

@@ -1,0 +1,43 @@
+"""One optimizer step of model + criterion for each saliency criterion (DAM, OAM, random)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparse_detr.config import apply_overrides, get_preset
+from sparse_detr.models import build_criterion, build_model, pad_images
+
+TARGETS = [
+    {"labels": torch.tensor([1, 4]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
+    {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
+]
+
+
+@pytest.mark.parametrize("saliency_criterion", ["dam", "oam", "random"])
+def test_one_training_step(saliency_criterion):
+    torch.manual_seed(0)
+    config = apply_overrides(get_preset("tiny"), {"model.saliency_criterion": saliency_criterion})
+    model = build_model(config).train()
+    criterion = build_criterion(config)
+    generator = torch.Generator().manual_seed(0)
+    images, mask = pad_images(
+        [torch.randn(3, 96, 128, generator=generator), torch.randn(3, 80, 96, generator=generator)]
+    )
+
+    losses = criterion(model(images, mask), TARGETS)
+    assert set(criterion.weight_dict) <= set(losses)
+    assert any(k.endswith("_backbone") for k in losses) == (saliency_criterion == "oam")
+    assert ("loss_mask_prediction" in losses) == (saliency_criterion == "dam")
+    total = sum(criterion.weight_dict[k] * losses[k] for k in criterion.weight_dict)
+    assert torch.isfinite(total)
+
+    trained = model.transformer.oam_class_embed if saliency_criterion == "oam" else model.class_embed[0]
+    before = [p.detach().clone() for p in trained.parameters()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    total.backward()
+    optimizer.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, trained.parameters()))
+
+    out = model.eval()(images, mask)
+    assert out["selected_tokens"].shape[1] == int(out["keep_counts"].max())

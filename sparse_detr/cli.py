@@ -89,11 +89,10 @@ def benchmark(
             console.print(f"  {shape.name}: {shape.description}")
     else:
         import pandas as pd
+        import torch
 
         from sparse_detr.analysis.latency import LatencyRequest, measure_latency_isolated
         from sparse_detr.config import get_preset
-
-        import torch
 
         height, width = _parse_size(input_size)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")

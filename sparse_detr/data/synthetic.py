@@ -1,0 +1,186 @@
+"""The built-in dataset: rendered shapes on cluttered backgrounds, written in COCO format.
+
+Six categories (``SHAPES``, ids 1..6) of varied size, colour, texture and rotation, overlapping a
+little, about a third of each image covered by boxes as in COCO. Boxes and areas are the exact
+visible pixels of each drawn shape. Everything follows from the seed: the same arguments give the
+same files. Layout::
+
+    out_dir/train/000000.png ...   out_dir/val/...
+    out_dir/annotations/instances_train.json, instances_val.json
+    out_dir/synthetic.json          # the arguments; a matching folder is reused as is
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from sparse_detr.data.shapes import SHAPES, background, fill, random_color, shape_mask
+
+GENERATOR_VERSION = 1
+DEFAULT_NUM_TRAIN = 500
+DEFAULT_NUM_VAL = 100
+DEFAULT_IMAGE_SIZE = 160
+MAX_OBJECTS = 5
+MIN_VISIBLE = 0.6  # an object keeps at least this share of its pixels when later ones overlap it
+_SPLIT_CODES = {"train": 0, "val": 1}
+
+
+def default_dataset_dir() -> Path:
+    """Where ``sdetr train`` keeps the built-in dataset: ``$SDETR_DATA_DIR`` or the user cache."""
+    if "SDETR_DATA_DIR" in os.environ:
+        return Path(os.environ["SDETR_DATA_DIR"])
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "sparse_detr" / "synthetic-shapes"
+
+
+def _place(
+    kind: str, radius: float, canvas: tuple[int, int], owner: np.ndarray, areas: list[int], rng: np.random.Generator
+) -> np.ndarray | None:
+    """The mask of a ``kind`` shape at a random spot that hides at most 1 - MIN_VISIBLE of any earlier
+    object (``owner`` holds each pixel's object index, -1 for background), or None after 30 tries."""
+    height, width = canvas
+    margin = 0.75 * radius  # shapes may be cut a little by the border, as in photos
+    for _ in range(30):
+        center = (rng.uniform(margin, width - margin), rng.uniform(margin, height - margin))
+        mask = shape_mask(kind, canvas, center, radius, rng)
+        if mask.sum() < 16:
+            continue
+        covered = np.bincount(owner[mask & (owner >= 0)], minlength=len(areas))
+        visible = np.bincount(owner[owner >= 0], minlength=len(areas)) - covered
+        if all(v >= MIN_VISIBLE * a for v, a in zip(visible, areas)):
+            return mask
+    return None
+
+
+def render_scene(image_size: int, rng: np.random.Generator) -> tuple[Image.Image, list[dict[str, Any]]]:
+    """One image (longer side ``image_size``) and its objects as ``{"category_id", "bbox" xywh, "area"}``."""
+    short = int(round(image_size * rng.uniform(0.75, 1.0)))
+    height, width = (image_size, short) if rng.uniform() < 0.5 else (short, image_size)
+    canvas = (height, width)
+    image = background(canvas, rng)
+    owner = np.full(canvas, -1, dtype=np.int64)
+    kinds: list[int] = []
+    areas: list[int] = []
+
+    count = 0 if rng.uniform() < 0.03 else int(rng.integers(1, MAX_OBJECTS + 1))
+    coverage = rng.uniform(0.25, 0.55) * height * width  # summed box area aimed at
+    weights = rng.uniform(0.3, 1.0, count)
+    sides = np.sqrt(coverage * weights / max(weights.sum(), 1e-9))
+    sides = np.clip(sides, 0.14 * min(canvas), 0.6 * min(canvas))
+    for side in sorted(sides, reverse=True):  # big ones first: small ones stay visible on top
+        kind = int(rng.integers(len(SHAPES)))
+        mask = _place(SHAPES[kind], side / 2, canvas, owner, areas, rng)
+        if mask is None:
+            continue
+        local = image[mask].mean(0)
+        color = random_color(rng, (0.45, 1.0), (0.4, 1.0))
+        for _ in range(20):  # stand out from what lies under it
+            if np.abs(color - local).sum() > 150:
+                break
+            color = random_color(rng, (0.45, 1.0), (0.4, 1.0))
+        image[mask] = fill(canvas, color, rng)[mask]
+        owner[mask] = len(kinds)
+        kinds.append(kind)
+        areas.append(int(mask.sum()))
+
+    objects = []
+    for index, kind in enumerate(kinds):
+        ys, xs = np.nonzero(owner == index)
+        x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+        objects.append({"category_id": kind + 1, "bbox": [x0, y0, x1 - x0, y1 - y0], "area": int(len(xs))})
+    pixels = Image.fromarray(np.clip(np.rint(image), 0, 255).astype(np.uint8))
+    return pixels, objects
+
+
+def _write_split(root: Path, split: str, count: int, image_size: int, seed: int) -> None:
+    (root / split).mkdir(parents=True)
+    images, annotations = [], []
+    for index in range(count):
+        rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
+        image, objects = render_scene(image_size, rng)
+        file_name = f"{index:06d}.png"
+        image.save(root / split / file_name)
+        images.append({"id": index + 1, "file_name": file_name, "width": image.width, "height": image.height})
+        for obj in objects:
+            annotations.append({"id": len(annotations) + 1, "image_id": index + 1, "iscrowd": 0, **obj})
+    dataset = {
+        "info": {"description": f"sparse_detr synthetic shapes, {split} split", "version": str(GENERATOR_VERSION)},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPES)],
+    }
+    (root / "annotations").mkdir(exist_ok=True)
+    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(dataset))
+
+
+def _manifest(path: Path) -> dict | None:
+    try:
+        return json.loads((path / "synthetic.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def make_synthetic_dataset(
+    out_dir: str | Path | None = None,
+    num_train: int = DEFAULT_NUM_TRAIN,
+    num_val: int = DEFAULT_NUM_VAL,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    seed: int = 0,
+) -> Path:
+    """Write the dataset to ``out_dir`` (default :func:`default_dataset_dir`) and return it.
+
+    A folder already holding this exact dataset is returned untouched; one holding another synthetic
+    dataset is replaced; any other non-empty folder is refused. The files are written to a temporary
+    folder and renamed into place, so concurrent callers (one per process) never see half a dataset.
+    """
+    if num_train < 1 or num_val < 1:
+        raise ValueError(f"need at least one train and one val image, got {num_train} and {num_val}")
+    if image_size < 32:
+        raise ValueError(f"image_size must be at least 32 pixels, got {image_size}")
+    out = Path(out_dir) if out_dir is not None else default_dataset_dir()
+    wanted = {
+        "generator_version": GENERATOR_VERSION,
+        "num_train": num_train,
+        "num_val": num_val,
+        "image_size": image_size,
+        "seed": seed,
+    }
+    if _manifest(out) == wanted:
+        return out
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and _manifest(out) is None)):
+        raise FileExistsError(f"{out} exists and is not a synthetic dataset folder; choose another --out")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _write_split(tmp, "train", num_train, image_size, seed)
+        _write_split(tmp, "val", num_val, image_size, seed)
+        (tmp / "synthetic.json").write_text(json.dumps(wanted, indent=2))
+        if out.exists():
+            if _manifest(out) == wanted:  # another process finished first
+                return out
+            shutil.rmtree(out)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if _manifest(out) != wanted:
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def synthetic_splits(root: str | Path) -> tuple[Path, Path, Path, Path]:
+    """``(train_images, train_ann, val_images, val_ann)`` of a folder written by :func:`make_synthetic_dataset`."""
+    root = Path(root)
+    annotations = root / "annotations"
+    return root / "train", annotations / "instances_train.json", root / "val", annotations / "instances_val.json"

@@ -1,0 +1,24 @@
+"""Training and evaluation: the loop, COCO evaluation, optimizer, checkpoints, distributed helpers."""
+
+from sparse_detr.engine.evaluate import METRIC_KEYS, coco_metrics, evaluate, evaluate_checkpoint, format_metrics
+from sparse_detr.engine.optim import build_optimizer, build_scheduler, lr_scale, param_groups
+from sparse_detr.engine.train_config import TrainConfig, train_config_from_dict, train_config_to_dict
+from sparse_detr.engine.trainer import NonFiniteLossError, build_datasets, train
+
+__all__ = [
+    "METRIC_KEYS",
+    "NonFiniteLossError",
+    "TrainConfig",
+    "build_datasets",
+    "build_optimizer",
+    "build_scheduler",
+    "coco_metrics",
+    "evaluate",
+    "evaluate_checkpoint",
+    "format_metrics",
+    "lr_scale",
+    "param_groups",
+    "train",
+    "train_config_from_dict",
+    "train_config_to_dict",
+]

@@ -1,0 +1,108 @@
+"""Process groups started by ``torchrun``: setup from the environment and the few collectives used.
+
+Every helper also works in a single process without a process group (rank 0 of 1).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: its rank among ``world_size`` processes and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
+    """``device``, or the process's GPU (``cuda:LOCAL_RANK``) when CUDA is available, else the CPU."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def init_distributed(device: str | None = None) -> DistInfo:
+    """Join the process group ``torchrun`` describes (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_*``):
+    NCCL on GPUs, gloo on CPUs. Without those variables, or when already joined, nothing is started."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    target = resolve_device(device, local_rank)
+    if not is_initialized() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        if target.type == "cuda":
+            torch.cuda.set_device(target)
+        dist.init_process_group(backend="nccl" if target.type == "cuda" else "gloo")
+    return DistInfo(get_rank(), get_world_size(), local_rank, target)
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """The mean of each value over the processes (one collective for the whole dict)."""
+    if not is_initialized() or not values:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    tensor /= get_world_size()
+    return dict(zip(keys, tensor.tolist()))
+
+
+def any_process(flag: bool, device: torch.device) -> bool:
+    """True on every process when ``flag`` is True on at least one (so all of them stop together)."""
+    if not is_initialized():
+        return flag
+    tensor = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every process's ``obj`` as a list, on rank 0; None on the others."""
+    if not is_initialized():
+        return [obj]
+    gathered = [None] * get_world_size() if get_rank() == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every process."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,214 @@
+"""COCO box AP with pycocotools: detections of a data loader, gathered to rank 0, scored by COCOeval."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import nn
+
+from sparse_detr.engine import distributed
+from sparse_detr.models import postprocess
+from sparse_detr.utils.io import atomic_write_text
+
+# COCOeval.stats, in order
+METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+_DESCRIPTIONS = (
+    "AP @[IoU=0.50:0.95 | area=all | maxDets=100]",
+    "AP @[IoU=0.50 | area=all | maxDets=100]",
+    "AP @[IoU=0.75 | area=all | maxDets=100]",
+    "AP @[IoU=0.50:0.95 | area=small | maxDets=100]",
+    "AP @[IoU=0.50:0.95 | area=medium | maxDets=100]",
+    "AP @[IoU=0.50:0.95 | area=large | maxDets=100]",
+    "AR @[IoU=0.50:0.95 | area=all | maxDets=1]",
+    "AR @[IoU=0.50:0.95 | area=all | maxDets=10]",
+    "AR @[IoU=0.50:0.95 | area=all | maxDets=100]",
+    "AR @[IoU=0.50:0.95 | area=small | maxDets=100]",
+    "AR @[IoU=0.50:0.95 | area=medium | maxDets=100]",
+    "AR @[IoU=0.50:0.95 | area=large | maxDets=100]",
+)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    data_loader: Iterable,
+    label_to_category_id: Mapping[int, int],
+    device: torch.device | str,
+    top_k: int = 100,
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """This process's detections in COCO results format (``bbox`` xywh in original-image pixels) and
+    the ids of the images it saw. Labels without a category (unused slots) are left out."""
+    model.eval()
+    detections, image_ids = [], []
+    for images, mask, targets in data_loader:
+        outputs = model(images.to(device), mask.to(device))
+        sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
+        pairs = outputs["pred_logits"].shape[1] * outputs["pred_logits"].shape[2]
+        for target, result in zip(targets, postprocess(outputs, sizes, top_k=min(top_k, pairs))):
+            image_id = int(target["image_id"])
+            image_ids.append(image_id)
+            boxes = result["boxes"].float().cpu()
+            boxes[:, 2:] -= boxes[:, :2]
+            for score, label, box in zip(result["scores"].tolist(), result["labels"].tolist(), boxes.tolist()):
+                if label in label_to_category_id:
+                    detections.append(
+                        {
+                            "image_id": image_id,
+                            "category_id": int(label_to_category_id[label]),
+                            "bbox": [round(v, 2) for v in box],
+                            "score": round(score, 5),
+                        }
+                    )
+    return detections, image_ids
+
+
+def coco_metrics(
+    coco_gt: COCO, detections: list[dict[str, Any]], image_ids: Iterable[int]
+) -> tuple[dict[str, float], str]:
+    """The 12 COCOeval bbox numbers on ``image_ids`` (fractions; NaN where the split has no ground-truth
+    box of that size) and pycocotools' summary text."""
+    image_ids = sorted(set(image_ids))
+    if not image_ids:
+        raise ValueError("no images were evaluated: the evaluation data loader is empty")
+    with contextlib.redirect_stdout(io.StringIO()) as text:
+        coco_dt = coco_gt.loadRes(copy.deepcopy(detections)) if detections else _empty_results(coco_gt)
+        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+        evaluator.params.imgIds = image_ids
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    metrics = {key: float(value) if value >= 0 else math.nan for key, value in zip(METRIC_KEYS, evaluator.stats)}
+    return metrics, text.getvalue()
+
+
+def _empty_results(coco_gt: COCO) -> COCO:
+    """A results index with no detection (``loadRes`` refuses an empty list)."""
+    results = COCO()
+    results.dataset = {
+        "images": coco_gt.dataset["images"],
+        "categories": coco_gt.dataset["categories"],
+        "annotations": [],
+    }
+    results.createIndex()
+    return results
+
+
+def evaluate(
+    model: nn.Module,
+    data_loader: Iterable,
+    coco_gt: COCO,
+    label_to_category_id: Mapping[int, int],
+    device: torch.device | str,
+    detections_file: str | Path | None = None,
+) -> dict[str, float]:
+    """COCO box metrics of ``model`` on ``data_loader`` (batches of ``collate``: images, mask, targets with
+    ``image_id`` and ``orig_size``).
+
+    Distributed: each process predicts its shard, rank 0 merges them (images a padded sampler repeats
+    count once), scores them and writes ``detections_file`` (COCO results JSON); every process returns
+    the same dict ``{AP, AP50, ..., ARl}``.
+    """
+    detections, image_ids = predict(model, data_loader, label_to_category_id, device)
+    gathered = distributed.gather_to_main((detections, image_ids))
+    metrics = None
+    if gathered is not None:
+        merged, seen = [], set()
+        for shard_detections, shard_ids in gathered:
+            fresh = set(shard_ids) - seen
+            merged += [d for d in shard_detections if d["image_id"] in fresh]
+            seen |= fresh
+        if detections_file is not None:
+            atomic_write_text(detections_file, json.dumps(merged))
+        metrics, _ = coco_metrics(coco_gt, merged, seen)
+    return distributed.broadcast_from_main(metrics)
+
+
+def format_metrics(metrics: Mapping[str, float]) -> str:
+    """pycocotools' 12-line table."""
+    lines = []
+    for key, description in zip(METRIC_KEYS, _DESCRIPTIONS):
+        value = metrics[key]
+        lines.append(f"{description:<52} = {'n/a' if math.isnan(value) else f'{value:.3f}'}  ({key})")
+    return "\n".join(lines)
+
+
+def metrics_json(metrics: Mapping[str, float], **extra: Any) -> str:
+    """``metrics`` (NaN written as null) and ``extra`` entries as indented JSON."""
+    clean = {key: None if isinstance(v, float) and math.isnan(v) else v for key, v in metrics.items()}
+    return json.dumps({**clean, **extra}, indent=2)
+
+
+def build_eval_loader(dataset, batch_size: int, workers: int) -> torch.utils.data.DataLoader:
+    """Batches of ``dataset`` in order; under ``torchrun`` each process takes its share."""
+    from sparse_detr.data import collate
+
+    sampler = None
+    if distributed.is_initialized():
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate
+    )
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    val_images: str | Path,
+    val_ann: str | Path,
+    output_dir: str | Path | None = None,
+    keep_ratio: float | None = None,
+    batch_size: int = 1,
+    image_size: int | None = None,
+    device: str | None = None,
+    workers: int = 2,
+    trust_checkpoint: bool = False,
+) -> dict[str, float]:
+    """Evaluate a checkpoint file (this project's or a released one) on a COCO-format split.
+
+    Args:
+        keep_ratio: the encoder keep ratio ρ at inference instead of the checkpoint's.
+        image_size: shorter side of the evaluation images; default the size the run was trained for
+            (its ``train_config.image_size``), else 800 as in COCO.
+        output_dir: where ``eval_<name>.json`` (the metrics) and ``detections_<name>.json`` (COCO
+            results) go, ``<name>`` being the checkpoint's stem plus ``_rho<R>`` when overridden;
+            default the checkpoint's folder.
+
+    Returns:
+        ``{AP, AP50, ..., ARl}`` on every process.
+    """
+    from sparse_detr.checkpoint import load_model, read_checkpoint
+    from sparse_detr.data import CocoDetection, build_transforms, scaled_sizes
+
+    info = distributed.init_distributed(device)
+    checkpoint = Path(checkpoint)
+    if image_size is None:
+        stored = read_checkpoint(checkpoint, trust_checkpoint=trust_checkpoint).get("train_config") or {}
+        image_size = int(stored.get("image_size", 800))
+    model = load_model(checkpoint, map_location=info.device, trust_checkpoint=trust_checkpoint)
+    if keep_ratio is not None:
+        model.set_keep_ratio(keep_ratio)
+    dataset = CocoDetection(val_images, val_ann, build_transforms(False, **scaled_sizes(image_size)._asdict()))
+    if dataset.num_classes > model.config.model.num_classes:
+        raise ValueError(
+            f"{val_ann} has class labels up to {dataset.num_classes - 1} but {checkpoint} predicts "
+            f"{model.config.model.num_classes} classes: evaluate it on the dataset it was trained for"
+        )
+    name = checkpoint.stem + (f"_rho{keep_ratio:g}" if keep_ratio is not None else "")
+    out = Path(output_dir) if output_dir is not None else checkpoint.parent
+    loader = build_eval_loader(dataset, batch_size, workers)
+    metrics = evaluate(
+        model, loader, dataset.coco, dataset.label_to_category_id, info.device, out / f"detections_{name}.json"
+    )
+    if info.is_main:
+        extra = {"checkpoint": str(checkpoint), "keep_ratio": model.keep_ratio, "image_size": image_size}
+        atomic_write_text(out / f"eval_{name}.json", metrics_json(metrics, **extra))
+    return metrics

@@ -1,0 +1,114 @@
+"""What a run reports: JSON-lines metrics (and TensorBoard when installed), and progress on the console.
+
+Only rank 0 reports; the other processes get inactive objects.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+
+class MetricsLog:
+    """Appends one JSON object per record to ``metrics.jsonl``; mirrors numbers to TensorBoard if the
+    ``tensorboard`` package is installed. A resumed run appends after the killed run's lines, so a
+    step may appear twice (the later line is the one the resumed run continues from)."""
+
+    def __init__(self, output_dir: str | Path, active: bool = True):
+        self.active = active
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.writer = None
+        if active:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # optional dependency
+                pass
+            else:
+                self.writer = SummaryWriter(str(self.path.parent / "tensorboard"))
+
+    def write(self, record: dict[str, Any], step: int, prefix: str = "train") -> None:
+        if not self.active:
+            return
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        with self.path.open("a") as file:
+            file.write(json.dumps(clean) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("epoch", "step"):
+                    self.writer.add_scalar(f"{prefix}/{key}", value, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Progress:
+    """Per-epoch progress: a rich bar (loss, it/s, ETA) on a terminal, otherwise a plain line every
+    ``log_every`` iterations (for CI and cluster logs)."""
+
+    def __init__(self, active: bool = True, log_every: int = 20, stream: TextIO | None = None):
+        self.active = active
+        self.log_every = log_every
+        self.stream = stream or sys.stdout
+        self.rich = active and self.stream.isatty()
+        self._bar = None
+
+    def start_epoch(self, epoch: int, epochs: int, total: int, done: int = 0) -> None:
+        self.epoch, self.epochs, self.total, self.done = epoch, epochs, total, done
+        self._start, self._start_done = time.perf_counter(), done
+        if not self.rich:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
+
+        self._bar = RichProgress(
+            TextColumn(f"epoch {epoch + 1}/{epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeRemainingColumn(),
+            console=Console(file=self.stream),
+            transient=False,
+        )
+        self._bar.start()
+        self._task = self._bar.add_task("train", total=total, completed=done, status="")
+
+    def update(self, done: int, loss: float, lr: float) -> None:
+        self.done = done
+        if not self.active:
+            return
+        speed = (done - self._start_done) / max(time.perf_counter() - self._start, 1e-9)
+        status = f"loss {loss:.4f}  lr {lr:.2e}  {speed:.2f} it/s"
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done, status=status)
+        elif done % self.log_every == 0 or done == self.total:
+            eta = (self.total - done) / speed if speed > 0 else math.inf
+            print(
+                f"epoch {self.epoch + 1}/{self.epochs} [{done}/{self.total}] {status}  eta {_duration(eta)}",
+                file=self.stream,
+                flush=True,
+            )
+
+    def end_epoch(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def message(self, text: str) -> None:
+        if self.active:
+            print(text, file=self.stream, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}"

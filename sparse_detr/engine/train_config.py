@@ -1,0 +1,92 @@
+"""Settings of a training run (SPEC §6 defaults); :class:`~sparse_detr.config.Config` describes the model."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+AMP_MODES = (None, "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Optimizer, schedule, batching, precision, checkpointing and output of one run.
+
+    Learning rates are given for a total batch of 16 images; with ``scale_lr`` the run multiplies ``lr``
+    and ``lr_backbone`` by sqrt(total / 16), total = ``batch_size`` x processes x ``grad_accum``.
+    Parameters whose name contains one of ``linear_proj_names`` train at ``lr x lr_linear_proj_mult``,
+    those containing one of ``backbone_names`` at ``lr_backbone``.
+
+    The learning rates drop x0.1 once, after epoch ``lr_drop`` (never when ``lr_drop >= epochs``).
+    ``image_size`` is the evaluation shorter side; training sizes follow the COCO recipe scaled by
+    ``image_size / 800`` (see :func:`sparse_detr.data.scaled_sizes`). ``checkpoint_every_iters`` counts
+    optimizer steps (0: only at the end of each epoch). ``iters_per_epoch`` caps the batches of an epoch
+    (None: the whole training set), for quick runs and tests.
+    """
+
+    epochs: int = 50
+    lr_drop: int = 40
+    batch_size: int = 2
+    lr: float = 2e-4
+    lr_backbone: float = 2e-5
+    lr_linear_proj_mult: float = 0.1
+    backbone_names: tuple[str, ...] = ("backbone.0",)
+    linear_proj_names: tuple[str, ...] = ("sampling_offsets", "reference_points")
+    weight_decay: float = 1e-4
+    clip_max_norm: float = 0.1
+    scale_lr: bool = True
+    amp: str | None = None
+    grad_accum: int = 1
+    seed: int = 42
+    workers: int = 2
+    image_size: int = 800
+    iters_per_epoch: int | None = None
+    checkpoint_every_iters: int = 0
+    eval_every_epochs: int = 1
+    eval_batch_size: int | None = None
+    output_dir: str = "runs/default"
+    resume: str | None = None
+    auto_resume: bool = True
+    device: str | None = None
+    log_every: int = 20
+    find_unused_parameters: bool = True
+
+    def __post_init__(self) -> None:
+        self.backbone_names = tuple(self.backbone_names)
+        self.linear_proj_names = tuple(self.linear_proj_names)
+        self.output_dir = str(self.output_dir)
+        if self.resume is not None:
+            self.resume = str(self.resume)
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        positive = ("epochs", "lr_drop", "batch_size", "grad_accum", "image_size", "eval_every_epochs", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("workers", "checkpoint_every_iters"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")
+        if self.iters_per_epoch is not None and self.iters_per_epoch < self.grad_accum:
+            raise ValueError(
+                f"iters_per_epoch ({self.iters_per_epoch}) must be at least grad_accum ({self.grad_accum})"
+            )
+
+    @property
+    def batch_size_eval(self) -> int:
+        return self.eval_batch_size or self.batch_size
+
+
+def train_config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    """Plain dict (JSON-ready; tuples become lists)."""
+    data = dataclasses.asdict(config)
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in data.items()}
+
+
+def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Inverse of :func:`train_config_to_dict`; unknown keys raise KeyError naming the known ones."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise KeyError(f"unknown train config field(s) {unknown}; known: {sorted(known)}")
+    return TrainConfig(**data)

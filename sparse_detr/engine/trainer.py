@@ -1,0 +1,342 @@
+"""The training loop: AdamW on the weighted losses of SPEC §6, checkpoints, resume, evaluation, reports.
+
+:func:`train` runs the same way in one process and under ``torchrun`` (one process per device, gloo on
+CPUs, NCCL on GPUs); only rank 0 writes to the output folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils import clip_grad_norm_
+from torch.utils.data import DataLoader
+
+from sparse_detr.checkpoint import read_checkpoint, save_checkpoint
+from sparse_detr.config import Config, config_to_dict
+from sparse_detr.engine import distributed
+from sparse_detr.engine.checkpointing import CHECKPOINT_NAME, Position, find_resume_path, rng_state, set_rng_state
+from sparse_detr.engine.evaluate import METRIC_KEYS, build_eval_loader, evaluate, format_metrics, metrics_json
+from sparse_detr.engine.logging import MetricsLog, Progress
+from sparse_detr.engine.optim import build_optimizer, build_scheduler
+from sparse_detr.engine.sampling import EpochBatchSampler, SeededSamples
+from sparse_detr.engine.train_config import TrainConfig, train_config_to_dict
+from sparse_detr.models import build_criterion, build_model
+from sparse_detr.utils.io import atomic_write_text
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped without overwriting its last checkpoint."""
+
+
+def build_datasets(train_images, train_ann, val_images, val_ann, image_size: int = 800):
+    """Training (augmented, SPEC §6) and evaluation ``CocoDetection`` sets at ``image_size``
+    (the evaluation shorter side; training sizes are the COCO recipe scaled by ``image_size / 800``)."""
+    from sparse_detr.data import CocoDetection, build_transforms, scaled_sizes
+
+    sizes = scaled_sizes(image_size)._asdict()
+    train_set = CocoDetection(train_images, train_ann, build_transforms(True, **sizes), train=True)
+    val_set = CocoDetection(val_images, val_ann, build_transforms(False, **sizes))
+    return train_set, val_set
+
+
+def train(model_config: Config, train_config: TrainConfig, train_set, val_set) -> dict[str, float]:
+    """Train ``model_config`` on ``train_set``, evaluate on ``val_set``, and return the final COCO metrics.
+
+    ``train_set`` / ``val_set`` are ``CocoDetection``-like: samples ``(image, target)``, attributes
+    ``num_classes``, ``label_to_category_id`` and (``val_set``) ``coco``. The model's ``num_classes``
+    is set from the training set. Writes to ``train_config.output_dir``: ``config.json``,
+    ``metrics.jsonl``, ``checkpoint.pth``, ``eval_epoch{N}.json``, ``detections_epoch{N}.json`` and
+    ``metrics_final.json``. Resumes from ``train_config.resume`` or, with ``auto_resume``, from the
+    folder's own checkpoint. Raises :class:`NonFiniteLossError` if the loss diverges.
+    """
+    info = distributed.init_distributed(train_config.device)
+    progress = Progress(info.is_main, train_config.log_every)
+    if model_config.model.num_classes != train_set.num_classes:
+        progress.message(f"num_classes: {train_set.num_classes} (from the training set's categories)")
+        model_config = dataclasses.replace(
+            model_config, model=dataclasses.replace(model_config.model, num_classes=train_set.num_classes)
+        )
+    run = _Run(model_config, train_config, train_set, val_set, info, progress)
+    try:
+        return run.fit()
+    finally:
+        run.log.close()
+
+
+class _Run:
+    """State of one training run: model, optimizer, data, position and reports."""
+
+    def __init__(self, model_config: Config, config: TrainConfig, train_set, val_set, info, progress: Progress):
+        self.config, self.info, self.progress = config, info, progress
+        self.device = info.device
+        self.output_dir = Path(config.output_dir)
+        self.checkpoint_path = self.output_dir / CHECKPOINT_NAME
+        self.val_set = val_set
+        self.label_to_category_id = train_set.label_to_category_id
+        resume_path = find_resume_path(self.output_dir, config.resume, config.auto_resume)
+        checkpoint = read_checkpoint(resume_path, map_location="cpu") if resume_path else None
+        if checkpoint is not None:
+            _check_same_model(checkpoint["config"], model_config, resume_path)
+
+        torch.manual_seed(config.seed + info.rank)
+        self.model = build_model(model_config).to(self.device)
+        self.criterion = build_criterion(model_config).to(self.device)
+        self.optimizer = build_optimizer(self.model, config, info.world_size)
+        self.scheduler = build_scheduler(self.optimizer, config)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
+        self.position = Position()
+        if checkpoint is not None:
+            self._restore(checkpoint, resume_path)
+        self.ddp = None
+        if info.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(
+                self.model, device_ids=device_ids, find_unused_parameters=config.find_unused_parameters
+            )
+
+        self.batches = EpochBatchSampler(
+            train_set,
+            config.batch_size,
+            config.seed,
+            info.rank,
+            info.world_size,
+            config.iters_per_epoch,
+            config.grad_accum,
+        )
+        from sparse_detr.data import collate
+
+        self.train_loader = DataLoader(
+            SeededSamples(train_set),
+            batch_sampler=self.batches,
+            num_workers=config.workers,
+            collate_fn=collate,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=config.workers > 0,
+            # the loader's own seed draw must not consume the global generator (dropout's)
+            generator=torch.Generator().manual_seed(config.seed),
+        )
+        self.val_loader = build_eval_loader(val_set, config.batch_size_eval, config.workers)
+        self.log = MetricsLog(self.output_dir, info.is_main)
+        if info.is_main:
+            run_config = {"model": config_to_dict(model_config), "train": train_config_to_dict(config)}
+            atomic_write_text(self.output_dir / "config.json", json.dumps(run_config, indent=2))
+
+    def _restore(self, checkpoint: dict[str, Any], path: Path) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        self.position = Position(checkpoint["epoch"], checkpoint["iteration"], checkpoint["step"])
+        states = checkpoint.get("rng") or []
+        if len(states) == self.info.world_size:
+            set_rng_state(states[self.info.rank], self.device)
+        else:  # another number of processes: a fresh but reproducible draw
+            torch.manual_seed(self.config.seed + self.info.rank + self.position.step)
+        self.progress.message(
+            f"resumed from {path}: epoch {self.position.epoch + 1}, batch {self.position.iteration}, "
+            f"step {self.position.step}"
+        )
+
+    @property
+    def train_model(self) -> nn.Module:
+        return self.ddp if self.ddp is not None else self.model
+
+    def fit(self) -> dict[str, float]:
+        config, position = self.config, self.position
+        final = self.output_dir / "metrics_final.json"
+        if position.epoch >= config.epochs and final.is_file():
+            metrics = json.loads(final.read_text())
+            self.progress.message(f"{self.output_dir} already finished {config.epochs} epochs")
+            return {k: math.nan if v is None else v for k, v in metrics.items()}
+        metrics = None
+        if position.iteration == 0 and position.epoch > 0 and self._eval_due(position.epoch):
+            metrics = self._evaluate_epoch(position.epoch, skip_if_done=True)
+        for epoch in range(position.epoch, config.epochs):
+            self._train_epoch(epoch)
+            self.scheduler.step()
+            self.position = Position(epoch + 1, 0, self.position.step)
+            self._save()
+            if self._eval_due(epoch + 1):
+                metrics = self._evaluate_epoch(epoch + 1)
+        if metrics is None:
+            metrics = self._evaluate_epoch(config.epochs)
+        if self.info.is_main:
+            atomic_write_text(final, metrics_json(metrics))
+            self.progress.message(format_metrics(metrics))
+        distributed.barrier()
+        return metrics
+
+    def _eval_due(self, epochs_done: int) -> bool:
+        return epochs_done % self.config.eval_every_epochs == 0 or epochs_done == self.config.epochs
+
+    def _train_epoch(self, epoch: int) -> None:
+        config = self.config
+        skip = self.position.iteration if epoch == self.position.epoch else 0
+        self.batches.set_epoch(epoch, skip)
+        self.train_model.train()
+        self.progress.start_epoch(epoch, config.epochs, self.batches.num_batches, skip)
+        window: dict[str, float] = defaultdict(float)
+        window_batches, tic = 0, time.perf_counter()
+        data_tic = tic
+        for iteration, (images, mask, targets) in enumerate(self.train_loader, start=skip):
+            window["data_time"] += time.perf_counter() - data_tic
+            images, mask = images.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
+            targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
+            steps_now = (iteration + 1) % config.grad_accum == 0
+            losses, loss = self._forward_backward(images, mask, targets, epoch, iteration, steps_now)
+            for key, value in losses.items():
+                window[key] += float(value)
+            window["loss"] += float(loss)
+            window_batches += 1
+            if steps_now:
+                window["grad_norm"] += self._optimizer_step() * config.grad_accum
+                self.position = Position(epoch, iteration + 1, self.position.step + 1)
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.progress.update(iteration + 1, float(loss), lr)
+                if self.position.step % config.log_every == 0 or iteration + 1 == self.batches.num_batches:
+                    elapsed = time.perf_counter() - tic
+                    self._log_window(window, window_batches, elapsed)
+                    window, window_batches, tic = defaultdict(float), 0, time.perf_counter()
+                every = config.checkpoint_every_iters
+                if every and self.position.step % every == 0 and iteration + 1 < self.batches.num_batches:
+                    self._save()
+            data_tic = time.perf_counter()
+        self.progress.end_epoch()
+
+    def _forward_backward(self, images, mask, targets, epoch: int, iteration: int, steps_now: bool):
+        """Weighted loss of one batch, backpropagated (scaled for fp16 and accumulation)."""
+        amp = self.config.amp
+        with torch.autocast(self.device.type, dtype=AMP_DTYPES.get(amp, torch.float32), enabled=amp is not None):
+            outputs = self.train_model(images, mask)
+        losses = self.criterion(_to_float32(outputs), targets)
+        weights = self.criterion.weight_dict
+        loss = sum(weights[k] * losses[k] for k in weights)
+        if distributed.any_process(not bool(torch.isfinite(loss)), self.device):
+            self._stop_non_finite(losses, epoch, iteration)
+        # gradients are averaged across processes only on the batch that steps
+        sync = self.ddp.no_sync() if self.ddp is not None and not steps_now else contextlib.nullcontext()
+        with sync:
+            self.scaler.scale(loss / self.config.grad_accum).backward()
+        return {k: v.detach() for k, v in losses.items()}, loss.detach()
+
+    def _optimizer_step(self) -> float:
+        """Unscale, clip (``clip_max_norm``; 0 = no clipping), step; returns the gradient norm."""
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.config.clip_max_norm if self.config.clip_max_norm > 0 else math.inf
+        grad_norm = clip_grad_norm_(self.model.parameters(), max_norm)
+        if not self.scaler.is_enabled() and not bool(torch.isfinite(grad_norm)):
+            # fp16's scaler skips such steps itself; otherwise the weights would turn NaN
+            raise NonFiniteLossError(
+                f"non-finite gradient norm at step {self.position.step + 1}; training stopped and "
+                f"{self._kept_checkpoint()}. Lower the learning rate or check the annotations."
+            )
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def _stop_non_finite(self, losses: dict[str, torch.Tensor], epoch: int, iteration: int) -> None:
+        bad = sorted(k for k, v in losses.items() if not bool(torch.isfinite(v).all()))
+        raise NonFiniteLossError(
+            f"non-finite loss at epoch {epoch + 1}, batch {iteration + 1} (step {self.position.step}) "
+            f"in {', '.join(bad) or 'the weighted sum'}; training stopped and {self._kept_checkpoint()}. "
+            "Lower the learning rate, use --amp bf16 instead of fp16, or check the annotations."
+        )
+
+    def _kept_checkpoint(self) -> str:
+        if self.checkpoint_path.is_file():
+            return f"the last good checkpoint {self.checkpoint_path} is kept"
+        return "no checkpoint had been written yet"
+
+    def _log_window(self, window: dict[str, float], batches: int, elapsed: float) -> None:
+        means = {k: v / batches for k, v in window.items()}
+        means = distributed.all_reduce_mean(means, self.device)
+        steps = batches / self.config.grad_accum
+        record = {"epoch": self.position.epoch + 1, "iteration": self.position.iteration, "step": self.position.step}
+        for group in self.optimizer.param_groups:
+            record["lr" if group["name"] == "default" else f"lr_{group['name']}"] = group["lr"]
+        record["time_per_iter"] = elapsed / steps
+        record.update(sorted(means.items()))
+        self.log.write(record, self.position.step)
+
+    def _save(self) -> None:
+        """Checkpoint (rank 0 writes; every process's generator states are gathered into it)."""
+        states = distributed.gather_to_main(rng_state(self.device))
+        if self.info.is_main:
+            save_checkpoint(
+                self.checkpoint_path,
+                self.model,
+                optimizer=self.optimizer.state_dict(),
+                lr_scheduler=self.scheduler.state_dict(),
+                scaler=self.scaler.state_dict(),
+                epoch=self.position.epoch,
+                iteration=self.position.iteration,
+                step=self.position.step,
+                rng=states,
+                sampler={"seed": self.config.seed},
+                train_config=train_config_to_dict(self.config),
+            )
+        distributed.barrier()
+
+    def _evaluate_epoch(self, epochs_done: int, skip_if_done: bool = False) -> dict[str, float]:
+        """Evaluate after ``epochs_done`` epochs into ``eval_epoch{N}.json``; the training generators are
+        left untouched (the random saliency criterion draws at inference too)."""
+        result = self.output_dir / f"eval_epoch{epochs_done}.json"
+        if skip_if_done and result.is_file():
+            stored = json.loads(result.read_text())
+            return {k: math.nan if stored[k] is None else stored[k] for k in METRIC_KEYS}
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            metrics = evaluate(
+                self.model,
+                self.val_loader,
+                self.val_set.coco,
+                self.label_to_category_id,
+                self.device,
+                self.output_dir / f"detections_epoch{epochs_done}.json",
+            )
+        if self.info.is_main:
+            atomic_write_text(result, metrics_json(metrics, epoch=epochs_done))
+            record = {"epoch": epochs_done, **{f"eval_{k}": v for k, v in metrics.items()}}
+            self.log.write(record, self.position.step, "eval")
+            self.progress.message(f"epoch {epochs_done}: AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}")
+        return metrics
+
+
+def _to_float32(outputs):
+    """Half-precision tensors of the model outputs in float32 (the losses and matching run in float32)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float() if outputs.dtype in (torch.float16, torch.bfloat16) else outputs
+    if isinstance(outputs, dict):
+        return {k: _to_float32(v) for k, v in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(_to_float32(v) for v in outputs)
+    return outputs
+
+
+def _check_same_model(stored: dict[str, Any], model_config: Config, path: Path) -> None:
+    """A resumed checkpoint must hold the architecture and losses being trained."""
+    current = config_to_dict(model_config)
+    different = [
+        f"{section}.{key}"
+        for section in ("model", "loss")
+        for key in current[section]
+        if key != "pretrained_backbone" and stored.get(section, {}).get(key) != current[section][key]
+    ]
+    if different:
+        raise ValueError(
+            f"{path} was trained with another configuration ({', '.join(different)} differ); "
+            "resume with the same preset and options, or use a new --output-dir"
+        )

@@ -1,0 +1,75 @@
+"""Two CPU processes under ``torchrun`` (gloo) train the tiny preset and end with identical weights.
+
+The test runs this file as the ``torchrun`` worker script: ``torchrun ... test_distributed.py DATA OUT``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparse_detr.data import make_synthetic_dataset
+
+
+def _worker(data_dir: str, out_dir: str) -> None:
+    """One rank: train two iterations, then save this rank's final weights to ``out/rank{R}.pt``."""
+    from sparse_detr.config import get_preset
+    from sparse_detr.data import synthetic_splits
+    from sparse_detr.engine import TrainConfig, build_datasets, train, trainer
+
+    fit = trainer._Run.fit
+
+    def fit_and_dump(run):
+        metrics = fit(run)
+        torch.save(run.model.state_dict(), Path(out_dir) / f"rank{run.info.rank}.pt")
+        return metrics
+
+    trainer._Run.fit = fit_and_dump
+    train_set, val_set = build_datasets(*synthetic_splits(data_dir), image_size=96)
+    config = TrainConfig(
+        epochs=1,
+        batch_size=1,
+        iters_per_epoch=2,
+        workers=0,
+        image_size=96,
+        output_dir=str(Path(out_dir) / "run"),
+        log_every=1,
+        device="cpu",
+    )
+    train(get_preset("tiny"), config, train_set, val_set)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_end_with_identical_weights(tmp_path):
+    data = make_synthetic_dataset(tmp_path / "synth", num_train=4, num_val=2, image_size=96)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run(
+        [*command, __file__, str(data), str(out)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    weights = [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+    checkpoint = torch.load(out / "run" / "checkpoint.pth", weights_only=True)
+    assert checkpoint["step"] == 2 and len(checkpoint["rng"]) == 2
+    for key, value in checkpoint["model"].items():
+        assert torch.equal(value, weights[0][key]), key
+    records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]  # rank 0 alone writes
+    assert "AP" in json.loads((out / "run" / "metrics_final.json").read_text())
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:3])

@@ -1,0 +1,318 @@
+"""Training engine: optimizer groups and schedule, data order, tiny end-to-end runs, resume, divergence."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from sparse_detr.checkpoint import load_model, read_checkpoint
+from sparse_detr.config import apply_overrides, get_preset
+from sparse_detr.data import make_synthetic_dataset, synthetic_splits
+from sparse_detr.engine import (
+    METRIC_KEYS,
+    NonFiniteLossError,
+    TrainConfig,
+    build_datasets,
+    build_optimizer,
+    build_scheduler,
+    lr_scale,
+    train,
+    train_config_from_dict,
+    train_config_to_dict,
+)
+from sparse_detr.engine import trainer as trainer_module
+from sparse_detr.engine.checkpointing import find_resume_path, rng_state, set_rng_state
+from sparse_detr.engine.logging import Progress
+from sparse_detr.engine.sampling import EpochBatchSampler, SeededSamples
+from sparse_detr.models import build_model
+
+IMAGE_SIZE = 96  # the smallest training scale still gives the tiny preset more tokens than queries
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    root = make_synthetic_dataset(tmp_path_factory.mktemp("synth"), num_train=4, num_val=2, image_size=IMAGE_SIZE)
+    return build_datasets(*synthetic_splits(root), image_size=IMAGE_SIZE)
+
+
+def tiny_train_config(output_dir, **changes) -> TrainConfig:
+    base = dict(
+        epochs=2,
+        batch_size=2,
+        workers=0,
+        image_size=IMAGE_SIZE,
+        iters_per_epoch=2,
+        eval_every_epochs=2,
+        output_dir=str(output_dir),
+        log_every=1,
+        seed=3,
+    )
+    return TrainConfig(**{**base, **changes})
+
+
+def test_param_groups_and_learning_rates():
+    # one-stage: the decoder has a reference_points projection
+    model = build_model(apply_overrides(get_preset("tiny"), {"model.two_stage": False}))
+    config = TrainConfig(batch_size=4)  # total 4 images: lr x sqrt(4 / 16) = x0.5
+    optimizer = build_optimizer(model, config)
+    groups = {group["name"]: group for group in optimizer.param_groups}
+    assert groups["default"]["lr"] == pytest.approx(1e-4)
+    assert groups["backbone"]["lr"] == pytest.approx(1e-5)
+    assert groups["linear_proj"]["lr"] == pytest.approx(1e-5)
+    assert all(group["weight_decay"] == 1e-4 for group in optimizer.param_groups)
+    assert isinstance(optimizer, torch.optim.AdamW)
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    group_names = {name: [names[id(p)] for p in group["params"]] for name, group in groups.items()}
+    assert all(n.startswith("backbone.0.") for n in group_names["backbone"])
+    assert all("sampling_offsets" in n or "reference_points" in n for n in group_names["linear_proj"])
+    assert any("reference_points" in n for n in group_names["linear_proj"])
+    assert not any(n.startswith("backbone.0.") for n in group_names["default"])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(sum(group_names.values(), [])) == sorted(trainable)
+
+
+def test_lr_scale_and_drop():
+    assert lr_scale(TrainConfig(batch_size=2), world_size=8) == pytest.approx(1.0)
+    assert lr_scale(TrainConfig(batch_size=4, grad_accum=2), world_size=8) == pytest.approx(2.0)
+    assert lr_scale(TrainConfig(batch_size=4, scale_lr=False)) == 1.0
+
+    config = TrainConfig(batch_size=16)
+    optimizer = build_optimizer(torch.nn.Linear(2, 2), config)
+    scheduler = build_scheduler(optimizer, config)
+    lrs = []
+    for _ in range(config.epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:40] == [pytest.approx(2e-4)] * 40
+    assert lrs[40:] == [pytest.approx(2e-5)] * 10
+
+
+def test_train_config_checks_and_round_trip():
+    config = TrainConfig(amp="bf16", grad_accum=2, output_dir="runs/x")
+    assert train_config_from_dict(json.loads(json.dumps(train_config_to_dict(config)))) == config
+    with pytest.raises(ValueError, match="amp"):
+        TrainConfig(amp="fp8")
+    with pytest.raises(ValueError, match="grad_accum"):
+        TrainConfig(grad_accum=0)
+    with pytest.raises(KeyError, match="unknown train config"):
+        train_config_from_dict({"learning_rate": 1.0})
+
+
+class _Noise(Dataset):
+    """A random draw per item: shows which generator state the sample was made with."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, index):
+        return torch.tensor([float(index)]), torch.rand(1)
+
+
+def _epoch(sampler, epoch, skip=0, workers=0):
+    sampler.set_epoch(epoch, skip)
+    loader = DataLoader(
+        SeededSamples(_Noise()), batch_sampler=sampler, num_workers=workers, generator=torch.Generator()
+    )
+    return [(x.flatten().tolist(), y.flatten().tolist()) for x, y in loader]
+
+
+def test_data_order_is_seeded_resumable_and_worker_independent():
+    sampler = EpochBatchSampler(_Noise(), batch_size=3, seed=0)
+    assert sampler.num_batches == 3  # the incomplete batch is dropped
+    first = _epoch(sampler, 0)
+    assert first == _epoch(EpochBatchSampler(_Noise(), batch_size=3, seed=0), 0)
+    assert first != _epoch(sampler, 1)
+    assert _epoch(sampler, 0, skip=2) == first[2:]
+    assert _epoch(sampler, 0, workers=2) == first
+
+    before = torch.get_rng_state()
+    _epoch(sampler, 0)
+    assert torch.equal(torch.get_rng_state(), before)  # augmentation leaves dropout's generator alone
+
+    halves = [EpochBatchSampler(_Noise(), 1, seed=0, rank=r, world_size=2) for r in range(2)]
+    seen = [i for half in halves for batch in _epoch(half, 0) for i in batch[0]]
+    assert sorted(seen) == list(map(float, range(10)))
+    with pytest.raises(ValueError, match="does not fill"):
+        EpochBatchSampler(_Noise(), batch_size=4, seed=0, multiple_of=3)
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end(datasets, tmp_path):
+    train_set, val_set = datasets
+    config = tiny_train_config(tmp_path / "run", epochs=1, checkpoint_every_iters=1)
+    metrics = train(get_preset("tiny"), config, train_set, val_set)
+
+    assert set(metrics) == set(METRIC_KEYS)
+    assert all(math.isnan(v) or 0 <= v <= 1 for v in metrics.values())
+    out = tmp_path / "run"
+    final = json.loads((out / "metrics_final.json").read_text())
+    assert list(final) == list(METRIC_KEYS)
+    assert json.loads((out / "eval_epoch1.json").read_text())["epoch"] == 1
+    detections = json.loads((out / "detections_epoch1.json").read_text())
+    assert detections and set(detections[0]) == {"image_id", "category_id", "bbox", "score"}
+    stored = json.loads((out / "config.json").read_text())
+    assert stored["model"]["model"]["num_classes"] == train_set.num_classes
+    assert stored["train"]["epochs"] == 1
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == [1, 2]
+    assert {"loss", "lr", "lr_backbone", "lr_linear_proj", "time_per_iter", "dam_coverage", "loss_ce"} <= set(
+        train_records[0]
+    )
+
+    checkpoint = read_checkpoint(out / "checkpoint.pth")
+    assert (checkpoint["epoch"], checkpoint["iteration"], checkpoint["step"]) == (1, 0, 2)
+    assert {"optimizer", "lr_scheduler", "scaler", "rng", "train_config", "sampler"} <= set(checkpoint)
+    assert load_model(out / "checkpoint.pth").config.model.num_classes == train_set.num_classes
+
+    # a finished run is not trained again
+    assert train(get_preset("tiny"), config, train_set, val_set) == pytest.approx(metrics, nan_ok=True)
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights(datasets, tmp_path, monkeypatch):
+    train_set, val_set = datasets
+    model_config = get_preset("tiny")
+    train(model_config, tiny_train_config(tmp_path / "whole"), train_set, val_set)
+
+    # die inside the 4th optimizer step: the last checkpoint is mid-epoch 2 (after step 3)
+    real_clip, calls = trainer_module.clip_grad_norm_, []
+
+    def crashing_clip(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise _Crash
+        return real_clip(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "clip_grad_norm_", crashing_clip)
+    config = tiny_train_config(tmp_path / "killed", checkpoint_every_iters=1)
+    with pytest.raises(_Crash):
+        train(model_config, config, train_set, val_set)
+    position = read_checkpoint(tmp_path / "killed" / "checkpoint.pth")
+    assert (position["epoch"], position["iteration"], position["step"]) == (1, 1, 3)
+    monkeypatch.setattr(trainer_module, "clip_grad_norm_", real_clip)
+    train(model_config, config, train_set, val_set)  # resumes from the folder's checkpoint
+
+    whole = read_checkpoint(tmp_path / "whole" / "checkpoint.pth")
+    resumed = read_checkpoint(tmp_path / "killed" / "checkpoint.pth")
+    assert resumed["step"] == whole["step"] == 4
+    for key, value in whole["model"].items():
+        torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=1e-6, msg=key)
+    assert json.loads((tmp_path / "killed" / "metrics_final.json").read_text()) == json.loads(
+        (tmp_path / "whole" / "metrics_final.json").read_text()
+    )
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(datasets, tmp_path, monkeypatch):
+    train_set, val_set = datasets
+    real_build = trainer_module.build_criterion
+
+    def diverging_criterion(config):
+        criterion, calls = real_build(config), []
+        forward = criterion.forward
+
+        def poisoned(outputs, targets):
+            losses = forward(outputs, targets)
+            calls.append(1)
+            if len(calls) == 3:  # first batch of epoch 2
+                losses["loss_giou"] = losses["loss_giou"] * math.nan
+            return losses
+
+        criterion.forward = poisoned
+        return criterion
+
+    monkeypatch.setattr(trainer_module, "build_criterion", diverging_criterion)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match="loss_giou.*last good checkpoint"):
+        train(get_preset("tiny"), tiny_train_config(out), train_set, val_set)
+    checkpoint = read_checkpoint(out / "checkpoint.pth")
+    assert (checkpoint["epoch"], checkpoint["iteration"]) == (1, 0)
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+    assert not (out / "metrics_final.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before")
+def test_mixed_precision_and_accumulation_steps(datasets, tmp_path, amp):
+    train_set, val_set = datasets
+    config = tiny_train_config(
+        tmp_path / amp, epochs=1, batch_size=1, grad_accum=2, iters_per_epoch=2, amp=amp, eval_every_epochs=1
+    )
+    metrics = train(get_preset("tiny"), config, train_set, val_set)
+    assert set(metrics) == set(METRIC_KEYS)
+    checkpoint = read_checkpoint(tmp_path / amp / "checkpoint.pth")
+    assert checkpoint["step"] == 1  # two batches, one optimizer step
+    assert checkpoint["scaler"] == {} if amp == "bf16" else checkpoint["scaler"]["scale"] > 0
+
+
+@pytest.mark.slow
+def test_resume_refuses_another_architecture(datasets, tmp_path):
+    train_set, val_set = datasets
+    config = tiny_train_config(tmp_path / "run", epochs=1, iters_per_epoch=2)
+    train(get_preset("tiny"), config, train_set, val_set)
+    other = get_preset("tiny")
+    other = dataclasses.replace(other, model=dataclasses.replace(other.model, num_queries=20))
+    with pytest.raises(ValueError, match="num_queries"):
+        train(other, dataclasses.replace(config, epochs=2), train_set, val_set)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_progress_bar_on_a_terminal_and_lines_otherwise(tty):
+    stream = _Terminal() if tty else io.StringIO()
+    progress = Progress(log_every=2, stream=stream)
+    progress.start_epoch(0, 3, total=4)
+    for done in range(1, 5):
+        progress.update(done, loss=1.5, lr=2e-4)
+    progress.end_epoch()
+    text = stream.getvalue()
+    assert "loss 1.5000" in text and "it/s" in text
+    if tty:
+        assert "4/4" in text
+    else:
+        assert [line.split("]")[0] for line in text.splitlines()] == ["epoch 1/3 [2/4", "epoch 1/3 [4/4"]
+        assert "eta" in text
+
+
+def test_generator_states_survive_a_safe_checkpoint_load(tmp_path):
+    device = torch.device("cpu")
+    torch.manual_seed(5)
+    np.random.seed(5)
+    random.seed(5)
+    state = rng_state(device)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.save({"rng": [state]}, tmp_path / "rng.pth")
+    set_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True)["rng"][0], device)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0]) and (expected[1] == again[1]).all() and expected[2] == again[2]
+
+
+def test_resume_paths(tmp_path):
+    assert find_resume_path(tmp_path, None, auto_resume=True) is None
+    (tmp_path / "checkpoint.pth").write_bytes(b"")
+    assert find_resume_path(tmp_path, None, auto_resume=True) == tmp_path / "checkpoint.pth"
+    assert find_resume_path(tmp_path, None, auto_resume=False) is None
+    assert find_resume_path("elsewhere", str(tmp_path), auto_resume=False) == tmp_path / "checkpoint.pth"
+    with pytest.raises(FileNotFoundError, match="--resume"):
+        find_resume_path(tmp_path, str(tmp_path / "missing.pth"), auto_resume=True)

@@ -21,16 +21,120 @@ def _not_implemented(command: str) -> None:
     raise typer.Exit(code=2)
 
 
+data_app = typer.Typer(help="Datasets: the built-in synthetic dataset.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Option(..., help="Folder to write the dataset to (COCO format: PNG + instances JSON)."),
+    num_train: int = typer.Option(500, min=1, help="Training images."),
+    num_val: int = typer.Option(100, min=1, help="Validation images."),
+    image_size: int = typer.Option(160, min=32, help="Side of the square images, in pixels."),
+    seed: int = typer.Option(0, help="Seed: the same seed writes the same dataset."),
+) -> None:
+    """Write the built-in synthetic detection dataset (train and val splits)."""
+    from sparse_detr.data import make_synthetic_dataset
+
+    root = make_synthetic_dataset(out, num_train, num_val, image_size, seed)
+    console.print(f"wrote the synthetic dataset to {root}")
+
+
+def _data_splits(data, train_images, train_ann, val_images, val_ann):
+    """(train_images, train_ann, val_images, val_ann): a COCO root, explicit paths, or the built-in set."""
+    from sparse_detr.data import make_synthetic_dataset, resolve_coco_root, synthetic_splits
+
+    explicit = (train_images, train_ann, val_images, val_ann)
+    if data is not None:
+        return resolve_coco_root(data)
+    if any(explicit):
+        if not all(explicit):
+            raise typer.BadParameter("give all of --train-images --train-ann --val-images --val-ann, or --data")
+        return explicit
+    console.print("no data given: using the built-in synthetic dataset")
+    return synthetic_splits(make_synthetic_dataset())
+
+
 @app.command()
-def train() -> None:
-    """Train a model (not implemented yet)."""
-    _not_implemented("train")
+def train(
+    preset: str = typer.Option("tiny", help="Model preset (see sparse_detr.config.PRESETS)."),
+    backbone: str | None = typer.Option(None, help="Backbone instead of the preset's (r50, swin-t, resnet18...)."),
+    rho: float | None = typer.Option(None, help="Keep ratio instead of the preset's."),
+    data: Path | None = typer.Option(None, help="COCO root with train2017/, val2017/, annotations/."),
+    train_images: Path | None = typer.Option(None, help="Training images folder (custom dataset)."),
+    train_ann: Path | None = typer.Option(None, help="Training instances JSON (custom dataset)."),
+    val_images: Path | None = typer.Option(None, help="Validation images folder (custom dataset)."),
+    val_ann: Path | None = typer.Option(None, help="Validation instances JSON (custom dataset)."),
+    epochs: int = typer.Option(12, min=1, help="Epochs."),
+    lr_drop: int | None = typer.Option(None, help="Epoch after which lr drops x0.1 (default: 80% of epochs)."),
+    batch_size: int = typer.Option(4, min=1, help="Images per step and process."),
+    lr: float = typer.Option(2e-4, help="Learning rate for batch 16 (scaled by sqrt(batch/16)); backbone: lr/10."),
+    image_size: int = typer.Option(160, min=32, help="Evaluation shorter side; training scales follow it."),
+    amp: str | None = typer.Option(None, help="Mixed precision: bf16 or fp16."),
+    grad_accum: int = typer.Option(1, min=1, help="Batches per optimizer step."),
+    seed: int = typer.Option(42, help="Seed of weights, data order and augmentation."),
+    workers: int = typer.Option(2, min=0, help="Data loading processes."),
+    iters_per_epoch: int | None = typer.Option(None, min=1, help="Cap on batches per epoch (quick runs)."),
+    checkpoint_every_iters: int = typer.Option(0, min=0, help="Also checkpoint every N steps (0: per epoch)."),
+    output_dir: Path | None = typer.Option(None, help="Run folder (default runs/<preset>)."),
+    resume: Path | None = typer.Option(None, help="Checkpoint (or run folder) to resume from."),
+    device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+) -> None:
+    """Train a model; with no data, the tiny preset on the built-in synthetic dataset.
+
+    Works under torchrun (several GPUs, or CPU processes with gloo). The run folder gets the checkpoint,
+    metrics.jsonl, per-epoch evaluations and metrics_final.json; an interrupted run resumes from it.
+    """
+    from sparse_detr.config import apply_overrides, get_preset
+    from sparse_detr.engine import NonFiniteLossError, TrainConfig, build_datasets, format_metrics
+    from sparse_detr.engine import train as run_training
+
+    config = get_preset(preset, backbone)
+    if rho is not None:
+        config = apply_overrides(config, {"model.keep_ratio": rho})
+    splits = _data_splits(data, train_images, train_ann, val_images, val_ann)
+    train_config = TrainConfig(
+        epochs=epochs, lr_drop=lr_drop if lr_drop is not None else max(1, int(epochs * 0.8)),
+        batch_size=batch_size, lr=lr, lr_backbone=lr / 10, amp=amp, grad_accum=grad_accum, seed=seed,
+        workers=workers, image_size=image_size, iters_per_epoch=iters_per_epoch,
+        checkpoint_every_iters=checkpoint_every_iters, output_dir=str(output_dir or Path("runs") / preset),
+        resume=str(resume) if resume else None, device=device,
+    )  # fmt: skip
+    train_set, val_set = build_datasets(*splits, image_size=image_size)
+    try:
+        metrics = run_training(config, train_config, train_set, val_set)
+    except NonFiniteLossError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(code=1) from None
+    console.print(format_metrics(metrics))
+    console.print(f"run folder: {train_config.output_dir}")
 
 
 @app.command("eval")
-def evaluate() -> None:
-    """Evaluate a checkpoint with COCO AP (not implemented yet)."""
-    _not_implemented("eval")
+def evaluate(
+    checkpoint: Path = typer.Option(..., help="Checkpoint: this project's or a released one."),
+    data: Path | None = typer.Option(None, help="COCO root (its val2017 split is evaluated)."),
+    val_images: Path | None = typer.Option(None, help="Validation images folder (custom dataset)."),
+    val_ann: Path | None = typer.Option(None, help="Validation instances JSON (custom dataset)."),
+    rho: float | None = typer.Option(None, help="Keep ratio at inference instead of the trained one."),
+    batch_size: int = typer.Option(2, min=1, help="Images per forward pass (the reference used 2)."),
+    image_size: int | None = typer.Option(None, help="Shorter side (default: the run's, else 800)."),
+    output_dir: Path | None = typer.Option(None, help="Where the metrics and detections JSON go."),
+    device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    workers: int = typer.Option(2, min=0, help="Data loading processes."),
+) -> None:
+    """Evaluate a checkpoint with COCO AP on a validation split (the built-in one when no data is given)."""
+    from sparse_detr.engine import evaluate_checkpoint, format_metrics
+
+    if not checkpoint.is_file():
+        raise typer.BadParameter(f"checkpoint not found: {checkpoint}")
+    if val_images is None or val_ann is None:
+        _, _, val_images, val_ann = _data_splits(data, None, None, None, None)
+    metrics = evaluate_checkpoint(
+        checkpoint, val_images, val_ann, output_dir=output_dir, keep_ratio=rho, batch_size=batch_size,
+        image_size=image_size, device=device, workers=workers,
+    )  # fmt: skip
+    console.print(format_metrics(metrics))
 
 
 def _split(values: str) -> list[str]:

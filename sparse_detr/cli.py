@@ -65,41 +65,50 @@ def train(
     train_ann: Path | None = typer.Option(None, help="Training instances JSON (custom dataset)."),
     val_images: Path | None = typer.Option(None, help="Validation images folder (custom dataset)."),
     val_ann: Path | None = typer.Option(None, help="Validation instances JSON (custom dataset)."),
-    epochs: int = typer.Option(12, min=1, help="Epochs."),
-    lr_drop: int | None = typer.Option(None, help="Epoch after which lr drops x0.1 (default: 80% of epochs)."),
-    batch_size: int = typer.Option(4, min=1, help="Images per step and process."),
-    lr: float = typer.Option(2e-4, help="Learning rate for batch 16 (scaled by sqrt(batch/16)); backbone: lr/10."),
-    image_size: int = typer.Option(160, min=32, help="Evaluation shorter side; training scales follow it."),
+    epochs: int | None = typer.Option(None, min=1, help="Epochs (default: the preset's recipe)."),
+    lr_drop: int | None = typer.Option(None, min=1, help="Epoch after which lr drops x0.1."),
+    batch_size: int | None = typer.Option(None, min=1, help="Images per step and process."),
+    lr: float | None = typer.Option(None, help="Learning rate for a total batch of 16 (scaled by sqrt(batch/16))."),
+    lr_backbone: float | None = typer.Option(None, help="Backbone learning rate for a total batch of 16."),
+    clip_max_norm: float | None = typer.Option(None, help="Gradient clipping norm (0: off)."),
+    image_size: int | None = typer.Option(None, min=32, help="Evaluation shorter side; training scales follow it."),
     amp: str | None = typer.Option(None, help="Mixed precision: bf16 or fp16."),
-    grad_accum: int = typer.Option(1, min=1, help="Batches per optimizer step."),
-    seed: int = typer.Option(42, help="Seed of weights, data order and augmentation."),
-    workers: int = typer.Option(2, min=0, help="Data loading processes."),
+    grad_accum: int | None = typer.Option(None, min=1, help="Batches per optimizer step."),
+    seed: int | None = typer.Option(None, help="Seed of weights, data order and augmentation."),
+    workers: int | None = typer.Option(None, min=0, help="Data loading processes."),
     iters_per_epoch: int | None = typer.Option(None, min=1, help="Cap on batches per epoch (quick runs)."),
-    checkpoint_every_iters: int = typer.Option(0, min=0, help="Also checkpoint every N steps (0: per epoch)."),
+    checkpoint_every_iters: int | None = typer.Option(None, min=0, help="Also checkpoint every N steps."),
     output_dir: Path | None = typer.Option(None, help="Run folder (default runs/<preset>)."),
     resume: Path | None = typer.Option(None, help="Checkpoint (or run folder) to resume from."),
     device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
 ) -> None:
     """Train a model; with no data, the tiny preset on the built-in synthetic dataset.
 
-    Works under torchrun (several GPUs, or CPU processes with gloo). The run folder gets the checkpoint,
-    metrics.jsonl, per-epoch evaluations and metrics_final.json; an interrupted run resumes from it.
+    Unset options take the preset's training recipe (SPEC §6 for the paper's presets, a CPU recipe for
+    tiny; see sparse_detr.engine.train_recipe). Works under torchrun (several GPUs, or CPU processes with
+    gloo). The run folder gets the checkpoint, metrics.jsonl, per-epoch evaluations and
+    metrics_final.json; an interrupted run resumes from it.
     """
     from sparse_detr.config import apply_overrides, get_preset
-    from sparse_detr.engine import NonFiniteLossError, TrainConfig, build_datasets, format_metrics
+    from sparse_detr.engine import NonFiniteLossError, build_datasets, format_metrics, train_recipe
     from sparse_detr.engine import train as run_training
 
     config = get_preset(preset, backbone)
     if rho is not None:
         config = apply_overrides(config, {"model.keep_ratio": rho})
     splits = _data_splits(data, train_images, train_ann, val_images, val_ann)
-    train_config = TrainConfig(
-        epochs=epochs, lr_drop=lr_drop if lr_drop is not None else max(1, int(epochs * 0.8)),
-        batch_size=batch_size, lr=lr, lr_backbone=lr / 10, amp=amp, grad_accum=grad_accum, seed=seed,
-        workers=workers, image_size=image_size, iters_per_epoch=iters_per_epoch,
-        checkpoint_every_iters=checkpoint_every_iters, output_dir=str(output_dir or Path("runs") / preset),
-        resume=str(resume) if resume else None, device=device,
-    )  # fmt: skip
+    options = {
+        "epochs": epochs, "lr_drop": lr_drop, "batch_size": batch_size, "lr": lr, "lr_backbone": lr_backbone,
+        "clip_max_norm": clip_max_norm, "image_size": image_size, "amp": amp, "grad_accum": grad_accum,
+        "seed": seed, "workers": workers, "iters_per_epoch": iters_per_epoch,
+        "checkpoint_every_iters": checkpoint_every_iters, "output_dir": str(output_dir) if output_dir else None,
+        "resume": str(resume) if resume else None, "device": device,
+    }  # fmt: skip
+    try:
+        train_config = train_recipe(preset, **{key: value for key, value in options.items() if value is not None})
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    image_size = train_config.image_size
     train_set, val_set = build_datasets(*splits, image_size=image_size)
     try:
         metrics = run_training(config, train_config, train_set, val_set)
@@ -212,8 +221,20 @@ def benchmark(
                 rows.append(result)
         frame = pd.DataFrame(rows)
         frame["ratio_to_first"] = frame["median_s"].iloc[0] / frame["median_s"]
-        columns = ["preset", "backbone", "keep_ratio", "kept_tokens", "tokens", "batch", "threads",
-                   "median_s", "min_s", "max_s", "ratio_to_first", "peak_rss_mib"]
+        columns = [
+            "preset",
+            "backbone",
+            "keep_ratio",
+            "kept_tokens",
+            "tokens",
+            "batch",
+            "threads",
+            "median_s",
+            "min_s",
+            "max_s",
+            "ratio_to_first",
+            "peak_rss_mib",
+        ]
         frame = frame[columns + (["peak_cuda_mib"] if "peak_cuda_mib" in frame else [])]
         _print_frame(frame, f"forward latency, {input_size}, {device}, median of {repeats} after a warm-up")
     if output is not None:
@@ -251,8 +272,10 @@ def doctor() -> None:
     backends.add_column("available")
     backends.add_column("detail")
     for status in statuses:
-        detail = status.reason if not status.available else (
-            f"build log: {status.build_log}" if status.build_log else "always available"
+        detail = (
+            status.reason
+            if not status.available
+            else (f"build log: {status.build_log}" if status.build_log else "always available")
         )
         backends.add_row(status.name, "[green]yes[/green]" if status.available else "[red]no[/red]", detail)
     console.print(backends)

@@ -14,6 +14,7 @@ from typing import Any
 BACKBONES = ("r50", "swin-t")
 SALIENCY_CRITERIA = ("dam", "oam", "random")
 KEEP_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
+BACKBONE_NORMS = ("frozen_bn", "batch_norm")
 PRESETS = ["deformable", "deformable-topk-bbr", *(f"sparse-rho{r}" for r in KEEP_RATIOS), "tiny"]
 
 
@@ -25,10 +26,15 @@ class ModelConfig:
     ``keep_ratio`` is the share ρ of encoder tokens that are encoded (0 = every token, no scoring).
     ``saliency_criterion`` picks how tokens are ranked when ρ > 0: ``"dam"`` (scoring network trained on
     the decoder attention map), ``"oam"`` (objectness of a detection head) or ``"random"``.
+    ``backbone_norm`` (ResNets only) is ``"frozen_bn"`` as in the reference, which needs pretrained
+    statistics, or ``"batch_norm"`` (trained, for backbones learned from scratch); the first
+    ``backbone_frozen_stages`` stages (1: the stem, 2: the stem and layer1 as in the reference) do not train.
     """
 
     backbone: str = "r50"
     pretrained_backbone: str | None = None
+    backbone_norm: str = "frozen_bn"
+    backbone_frozen_stages: int = 2
     hidden_dim: int = 256
     nheads: int = 8
     enc_layers: int = 6
@@ -52,6 +58,10 @@ class ModelConfig:
             raise ValueError(
                 f"saliency_criterion must be one of {SALIENCY_CRITERIA}, got {self.saliency_criterion!r}"
             )
+        if self.backbone_norm not in BACKBONE_NORMS:
+            raise ValueError(f"backbone_norm must be one of {BACKBONE_NORMS}, got {self.backbone_norm!r}")
+        if not 0 <= self.backbone_frozen_stages <= 5:
+            raise ValueError(f"backbone_frozen_stages must be in 0..5, got {self.backbone_frozen_stages}")
         if not 0.0 <= self.keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio must be in [0, 1], got {self.keep_ratio}")
         if self.hidden_dim % 32 != 0:
@@ -97,6 +107,8 @@ def _preset_model(name: str) -> ModelConfig:
         # the sparse code path at CPU scale: only the numbers differ
         return ModelConfig(
             backbone="resnet18",
+            backbone_norm="batch_norm",
+            backbone_frozen_stages=0,
             hidden_dim=64,
             nheads=4,
             enc_layers=3,

@@ -2,7 +2,7 @@
 
 from sparse_detr.engine.evaluate import METRIC_KEYS, coco_metrics, evaluate, evaluate_checkpoint, format_metrics
 from sparse_detr.engine.optim import build_optimizer, build_scheduler, lr_scale, param_groups
-from sparse_detr.engine.train_config import TrainConfig, train_config_from_dict, train_config_to_dict
+from sparse_detr.engine.train_config import TrainConfig, train_config_from_dict, train_config_to_dict, train_recipe
 from sparse_detr.engine.trainer import NonFiniteLossError, build_datasets, train
 
 __all__ = [
@@ -21,4 +21,5 @@ __all__ = [
     "train",
     "train_config_from_dict",
     "train_config_to_dict",
+    "train_recipe",
 ]

@@ -32,15 +32,25 @@ TIMM_WEIGHTS = "timm"
 
 
 class ResNetBackbone(nn.Module):
-    """timm ResNet (``features_only``) returning layer2..4, with frozen BatchNorm; the stem and layer1
-    are frozen, layer2..4 train."""
+    """timm ResNet (``features_only``) returning layer2..4.
 
-    def __init__(self, name: str = "resnet50", timm_weights: bool = False):
+    The reference setting (``norm="frozen_bn"``, ``frozen_stages=2``) freezes BatchNorm and the stem and
+    layer1, which presumes ImageNet weights. Learning from scratch needs ``norm="batch_norm"``: frozen
+    statistics of a random init leave timm's zero-initialized last BN of each block at zero, so every
+    residual branch would stay switched off.
+    """
+
+    STAGES = ("conv1.", "layer1.", "layer2.", "layer3.", "layer4.")  # stem (conv1 + bn1) first
+
+    def __init__(
+        self, name: str = "resnet50", timm_weights: bool = False, norm: str = "frozen_bn", frozen_stages: int = 2
+    ):
         super().__init__()
         body = timm.create_model(name, pretrained=timm_weights, features_only=True, out_indices=(2, 3, 4))
-        self.body = freeze_batch_norm_2d(body)
+        self.body = freeze_batch_norm_2d(body) if norm == "frozen_bn" else body
+        frozen = tuple(self.STAGES[:frozen_stages]) + (("bn1.",) if frozen_stages else ())
         for param_name, param in self.body.named_parameters():
-            param.requires_grad_(param_name.startswith(("layer2.", "layer3.", "layer4.")))
+            param.requires_grad_(not param_name.startswith(frozen))
         self.num_channels: list[int] = self.body.feature_info.channels()
         self.strides: list[int] = self.body.feature_info.reduction()
 
@@ -202,7 +212,12 @@ def build_backbone(model_config: ModelConfig) -> nn.Module:
     if name == "swin-t":
         backbone = SwinBackbone(timm_weights)
     elif name == "r50" or name.startswith("resnet"):
-        backbone = ResNetBackbone("resnet50" if name == "r50" else name, timm_weights)
+        backbone = ResNetBackbone(
+            "resnet50" if name == "r50" else name,
+            timm_weights,
+            norm=model_config.backbone_norm,
+            frozen_stages=model_config.backbone_frozen_stages,
+        )
     else:
         raise ValueError(f"unknown backbone {name!r}: use 'r50', 'swin-t' or a timm ResNet name")
     if weights is not None and not timm_weights:

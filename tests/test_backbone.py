@@ -245,3 +245,30 @@ def test_official_swin_imagenet_weights_load(swin, tmp_path):
 def test_unknown_backbone():
     with pytest.raises(ValueError, match="unknown backbone 'vgg16'"):
         build_backbone(ModelConfig(backbone="vgg16"))
+
+
+def test_resnet_from_scratch_trains_batch_norm_and_every_stage():
+    """Frozen statistics would pin timm's zero-initialized last BN of each block at zero: a from-scratch
+    backbone needs trainable BatchNorm, and its residual branches then receive gradients."""
+    frozen = build_backbone(ModelConfig(backbone="resnet18"))
+    assert all(w.abs().max() == 0 for k, w in frozen.body.state_dict().items() if k.endswith("bn2.weight"))
+
+    scratch = build_backbone(ModelConfig(backbone="resnet18", backbone_norm="batch_norm", backbone_frozen_stages=0))
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in scratch.modules())
+    assert frozen_parameter_count(scratch) == 0
+    sum(m.sum() for m in scratch(torch.randn(2, 3, 64, 64))).backward()
+    gate = scratch.body.layer2[1].bn2.weight.grad  # the zero gate of a residual branch learns to open
+    assert gate is not None and gate.abs().sum() > 0
+
+
+@pytest.mark.parametrize(("stages", "trainable"), [(1, {"layer1", "layer2", "layer3", "layer4"}), (5, set())])
+def test_resnet_frozen_stages(stages, trainable):
+    backbone = build_backbone(ModelConfig(backbone="resnet18", backbone_frozen_stages=stages))
+    assert {name.split(".")[0] for name, p in backbone.body.named_parameters() if p.requires_grad} == trainable
+
+
+def test_backbone_options_are_checked():
+    with pytest.raises(ValueError, match="backbone_norm"):
+        ModelConfig(backbone_norm="group_norm")
+    with pytest.raises(ValueError, match="backbone_frozen_stages"):
+        ModelConfig(backbone_frozen_stages=6)

@@ -27,6 +27,7 @@ from sparse_detr.engine import (
     train,
     train_config_from_dict,
     train_config_to_dict,
+    train_recipe,
 )
 from sparse_detr.engine import trainer as trainer_module
 from sparse_detr.engine.checkpointing import find_resume_path, rng_state, set_rng_state
@@ -106,6 +107,20 @@ def test_train_config_checks_and_round_trip():
         TrainConfig(grad_accum=0)
     with pytest.raises(KeyError, match="unknown train config"):
         train_config_from_dict({"learning_rate": 1.0})
+
+
+def test_train_recipes():
+    paper = train_recipe("sparse-rho0.1")
+    assert (paper.epochs, paper.lr_drop, paper.lr, paper.lr_backbone) == (50, 40, 2e-4, 2e-5)
+    assert paper.output_dir == "runs/sparse-rho0.1"
+    tiny = train_recipe("tiny")
+    assert tiny.image_size < 800 and tiny.lr_backbone == tiny.lr  # a from-scratch backbone
+    assert train_recipe("tiny", batch_size=2).batch_size == 2
+    # the drop stays at the same fraction of a shorter or longer run, unless given
+    assert train_recipe("sparse-rho0.1", epochs=10).lr_drop == 8
+    assert train_recipe("sparse-rho0.1", epochs=10, lr_drop=3).lr_drop == 3
+    with pytest.raises(TypeError):
+        train_recipe("tiny", learning_rate=1.0)
 
 
 class _Noise(Dataset):

@@ -85,6 +85,11 @@ class _Run:
         self.checkpoint_path = self.output_dir / CHECKPOINT_NAME
         self.val_set = val_set
         self.label_to_category_id = train_set.label_to_category_id
+        # label -> (COCO category id, name): lets predict/visualize name the classes of a checkpoint
+        self.categories = {
+            label: {"id": int(cid), "name": train_set.category_names[label]}
+            for label, cid in train_set.label_to_category_id.items()
+        }
         resume_path = find_resume_path(self.output_dir, config.resume, config.auto_resume)
         checkpoint = read_checkpoint(resume_path, map_location="cpu") if resume_path else None
         if checkpoint is not None:
@@ -287,6 +292,7 @@ class _Run:
                 rng=states,
                 sampler={"seed": self.config.seed},
                 train_config=train_config_to_dict(self.config),
+                categories=self.categories,
             )
         distributed.barrier()
 

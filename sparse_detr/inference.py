@@ -1,0 +1,285 @@
+"""Detection on image files: a checkpoint with its class names, images read and resized as in evaluation,
+and COCO-style results in original-image pixels."""
+
+from __future__ import annotations
+
+import glob
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import torch
+from torchvision import tv_tensors
+
+from sparse_detr.checkpoint import load_model, read_checkpoint
+from sparse_detr.data import build_transforms, load_coco_annotations, load_rgb_image, scaled_sizes
+from sparse_detr.data.coco_categories import COCO_CATEGORY_NAMES, COCO_NUM_CLASSES
+from sparse_detr.engine.checkpointing import CHECKPOINT_NAME
+from sparse_detr.engine.train_config import train_recipe
+from sparse_detr.models import DeformableDETR, pad_images, postprocess
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+DEFAULT_IMAGE_SIZE = 800  # COCO's evaluation shorter side, for checkpoints that do not say theirs
+DEFAULT_PRESET = "tiny"  # what a bare `sdetr train` trains
+MAX_DETECTIONS = 100  # per image, as in COCO evaluation
+
+
+def default_checkpoint() -> Path:
+    """Where a bare ``sdetr train`` writes its checkpoint (relative to the working folder)."""
+    return Path(train_recipe(DEFAULT_PRESET).output_dir) / CHECKPOINT_NAME
+
+
+def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
+    """``checkpoint`` (a file, or a run folder holding one), else the default ``sdetr train`` output.
+
+    Raises:
+        FileNotFoundError: naming what is missing and how to get a checkpoint; never falls back to
+            random weights.
+    """
+    if checkpoint is None:
+        default = default_checkpoint()
+        if default.is_file():
+            return default
+        raise FileNotFoundError(
+            f"no --checkpoint given and no {default} (what `sdetr train` writes) in this folder: "
+            "run `sdetr train` first or pass --checkpoint PATH"
+        )
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
+
+
+def _is_pattern(text: str) -> bool:
+    return any(char in text for char in "*?[")
+
+
+def expand_image_paths(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files, folders (their images, not recursive) and glob patterns -> image paths, in order, once each.
+
+    Raises:
+        FileNotFoundError: one line naming the input that is missing or holds no image.
+    """
+    paths: list[Path] = []
+    for item in inputs:
+        text = str(item)
+        path = Path(text)
+        if path.is_file():
+            found = [path]
+        elif path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"{text}: the folder holds no image ({' '.join(IMAGE_SUFFIXES)})")
+        elif _is_pattern(text):
+            matches = (Path(match) for match in glob.glob(text, recursive=True))
+            found = sorted(p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"{text}: no image matches this pattern")
+        else:
+            raise FileNotFoundError(f"image not found: {text}")
+        paths.extend(found)
+    if not paths:
+        raise FileNotFoundError("no image given: pass image files, folders or glob patterns")
+    unique: dict[Path, Path] = {}
+    for path in paths:
+        unique.setdefault(path.resolve(), path)  # the first spelling of a file wins
+    return list(unique.values())
+
+
+@dataclass(frozen=True)
+class Category:
+    """A class the model predicts: its COCO category id and name."""
+
+    id: int
+    name: str
+
+
+def checkpoint_categories(checkpoint: Mapping[str, Any], num_classes: int) -> dict[int, Category]:
+    """Class label -> category: the ``categories`` a training run stored, the COCO 2017 names for a
+    91-class model without them (the released checkpoints), else ``class <label>`` with id = label."""
+    stored = checkpoint.get("categories")
+    if stored:
+        try:
+            return {int(label): Category(int(entry["id"]), str(entry["name"])) for label, entry in stored.items()}
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise ValueError("the checkpoint's 'categories' must map class label -> {'id': int, 'name': str}") from None
+    if num_classes == COCO_NUM_CLASSES:
+        return {category_id: Category(category_id, name) for category_id, name in COCO_CATEGORY_NAMES.items()}
+    return {label: Category(label, f"class {label}") for label in range(num_classes)}
+
+
+@dataclass
+class InputImage:
+    """One image file: ``pixels`` RGB in its displayed orientation, ``tensor`` (3, h, w) the normalized,
+    resized model input."""
+
+    path: Path
+    pixels: PIL.Image.Image
+    tensor: torch.Tensor
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        """(height, width) of the file's image."""
+        return self.pixels.height, self.pixels.width
+
+    @property
+    def resized_size(self) -> tuple[int, int]:
+        """(height, width) the model sees, before any batch padding."""
+        return int(self.tensor.shape[-2]), int(self.tensor.shape[-1])
+
+
+@dataclass
+class Detector:
+    """A checkpoint ready for inference at shorter side ``image_size``."""
+
+    model: DeformableDETR
+    categories: dict[int, Category]
+    image_size: int
+    device: torch.device
+    checkpoint: Path
+    transform: Callable = field(init=False, repr=False)
+    warmed_up: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.transform = build_transforms(False, **scaled_sizes(self.image_size)._asdict())
+
+    def read_image(self, path: str | Path) -> InputImage:
+        """Load ``path`` (any PIL mode, EXIF orientation applied) and resize it as in evaluation.
+
+        Raises:
+            ImageLoadError: one line naming the file when it cannot be read.
+        """
+        pixels = load_rgb_image(path)
+        no_boxes = {
+            "boxes": tv_tensors.BoundingBoxes(
+                torch.zeros(0, 4), format="XYXY", canvas_size=(pixels.height, pixels.width)
+            ),
+            "labels": torch.zeros(0, dtype=torch.int64),
+        }
+        tensor, _ = self.transform(pixels, no_boxes)
+        return InputImage(Path(path), pixels, tensor)
+
+    @torch.no_grad()
+    def run(
+        self, images: Sequence[InputImage], keep_ratio: float | None = None, warm_up: bool = False
+    ) -> tuple[dict, float]:
+        """Model outputs for the padded batch of ``images`` (see ``DeformableDETR.forward``) and the
+        seconds the forward pass took (device synchronized). With ``warm_up``, the detector's first run
+        does one untimed pass before (lazy CUDA and allocator set-up would count otherwise)."""
+        batch, mask = pad_images([image.tensor for image in images])
+        batch, mask = batch.to(self.device), mask.to(self.device)
+        if warm_up and not self.warmed_up:
+            self.model(batch, mask, keep_ratio=keep_ratio)
+            self.warmed_up = True
+        _synchronize(self.device)
+        tic = time.perf_counter()
+        outputs = self.model(batch, mask, keep_ratio=keep_ratio)
+        _synchronize(self.device)
+        return outputs, time.perf_counter() - tic
+
+    def detections(
+        self, outputs: dict, images: Sequence[InputImage], image_ids: Sequence[int], threshold: float = 0.0
+    ) -> list[dict[str, Any]]:
+        """COCO results of a batch: ``image_id``, ``category_id``, ``bbox`` [x, y, w, h] in original-image
+        pixels, ``score``, plus ``category_name`` and ``file_name``; best first per image, at most 100
+        per image, those scoring below ``threshold`` and labels without a category left out."""
+        logits = outputs["pred_logits"]
+        top_k = min(MAX_DETECTIONS, logits.shape[1] * logits.shape[2])
+        sizes = torch.tensor([image.original_size for image in images])
+        results = []
+        for image, image_id, found in zip(images, image_ids, postprocess(outputs, sizes, top_k=top_k)):
+            boxes = found["boxes"].float().cpu()
+            boxes[:, 2:] -= boxes[:, :2]
+            for score, label, box in zip(found["scores"].tolist(), found["labels"].tolist(), boxes.tolist()):
+                category = self.categories.get(label)
+                if category is None or score < threshold:
+                    continue
+                results.append(
+                    {
+                        "image_id": int(image_id),
+                        "category_id": category.id,
+                        "bbox": [round(value, 2) for value in box],
+                        "score": round(score, 5),
+                        "category_name": category.name,
+                        "file_name": str(image.path),
+                    }
+                )
+        return results
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def load_detector(
+    checkpoint: str | Path | None = None,
+    device: str | torch.device | None = None,
+    image_size: int | None = None,
+    keep_ratio: float | None = None,
+    trust_checkpoint: bool = False,
+) -> Detector:
+    """The model of ``checkpoint`` (see :func:`resolve_checkpoint`) on ``device`` (default cuda when
+    available) in eval mode, with its class names.
+
+    Args:
+        image_size: shorter side of the model input; default the run's ``train_config.image_size``,
+            else 800.
+        keep_ratio: encoder keep ratio ρ instead of the trained one (0: every token, no scoring).
+    """
+    path = resolve_checkpoint(checkpoint)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    content = read_checkpoint(path, trust_checkpoint=trust_checkpoint)
+    if image_size is None:
+        image_size = int((content.get("train_config") or {}).get("image_size", DEFAULT_IMAGE_SIZE))
+    model = load_model(path, map_location=device, trust_checkpoint=trust_checkpoint)
+    if keep_ratio is not None:
+        model.set_keep_ratio(keep_ratio)
+    categories = checkpoint_categories(content, model.config.model.num_classes)
+    return Detector(model, categories, image_size, device, path)
+
+
+def image_ids_from_annotations(annotations: str | Path, paths: Sequence[Path]) -> list[int]:
+    """The ids a COCO instances file gives ``paths``, matched by file name.
+
+    Raises:
+        ValueError: naming an image the file does not list, or a file name it lists twice.
+    """
+    coco = load_coco_annotations(annotations)
+    ids: dict[str, int] = {}
+    for image in coco.dataset["images"]:
+        name = Path(image["file_name"]).name
+        if name in ids:
+            raise ValueError(f"{annotations} lists the file name {name} twice: its image ids are ambiguous")
+        ids[name] = int(image["id"])
+    missing = [path for path in paths if path.name not in ids]
+    if missing:
+        raise ValueError(f"{missing[0]} is not listed in {annotations} ({len(missing)} image(s) not listed)")
+    return [ids[path.name] for path in paths]
+
+
+def predict_images(
+    detector: Detector,
+    paths: Sequence[Path],
+    threshold: float = 0.0,
+    image_ids: Sequence[int] | None = None,
+    track: Callable[[Iterable], Iterable] = iter,
+) -> list[dict[str, Any]]:
+    """COCO results (see :meth:`Detector.detections`) of every image, one forward pass each.
+
+    ``image_ids`` default to 1..N in the order of ``paths``; ``track`` wraps the loop (a progress bar).
+    """
+    image_ids = list(image_ids) if image_ids is not None else list(range(1, len(paths) + 1))
+    if len(image_ids) != len(paths):
+        raise ValueError(f"got {len(image_ids)} image ids for {len(paths)} images")
+    results = []
+    for path, image_id in track(list(zip(paths, image_ids))):
+        image = detector.read_image(path)
+        outputs, _ = detector.run([image])
+        results.extend(detector.detections(outputs, [image], [image_id], threshold))
+    return results

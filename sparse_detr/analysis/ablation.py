@@ -1,0 +1,286 @@
+"""Running an ablation :class:`~sparse_detr.analysis.sweep.Sweep`: train each run, measure it, keep one
+``result.json`` per run, and rebuild the report from the results that exist.
+
+Each run trains in its own folder ``<runs_dir>/<run>/`` with :func:`sparse_detr.engine.train`, which resumes
+from the folder's checkpoint, so an interrupted sweep continues where it stopped. A finished run is then
+measured: COCO AP (the training's final evaluation; :func:`~sparse_detr.engine.evaluate_checkpoint` at
+each inference-time keep ratio), GFLOPs and FPS on a few validation images at the evaluation size, and
+the DAM coverage on the validation set (:func:`~sparse_detr.analysis.coverage.dam_coverage`: measured on
+held-out images with the final model and at every evaluated ρ, unlike the training log's running value).
+The run's ``result.json`` is written last and atomically; a run that has one is skipped.
+
+Several processes (one per GPU, say) share a sweep by taking disjoint shards of its runs; each rebuilds
+the report when it ends, atomically, so the last one to finish leaves the complete report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparse_detr import engine
+from sparse_detr.analysis.ablation_report import RESULT_NAME, write_report
+from sparse_detr.analysis.sweep import DATA_FIELDS, Run, Sweep, SweepError, shard_runs
+from sparse_detr.config import Config, apply_overrides, config_to_dict, get_preset
+from sparse_detr.utils.io import atomic_write_text
+
+BUILTIN_DATA = "built-in synthetic dataset"
+# training settings that do not change the trained model
+_IGNORED_TRAIN_SETTINGS = (
+    "output_dir",
+    "resume",
+    "auto_resume",
+    "device",
+    "workers",
+    "log_every",
+    "checkpoint_every_iters",
+    "eval_every_epochs",
+    "eval_batch_size",
+)
+
+Log = Callable[[str], None]
+
+
+def result_path(sweep: Sweep, run: Run) -> Path:
+    return sweep.run_root / run.name / RESULT_NAME
+
+
+def read_result(path: Path) -> dict[str, Any] | None:
+    """A run's stored result, or None when it has not finished."""
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def _clean(value: Any) -> Any:
+    """``value`` with NaN and infinities as None (strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _clean(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(item) for item in value]
+    return value
+
+
+def write_result(path: Path, result: dict[str, Any]) -> Path:
+    return atomic_write_text(path, json.dumps(_clean(result), indent=2))
+
+
+def run_model_config(sweep: Sweep, run: Run) -> Config:
+    """The preset with the sweep's ``[model]`` fields and the run's keep ratio, criterion and aux loss."""
+    config = get_preset(sweep.preset, sweep.backbone)
+    overrides = {f"model.{key}": value for key, value in sweep.model.items()}
+    try:
+        return apply_overrides(config, {**overrides, **run.model_overrides()})
+    except (KeyError, ValueError) as error:
+        raise SweepError(f"run {run.name}: {error}") from None
+
+
+def run_train_config(sweep: Sweep, run: Run) -> engine.TrainConfig:
+    """The preset's training recipe with the sweep's ``[train]`` fields, in the run's folder."""
+    device = {"device": sweep.device} if sweep.device else {}
+    try:
+        return engine.train_recipe(sweep.preset, **sweep.train, **device, output_dir=str(sweep.run_root / run.name))
+    except (TypeError, ValueError) as error:
+        raise SweepError(f"[train]: {error}") from None
+
+
+def run_settings(sweep: Sweep, run: Run) -> dict[str, Any]:
+    """What decides a run's trained model: model config, training settings and data. A stored result made
+    with other settings is not reused."""
+    train = engine.train_config_to_dict(run_train_config(sweep, run))
+    data = {"data": BUILTIN_DATA} if sweep.uses_builtin_data else {key: getattr(sweep, key) for key in DATA_FIELDS}
+    return {
+        "preset": sweep.preset,
+        "model": config_to_dict(run_model_config(sweep, run))["model"],
+        "train": {key: value for key, value in train.items() if key not in _IGNORED_TRAIN_SETTINGS},
+        "data": {key: value for key, value in data.items() if value is not None},
+    }
+
+
+def _differences(stored: Any, current: Any, prefix: str = "") -> list[str]:
+    if isinstance(stored, dict) and isinstance(current, dict):
+        return [
+            difference
+            for key in sorted(set(stored) | set(current))
+            for difference in _differences(stored.get(key), current.get(key), f"{prefix}{key}.")
+        ]
+    return [] if stored == current else [f"{prefix[:-1]} (stored {stored!r}, now {current!r})"]
+
+
+def check_same_settings(result: dict[str, Any], settings: dict[str, Any], path: Path) -> None:
+    """Refuse to reuse a result (and its checkpoint) trained with other settings."""
+    differences = _differences(_clean(result.get("settings", {})), _clean(settings))
+    if differences:
+        raise SweepError(
+            f"{path} was made with other settings: {'; '.join(differences[:3])}. "
+            "Use another --name (or --runs-dir), or delete that run folder to train it again"
+        )
+
+
+class _SweepData:
+    """The sweep's train/val splits and datasets, made or read on first use."""
+
+    def __init__(self, sweep: Sweep):
+        self.sweep = sweep
+        self._splits: tuple[Path, Path, Path, Path] | None = None
+        self._datasets: dict[int, tuple[Any, Any]] = {}
+
+    @property
+    def splits(self) -> tuple[Path, Path, Path, Path]:
+        from sparse_detr.data import make_synthetic_dataset, resolve_coco_root, synthetic_splits
+
+        if self._splits is None:
+            sweep = self.sweep
+            if sweep.uses_builtin_data:
+                self._splits = synthetic_splits(make_synthetic_dataset())
+            elif sweep.data is not None:
+                self._splits = resolve_coco_root(sweep.data)
+            else:
+                self._splits = tuple(Path(getattr(sweep, key)) for key in DATA_FIELDS[1:])
+        return self._splits
+
+    def datasets(self, image_size: int):
+        if image_size not in self._datasets:
+            self._datasets[image_size] = engine.build_datasets(*self.splits, image_size=image_size)
+        return self._datasets[image_size]
+
+
+def benchmark_images(val_set, count: int, device: torch.device) -> list[torch.Tensor]:
+    """The first ``count`` validation images at the evaluation size, each (3, H, W) on ``device``."""
+    return [val_set[i][0].to(device) for i in range(min(count, len(val_set)))]
+
+
+def measure_model(
+    model, images: list[torch.Tensor], val_set, sweep: Sweep, device: torch.device, batch_size: int
+) -> dict[str, Any]:
+    """GFLOPs and FPS on ``images`` (each (3, H, W)) and the DAM coverage on ``val_set`` in batches of
+    ``batch_size``, at the model's current keep ratio. The random criterion draws from a fixed seed."""
+    from sparse_detr.analysis.coverage import dam_coverage
+    from sparse_detr.analysis.flops import count_flops
+    from sparse_detr.analysis.fps import measure_fps
+
+    settings = sweep.benchmark
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        model.eval()
+        flops = count_flops(model, images)
+        fps = measure_fps(model, images, settings.batch_size, warmup=settings.warmup, iters=settings.iters)
+        coverage = dam_coverage(model, val_set, device, batch_size, settings.coverage_images)
+    return {"gflops": flops.gflops, "fps": fps.fps, "dam_coverage": coverage}
+
+
+def _evaluations(result: dict[str, Any]) -> dict[float, dict[str, Any]]:
+    return {entry["eval_rho"]: entry for entry in result.get("evaluations", [])}
+
+
+def execute_run(sweep: Sweep, run: Run, data: _SweepData, stored: dict[str, Any] | None, log: Log) -> dict[str, Any]:
+    """Train (or resume) ``run``, measure it, and evaluate it at the keep ratios ``stored`` lacks."""
+    from sparse_detr.analysis.fps import device_name
+    from sparse_detr.checkpoint import load_model
+    from sparse_detr.engine.checkpointing import CHECKPOINT_NAME
+    from sparse_detr.engine.distributed import resolve_device
+
+    model_config, train_config = run_model_config(sweep, run), run_train_config(sweep, run)
+    train_set, val_set = data.datasets(train_config.image_size)
+    device = resolve_device(train_config.device)
+    run_dir = Path(train_config.output_dir)
+    checkpoint = run_dir / CHECKPOINT_NAME
+    result = stored
+    if result is None:
+        log(f"  training in {run_dir}" + (" (resuming from its checkpoint)" if checkpoint.is_file() else ""))
+        metrics = engine.train(model_config, train_config, train_set, val_set)
+        log("  measuring GFLOPs, FPS and DAM coverage")
+        model = load_model(checkpoint, map_location=device)
+        images = benchmark_images(val_set, sweep.benchmark.images, device)
+        result = {
+            "run": run.name,
+            "criterion": run.criterion,
+            "rho": run.rho,
+            "enc_aux_loss": run.enc_aux_loss,
+            "metrics": metrics,
+            **measure_model(model, images, val_set, sweep, device, train_config.batch_size_eval),
+            "evaluations": [],
+            "settings": run_settings(sweep, run),
+            "measured_on": {
+                "device": device_name(device),
+                "image_sizes": [list(image.shape[-2:]) for image in images],
+                "benchmark": dataclasses.asdict(sweep.benchmark),
+            },
+        }
+    else:
+        if not checkpoint.is_file():
+            raise SweepError(f"{run_dir} has a result but no {CHECKPOINT_NAME} to evaluate at other keep ratios")
+        model = load_model(checkpoint, map_location=device)
+        images = benchmark_images(val_set, sweep.benchmark.images, device)
+    done = _evaluations(result)
+    for rho in run.eval_rho:
+        if rho in done:
+            continue
+        log(f"  evaluating at rho {rho:g}")
+        if rho == run.rho:  # the training's own evaluation
+            entry = {key: result[key] for key in ("metrics", "gflops", "fps", "dam_coverage")}
+        else:
+            metrics = engine.evaluate_checkpoint(
+                checkpoint, *data.splits[2:], output_dir=run_dir, keep_ratio=rho,
+                batch_size=train_config.batch_size_eval, image_size=train_config.image_size,
+                device=str(device), workers=train_config.workers,
+            )  # fmt: skip
+            model.set_keep_ratio(rho)
+            measured = measure_model(model, images, val_set, sweep, device, train_config.batch_size_eval)
+            entry = {"metrics": metrics, **measured}
+        done[rho] = {"eval_rho": rho, **entry}
+    result["evaluations"] = [done[rho] for rho in sorted(done)]
+    return result
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}"
+
+
+def _refuse_torchrun() -> None:
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise SweepError(
+            "sdetr ablate trains one model per process; instead of torchrun, start one process per GPU "
+            "with --shard I/N (and CUDA_VISIBLE_DEVICES or --device)"
+        )
+
+
+def run_ablation(sweep: Sweep, shard: tuple[int, int] = (0, 1), log: Log = print):
+    """Run this shard's unfinished runs of ``sweep``, then rebuild the report from every finished run.
+
+    Returns:
+        The :class:`~sparse_detr.analysis.ablation_report.AblationReport` written to ``sweep.report_dir``.
+    """
+    _refuse_torchrun()
+    runs = shard_runs(sweep.runs(), *shard)
+    data = _SweepData(sweep)
+    shard_text = f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""
+    log(f"ablation {sweep.name}{shard_text}: {len(runs)} runs, run folders in {sweep.run_root}")
+    for k, run in enumerate(runs, 1):
+        path = result_path(sweep, run)
+        stored = read_result(path)
+        if stored is not None:
+            check_same_settings(stored, run_settings(sweep, run), path)
+            if set(run.eval_rho) <= set(_evaluations(stored)):
+                log(f"[{k}/{len(runs)}] {run.name}: finished, skipped")
+                continue
+        log(f"[{k}/{len(runs)}] {run.name}")
+        result = execute_run(sweep, run, data, stored, log)
+        write_result(path, result)
+        log(f"[{k}/{len(runs)}] {run.name}: AP {_percent(result['metrics']['AP'])}, GFLOPs {result['gflops']:.2f}")
+    return write_sweep_report(sweep, log)
+
+
+def write_sweep_report(sweep: Sweep, log: Log = print):
+    """Rebuild ``sweep``'s report from its finished runs (None when none has finished)."""
+    return write_report(sweep.run_root, sweep.report_dir, sweep.runs(), title=f"Ablation: {sweep.name}", log=log)

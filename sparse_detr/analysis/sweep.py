@@ -1,0 +1,385 @@
+"""What an ablation trains: a typed :class:`Sweep` (from an ``experiments/*.toml`` file or the built-in
+default, changed by command-line options) and its expansion into named :class:`Run` s.
+
+A sweep file holds the :class:`Sweep` fields at the top level and three tables: ``[train]`` (fields of
+:class:`~sparse_detr.engine.TrainConfig`), ``[model]`` (fields of :class:`~sparse_detr.config.ModelConfig`
+applied to every run) and ``[benchmark]`` (:class:`BenchmarkSettings`). Relative paths are relative to
+the current folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sparse_detr.config import PRESETS, SALIENCY_CRITERIA, ModelConfig, apply_overrides, get_preset
+
+# set by each run, so a sweep may not fix them for all runs
+RUN_MODEL_FIELDS = ("keep_ratio", "saliency_criterion", "use_enc_aux_loss")
+# where each run's files go is decided by the sweep
+RUN_TRAIN_FIELDS = ("output_dir", "resume", "auto_resume")
+DATA_FIELDS = ("data", "train_images", "train_ann", "val_images", "val_ann")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class SweepError(ValueError):
+    """A sweep file or option is invalid; the message says which key and what to change."""
+
+
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    """How each trained model is measured besides its AP.
+
+    GFLOPs and FPS use the first ``images`` validation images at the evaluation size, FPS in batches of
+    ``batch_size`` after ``warmup`` untimed passes, over ``iters`` timed passes. The DAM coverage uses the
+    first ``coverage_images`` validation images (all when None).
+    """
+
+    images: int = 4
+    batch_size: int = 1
+    warmup: int = 1
+    iters: int = 8
+    coverage_images: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("images", "batch_size", "iters"):
+            if getattr(self, name) < 1:
+                raise SweepError(f"benchmark.{name} must be at least 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise SweepError(f"benchmark.warmup must be at least 0, got {self.warmup}")
+        if self.coverage_images is not None and self.coverage_images < 1:
+            raise SweepError(f"benchmark.coverage_images must be at least 1, got {self.coverage_images}")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One model to train: ``criterion`` ranks the tokens (``baseline``: every token is encoded, no
+    scoring network), ``rho`` is the keep ratio it trains at (0 for the baseline), ``enc_aux_loss``
+    whether the sparse encoder's auxiliary heads are trained, and ``eval_rho`` the keep ratios it is
+    also evaluated at (the inference-time sweep)."""
+
+    name: str
+    criterion: str
+    rho: float
+    enc_aux_loss: bool
+    eval_rho: tuple[float, ...] = ()
+
+    def model_overrides(self) -> dict[str, Any]:
+        """Dotted :func:`~sparse_detr.config.apply_overrides` keys that make the preset this run's model."""
+        sparse = self.criterion != "baseline"
+        return {
+            "model.keep_ratio": self.rho,
+            "model.use_enc_aux_loss": self.enc_aux_loss,
+            **({"model.saliency_criterion": self.criterion} if sparse else {}),
+        }
+
+
+def run_name(criterion: str, rho: float, enc_aux_loss: bool = True) -> str:
+    """``dam-rho0.1``, ``oam-rho0.3-noaux``, ``random-rho0.1`` or ``baseline``."""
+    if criterion == "baseline":
+        return "baseline"
+    return f"{criterion}-rho{rho:g}" + ("" if enc_aux_loss else "-noaux")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A set of runs sharing a preset, data, training recipe and measurement settings.
+
+    Runs: ``baseline`` (the preset with every token encoded and no encoder aux loss: Deformable DETR
+    with top-k queries and box refinement for the sparse presets); one run per criterion in ``criteria``
+    and keep ratio in ``rho``; with ``random``, random token selection at each ρ; with ``no_enc_aux``,
+    each (criterion, ρ) again without the encoder auxiliary loss. ``eval_rho`` evaluates the model trained
+    at ``eval_train_rho`` with ``eval_criterion`` at each of those keep ratios (the inference-time sweep;
+    that model is trained when no other run is it). They default to the first ρ and the first criterion.
+
+    Data: a COCO root (``data``), the four explicit paths, or neither for the built-in synthetic set.
+    ``train`` overrides fields of the preset's training recipe (``train_recipe``), ``model`` fields of the
+    preset's model. Reports go to ``output`` (default ``reports/<name>``), run folders (checkpoints, logs)
+    under ``runs_dir`` (default ``runs/ablate/<name>``).
+    """
+
+    name: str = "default"
+    preset: str = "tiny"
+    backbone: str | None = None
+    criteria: tuple[str, ...] = ("dam",)
+    rho: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
+    baseline: bool = True
+    random: bool = False
+    no_enc_aux: bool = False
+    eval_rho: tuple[float, ...] = ()
+    eval_train_rho: float | None = None
+    eval_criterion: str | None = None
+    data: str | None = None
+    train_images: str | None = None
+    train_ann: str | None = None
+    val_images: str | None = None
+    val_ann: str | None = None
+    output: str | None = None
+    runs_dir: str | None = None
+    device: str | None = None
+    train: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    benchmark: BenchmarkSettings = field(default_factory=BenchmarkSettings)
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise SweepError(f"name {self.name!r} must be a folder name: letters, digits, '.', '_' or '-'")
+        if self.preset not in PRESETS:
+            raise SweepError(f"unknown preset {self.preset!r}; presets: {', '.join(PRESETS)}")
+        for criterion in (*self.criteria, *([self.eval_criterion] if self.eval_criterion else [])):
+            if criterion not in SALIENCY_CRITERIA:
+                raise SweepError(f"unknown criterion {criterion!r}; criteria: {', '.join(SALIENCY_CRITERIA)}")
+        for key, values in (("rho", self.rho), ("eval_rho", self.eval_rho)):
+            bad = [v for v in values if not 0 < v <= 1]
+            if bad:
+                raise SweepError(f"{key} values must be in (0, 1], got {bad}")
+        if self.eval_rho and self.train_rho_of_eval is None:
+            raise SweepError("eval_rho needs eval_train_rho (the keep ratio that model trains at) or a rho list")
+        if self.eval_train_rho is not None and not 0 < self.eval_train_rho <= 1:
+            raise SweepError(f"eval_train_rho must be in (0, 1], got {self.eval_train_rho}")
+        explicit = [getattr(self, key) for key in DATA_FIELDS[1:]]
+        if any(explicit) and (self.data is not None or not all(explicit)):
+            raise SweepError("give either data (a COCO root) or all of train_images, train_ann, val_images, val_ann")
+        _check_keys("train", self.train, _train_fields(), RUN_TRAIN_FIELDS)
+        _check_keys("model", self.model, [f.name for f in dataclasses.fields(ModelConfig)], RUN_MODEL_FIELDS)
+        _check_values(self)
+        if not self.runs():
+            raise SweepError("the sweep has no runs: give rho values, baseline = true or eval_rho")
+
+    @property
+    def train_rho_of_eval(self) -> float | None:
+        """The keep ratio the inference-time sweep's model trains at: ``eval_train_rho``, else the first ρ."""
+        if self.eval_train_rho is not None:
+            return self.eval_train_rho
+        return self.rho[0] if self.rho else None
+
+    @property
+    def criterion_of_eval(self) -> str:
+        """The criterion of the inference-time sweep's model: ``eval_criterion``, else the first criterion."""
+        return self.eval_criterion or (self.criteria[0] if self.criteria else "dam")
+
+    @property
+    def report_dir(self) -> Path:
+        return Path(self.output) if self.output else Path("reports") / self.name
+
+    @property
+    def run_root(self) -> Path:
+        return Path(self.runs_dir) if self.runs_dir else Path("runs") / "ablate" / self.name
+
+    @property
+    def uses_builtin_data(self) -> bool:
+        return self.data is None and self.train_images is None
+
+    def runs(self) -> list[Run]:
+        """The runs in a fixed order (baseline, criteria x ρ, without aux loss, random, inference model);
+        the order decides the shards."""
+        specs: list[tuple[str, float, bool]] = [("baseline", 0.0, False)] if self.baseline else []
+        specs += [(criterion, rho, True) for criterion in self.criteria for rho in self.rho]
+        if self.no_enc_aux:
+            specs += [(criterion, rho, False) for criterion in self.criteria for rho in self.rho]
+        if self.random:
+            specs += [("random", rho, True) for rho in self.rho]
+        if self.eval_rho:
+            specs.append((self.criterion_of_eval, self.train_rho_of_eval, True))
+        runs: dict[str, Run] = {}
+        for criterion, rho, enc_aux_loss in specs:
+            name = run_name(criterion, rho, enc_aux_loss)
+            runs.setdefault(name, Run(name, criterion, rho, enc_aux_loss))
+        if self.eval_rho:
+            name = run_name(self.criterion_of_eval, self.train_rho_of_eval)
+            runs[name] = dataclasses.replace(runs[name], eval_rho=tuple(self.eval_rho))
+        return list(runs.values())
+
+
+def _train_fields() -> list[str]:
+    from sparse_detr.engine.train_config import TrainConfig
+
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def _check_values(sweep: Sweep) -> None:
+    """Build the preset's model config and training recipe once, so that a bad value fails before any run."""
+    from sparse_detr.engine.train_config import train_recipe
+
+    try:
+        train_recipe(sweep.preset, **sweep.train)
+    except (TypeError, ValueError) as error:
+        raise SweepError(f"[train]: {error}") from None
+    try:
+        apply_overrides(get_preset(sweep.preset, sweep.backbone), {f"model.{k}": v for k, v in sweep.model.items()})
+    except (TypeError, ValueError) as error:
+        raise SweepError(f"[model]: {error}") from None
+
+
+def _check_keys(table: str, values: dict[str, Any], known: list[str], reserved: tuple[str, ...]) -> None:
+    for key in values:
+        if key in reserved:
+            raise SweepError(f"[{table}] {key} is set by each run of the sweep and cannot be given")
+        if key not in known:
+            raise SweepError(
+                f"unknown key [{table}] {key!r}; known: {', '.join(k for k in known if k not in reserved)}"
+            )
+
+
+def default_sweep() -> Sweep:
+    """The ablation ``sdetr ablate`` runs with no experiment file (``experiments/default.toml`` holds the
+    same): the tiny preset on the built-in dataset, baseline and DAM/OAM at ρ 0.1 and 0.3 with half the
+    tiny recipe's epochs, and the DAM model of ρ 0.3 evaluated at ρ 0.1…0.5; about 30 minutes on 2 CPU cores."""
+    return Sweep(
+        name="default",
+        preset="tiny",
+        criteria=("dam", "oam"),
+        rho=(0.1, 0.3),
+        eval_rho=(0.1, 0.2, 0.3, 0.5),
+        eval_train_rho=0.3,
+        train={"epochs": 6, "eval_every_epochs": 6},
+    )
+
+
+# TOML value parsers: each returns the field value or raises SweepError naming the key
+def _string(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise SweepError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def _boolean(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise SweepError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _number(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SweepError(f"{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _strings(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise SweepError(f'{key} must be a list of strings such as ["dam", "oam"], got {value!r}')
+    return tuple(_string(key, v) for v in value)
+
+
+def _numbers(key: str, value: Any) -> tuple[float, ...]:
+    if not isinstance(value, list):
+        raise SweepError(f"{key} must be a list of numbers such as [0.1, 0.3], got {value!r}")
+    return tuple(_number(key, v) for v in value)
+
+
+def _table(key: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise SweepError(f"{key} must be a table ([{key}]), got {value!r}")
+    return dict(value)
+
+
+def _benchmark(key: str, value: Any) -> BenchmarkSettings:
+    table = _table(key, value)
+    known = [f.name for f in dataclasses.fields(BenchmarkSettings)]
+    for name, item in table.items():
+        if name not in known:
+            raise SweepError(f"unknown key [benchmark] {name!r}; known: {', '.join(known)}")
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise SweepError(f"[benchmark] {name} must be an integer, got {item!r}")
+    return BenchmarkSettings(**table)
+
+
+_PARSERS: dict[str, Callable[[str, Any], Any]] = {
+    "name": _string,
+    "preset": _string,
+    "backbone": _string,
+    "criteria": _strings,
+    "rho": _numbers,
+    "baseline": _boolean,
+    "random": _boolean,
+    "no_enc_aux": _boolean,
+    "eval_rho": _numbers,
+    "eval_train_rho": _number,
+    "eval_criterion": _string,
+    **dict.fromkeys(DATA_FIELDS, _string),
+    "output": _string,
+    "runs_dir": _string,
+    "device": _string,
+    "train": _table,
+    "model": _table,
+    "benchmark": _benchmark,
+}
+
+
+def sweep_from_dict(data: dict[str, Any], default_name: str = "default") -> Sweep:
+    """A :class:`Sweep` from a parsed TOML document; ``name`` defaults to ``default_name``."""
+    unknown = [key for key in data if key not in _PARSERS]
+    if unknown:
+        raise SweepError(f"unknown key {unknown[0]!r}; known: {', '.join(_PARSERS)}")
+    values = {key: _PARSERS[key](key, value) for key, value in data.items()}
+    return Sweep(**{"name": default_name, **values})
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read a sweep file; any error names the file and the key. The name defaults to the file's stem."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise SweepError(
+                "reading experiment files needs Python 3.11 or the tomli package: pip install tomli"
+            ) from None
+
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SweepError(f"experiment file not found: {path}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise SweepError(f"{path} is not valid TOML: {error}") from None
+    try:
+        return sweep_from_dict(data, default_name=path.stem)
+    except (SweepError, TypeError) as error:
+        raise SweepError(f"{path}: {error}") from None
+
+
+def with_changes(sweep: Sweep, **changes: Any) -> Sweep:
+    """``sweep`` with the given fields replaced (None: unchanged). ``epochs``, ``iters_per_epoch`` and
+    ``workers`` go into the ``train`` table."""
+    changes = {key: value for key, value in changes.items() if value is not None}
+    train_keys = [key for key in ("epochs", "iters_per_epoch", "workers") if key in changes]
+    if train_keys:
+        changes["train"] = {**sweep.train, **{key: changes.pop(key) for key in train_keys}}
+    if "data" in changes:  # a COCO root replaces the sweep's explicit paths
+        changes.update(dict.fromkeys(DATA_FIELDS[1:], None))
+    unknown = [key for key in changes if key not in _PARSERS]
+    if unknown:
+        raise SweepError(f"unknown sweep option {unknown[0]!r}")
+    return dataclasses.replace(sweep, **changes)
+
+
+def resolve_sweep(path: str | Path | None = None, **changes: Any) -> Sweep:
+    """The sweep of an experiment file, or with none: the built-in :func:`default_sweep` unless another
+    ``preset`` is asked for, which then trains with its own recipe at the paper's ρ 0.1…0.5 (DAM, with the
+    baseline). ``changes`` as in :func:`with_changes`."""
+    if path is not None:
+        base = load_sweep(path)
+    elif changes.get("preset") not in (None, default_sweep().preset):
+        base = Sweep(name=changes["preset"], preset=changes["preset"])
+    else:
+        base = default_sweep()
+    return with_changes(base, **changes)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N) with 0 <= I < N."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not 0 <= int(match[1]) < int(match[2]):
+        raise SweepError(f"--shard must be I/N with 0 <= I < N, such as 0/2, got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def shard_runs(runs: list[Run], index: int, count: int) -> list[Run]:
+    """The runs of shard ``index`` of ``count``: those at positions p with p % count == index."""
+    return [run for position, run in enumerate(runs) if position % count == index]

@@ -104,9 +104,10 @@ def _preset_model(name: str) -> ModelConfig:
         keep_ratio = float(name.removeprefix("sparse-rho"))
         return ModelConfig(two_stage=True, with_box_refine=True, keep_ratio=keep_ratio, use_enc_aux_loss=True)
     if name == "tiny":
-        # the sparse code path at CPU scale: only the numbers differ
+        # the sparse code path at CPU scale: only the numbers differ. It learns from scratch (nothing can be
+        # downloaded), so its backbone trains with BatchNorm; no dropout for a short schedule.
         return ModelConfig(
-            backbone="resnet18",
+            backbone="resnet10t",
             backbone_norm="batch_norm",
             backbone_frozen_stages=0,
             hidden_dim=64,
@@ -114,6 +115,7 @@ def _preset_model(name: str) -> ModelConfig:
             enc_layers=3,
             dec_layers=3,
             dim_feedforward=128,
+            dropout=0.0,
             num_queries=50,
             two_stage=True,
             with_box_refine=True,
@@ -125,7 +127,7 @@ def _preset_model(name: str) -> ModelConfig:
 
 def get_preset(name: str, backbone: str | None = None) -> Config:
     """The preset ``name`` (see ``PRESETS``); ``backbone`` replaces the preset's (``r50`` or ``tiny``'s
-    ``resnet18``) when given."""
+    ``resnet10t``) when given."""
     model = _preset_model(name)
     if backbone is not None:
         model.backbone = backbone

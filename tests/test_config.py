@@ -34,7 +34,7 @@ def test_sparse_presets_cover_rho_01_to_05():
 
 def test_tiny_preset_runs_the_sparse_path_at_small_scale():
     model = get_preset("tiny").model
-    assert model.backbone == "resnet18"
+    assert model.backbone == "resnet10t"
     assert model.two_stage and model.with_box_refine and model.use_enc_aux_loss
     assert 0 < model.keep_ratio < 1 and model.hidden_dim <= 128 and model.num_queries <= 100
 

@@ -236,7 +236,7 @@ def default_sweep() -> Sweep:
         rho=(0.1, 0.3),
         eval_rho=(0.1, 0.2, 0.3, 0.5),
         eval_train_rho=0.3,
-        train={"epochs": 6, "eval_every_epochs": 6},
+        train={"epochs": 12, "eval_every_epochs": 12},
     )
 
 

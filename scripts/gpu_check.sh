@@ -16,3 +16,14 @@ for dtype in float32 bfloat16; do
     python3 -m sparse_detr.cli benchmark --op --repeats 20 --dtype "$dtype" --output "$out/op_benchmark_$dtype.csv" \
         2>&1 | tee "$out/op_benchmark_$dtype.txt"
 done
+# Model benchmark (FPS at batch 1 and 4, float32 and bf16 autocast): sparse-rho0.1 against deformable-topk-bbr at
+# 800x1066, 50 timed passes each. GFLOPs do not depend on the device and fvcore is not installed there: --no-flops.
+reports="$out/model_benchmark"
+mkdir -p "$reports"
+for amp in none bf16; do
+    python3 -m sparse_detr.cli benchmark --preset deformable-topk-bbr,sparse-rho0.1 --input-size 800x1066 \
+        --batch-sizes 1,4 --no-flops $([ "$amp" = none ] || echo --amp "$amp") --output "$reports/$amp" \
+        2>&1 | tee "$reports/$amp.txt"
+done
+# the device tool brings back at most 8 files from $OUT: one archive for the model benchmark's reports
+tar -czf "$out/model_benchmark.tar.gz" -C "$out" model_benchmark && rm -r "$reports"

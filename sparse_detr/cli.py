@@ -176,84 +176,306 @@ def _print_frame(frame, title: str) -> None:
 @app.command()
 def benchmark(
     op: bool = typer.Option(False, "--op", help="Time the deformable attention op backends instead of models."),
-    preset: str = typer.Option("deformable-topk-bbr,sparse-rho0.1", help="Comma-separated presets to time."),
+    preset: str | None = typer.Option(
+        None, help="Comma-separated presets (default deformable-topk-bbr,sparse-rho0.1; with --checkpoint: one)."
+    ),
     backbone: str | None = typer.Option(None, help="Backbone for every preset (r50, swin-t, a timm ResNet)."),
-    rho: str | None = typer.Option(None, help="Comma-separated keep ratios applied to the sparse presets."),
-    input_size: str = typer.Option("800x1066", help="HEIGHTxWIDTH of the synthetic input image."),
-    batch_size: int = typer.Option(1, min=1, help="Images per forward pass."),
+    rho: str | None = typer.Option(None, help="Comma-separated keep ratios applied to the sparse models."),
+    checkpoint: Path | None = typer.Option(None, help="Measure this checkpoint (this project's or a released one)."),
+    input_size: str = typer.Option("850x1040", help="HEIGHTxWIDTH of the one synthetic image (reference quick mode)."),
+    images: int | None = typer.Option(
+        None, min=1, help="Use the first N validation images instead (the paper: 100 COCO val2017 images)."
+    ),
+    data: Path | None = typer.Option(None, help="With --images: COCO root (its val2017 split)."),
+    val_images: Path | None = typer.Option(None, help="With --images: validation images folder."),
+    val_ann: Path | None = typer.Option(None, help="With --images: validation instances JSON."),
+    image_size: int = typer.Option(800, min=32, help="With --images: shorter side, as evaluation resizes."),
+    fps: bool = typer.Option(True, "--fps/--no-fps", help="Time the models."),
+    flops: bool = typer.Option(True, "--flops/--no-flops", help="Count GFLOPs with fvcore."),
+    batch_sizes: str = typer.Option("1,4", help="Comma-separated batch sizes to time."),
+    iters: int | None = typer.Option(
+        None, "--iters", "--repeats", min=1, help="Timed passes (default 50 on GPU, 5 on CPU; --op: 3)."
+    ),
+    warmup: int | None = typer.Option(None, min=0, help="Untimed passes first (default 5 on GPU, 1 on CPU)."),
+    amp: str | None = typer.Option(None, help="Time under autocast: bf16 or fp16."),
+    compile: bool = typer.Option(False, "--compile", help="Time torch.compile(model)."),
+    isolate: bool | None = typer.Option(
+        None, "--isolate/--no-isolate", help="Time each model in a fresh process (default: on CPU, for peak RSS)."
+    ),
     device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
     threads: int | None = typer.Option(None, min=1, help="CPU threads (default: torch's)."),
     backends: str = typer.Option("pytorch,cpu,cuda", help="With --op: op backends to time."),
-    repeats: int = typer.Option(3, min=1, help="Timed repetitions per measurement (median reported)."),
     dtype: str = typer.Option("float32", help="With --op: float32, float64, float16 or bfloat16."),
-    output: Path | None = typer.Option(None, help="Also write the table as CSV to this file."),
+    output: Path | None = typer.Option(
+        None, help="Report folder (default reports/<name>); with --op: a CSV file for the table."
+    ),
+    name: str = typer.Option("benchmark", help="Report name: reports/<name>."),
 ) -> None:
-    """Time models (forward latency, peak memory) or, with --op, the deformable attention op backends.
+    """Parameters, GFLOPs (fvcore) and FPS of models over presets and keep ratios; or, with --op, the
+    deformable attention op backends.
 
-    Each model is measured in a fresh process with random weights; the ratio column compares every row
-    with the first. FLOPs and FPS reports come with the full benchmark (see the open issues).
+    Writes benchmark.csv/.md, gflops_by_part.csv/.md, gflops_vs_rho.png and fps_vs_rho.png. GFLOPs follow the
+    paper's convention (docs/PERFORMANCE.md) and sit beside the reference implementation's figures where
+    they exist (850x1040, 800x1066, 800x1333); FPS is the median over the timed passes.
     """
     if op:
         from sparse_detr.analysis.op_benchmark import DEFAULT_SHAPES, run_op_benchmark
 
+        repeats = iters or 3
         frame = run_op_benchmark(_split(backends), repeats=repeats, dtype=dtype, log=console.print)
         _print_frame(frame, f"ms_deform_attn, {dtype}: median ms of {repeats} (speed-up vs pytorch)")
         for shape in DEFAULT_SHAPES:
             console.print(f"  {shape.name}: {shape.description}")
-    else:
-        import pandas as pd
-        import torch
+        if output is not None:
+            from sparse_detr.utils.io import atomic_write_text
 
-        from sparse_detr.analysis.latency import LatencyRequest, measure_latency_isolated
-        from sparse_detr.config import get_preset
+            atomic_write_text(output, frame.to_csv(index=False))
+            console.print(f"wrote {output}")
+        return
+    import torch
+    from rich.markup import escape
 
+    from sparse_detr.analysis import benchmark as bench
+
+    if amp is not None and amp not in ("bf16", "fp16"):
+        raise typer.BadParameter(f"--amp must be bf16 or fp16, got {amp!r}")
+    sizes = _numbers(batch_sizes, int, "--batch-sizes")
+    if not sizes or min(sizes) < 1:
+        raise typer.BadParameter(f"--batch-sizes needs positive integers, got {batch_sizes!r}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    options = bench.BenchmarkOptions(
+        flops=flops, fps=fps, batch_sizes=tuple(sorted(set(sizes))), warmup=warmup, iters=iters, amp=amp,
+        compile=compile, device=device, threads=threads, isolate=isolate,
+    )  # fmt: skip
+    try:
+        presets = _split(preset) if preset else ([] if checkpoint else ["deformable-topk-bbr", "sparse-rho0.1"])
+        keep_ratios = _numbers(rho, float, "--rho") if rho else None
+        specs = bench.model_specs(presets, keep_ratios, backbone, str(checkpoint) if checkpoint else None)
+        inputs, size, source = _benchmark_inputs(input_size, images, data, val_images, val_ann, image_size)
+        result = bench.run_benchmark(specs, inputs, options, size, log=lambda text: console.print(f"measuring {text}"))
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        console.print(f"[red]error:[/red] {escape(str(error).splitlines()[0])}", highlight=False)
+        raise typer.Exit(code=2) from None
+    notes = bench.report_notes(result.table, options, source, result.skipped)
+    paths = bench.write_benchmark_report(result, output or Path("reports") / name, notes, f"Benchmark: {source}")
+    _print_frame(bench.summary(result.table), f"benchmark on {device}: {source}")
+    if flops:
+        console.print("fvcore skipped (element-wise) ops: " + ", ".join(sorted(result.skipped)), highlight=False)
+    console.print(f"wrote {', '.join(str(path) for path in paths)}", highlight=False)
+
+
+def _numbers(values: str, kind, option: str) -> list:
+    try:
+        return [kind(value) for value in _split(values)]
+    except ValueError:
+        raise typer.BadParameter(f"{option} expects comma-separated numbers, got {values!r}") from None
+
+
+def _benchmark_inputs(input_size, images, data, val_images, val_ann, image_size):
+    """(images, (H, W) of the synthetic image or None, a description) for ``sdetr benchmark``."""
+    from sparse_detr.analysis.benchmark import dataset_images, synthetic_image
+
+    if images is None:
         height, width = _parse_size(input_size)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        rows = []
-        for name in _split(preset):
-            sparse = get_preset(name, backbone).model.keep_ratio > 0
-            for keep_ratio in [float(r) for r in _split(rho)] if (rho and sparse) else [None]:
-                request = LatencyRequest(
-                    name, backbone, keep_ratio, height, width, batch_size, repeats, 1, threads, device
-                )
-                with console.status(f"timing {name}" + (f" at rho {keep_ratio}" if keep_ratio else "")):
-                    result = measure_latency_isolated(request)
-                rows.append(result)
-        frame = pd.DataFrame(rows)
-        frame["ratio_to_first"] = frame["median_s"].iloc[0] / frame["median_s"]
-        columns = [
-            "preset",
-            "backbone",
-            "keep_ratio",
-            "kept_tokens",
-            "tokens",
-            "batch",
-            "threads",
-            "median_s",
-            "min_s",
-            "max_s",
-            "ratio_to_first",
-            "peak_rss_mib",
-        ]
-        frame = frame[columns + (["peak_cuda_mib"] if "peak_cuda_mib" in frame else [])]
-        _print_frame(frame, f"forward latency, {input_size}, {device}, median of {repeats} after a warm-up")
-    if output is not None:
-        from sparse_detr.utils.io import atomic_write_text
-
-        atomic_write_text(output, frame.to_csv(index=False))
-        console.print(f"wrote {output}")
+        return [synthetic_image(height, width)], (height, width), f"one random {height}×{width} image"
+    if val_images is None or val_ann is None:
+        _, _, val_images, val_ann = _data_splits(data, None, None, None, None)
+    description = f"the first {images} images of {val_images}, shorter side {image_size} (mean over them)"
+    return dataset_images(val_images, val_ann, images, image_size), None, description
 
 
 @app.command()
-def ablate() -> None:
-    """Run sparsity ablations (not implemented yet)."""
-    _not_implemented("ablate")
+def ablate(
+    experiment: Path | None = typer.Argument(None, help="Sweep file (experiments/*.toml); default: the built-in one."),
+    criterion: str | None = typer.Option(None, help="Comma-separated token criteria: dam, oam, random."),
+    rho: str | None = typer.Option(None, help="Comma-separated keep ratios to train at."),
+    preset: str | None = typer.Option(None, help="Model preset (without a file: tiny, the default ablation)."),
+    backbone: str | None = typer.Option(None, help="Backbone instead of the preset's (r50, swin-t, resnet18...)."),
+    data: Path | None = typer.Option(None, help="COCO root with train2017/, val2017/, annotations/."),
+    epochs: int | None = typer.Option(None, min=1, help="Epochs of every run."),
+    iters_per_epoch: int | None = typer.Option(None, min=1, help="Cap on batches per epoch (quick runs)."),
+    baseline: bool | None = typer.Option(None, "--baseline/--no-baseline", help="Train the unsparsified baseline."),
+    random_selection: bool | None = typer.Option(None, "--random/--no-random", help="Also random tokens at each ρ."),
+    no_enc_aux: bool = typer.Option(False, "--no-enc-aux", help="Also each run without the encoder aux loss."),
+    eval_rho: str | None = typer.Option(None, help="Comma-separated keep ratios for the inference-time sweep."),
+    eval_train_rho: float | None = typer.Option(None, help="Keep ratio of the inference-time sweep's model."),
+    name: str | None = typer.Option(None, help="Sweep name: reports/<name>, runs/ablate/<name>."),
+    output: Path | None = typer.Option(None, help="Report folder (default reports/<name>)."),
+    runs_dir: Path | None = typer.Option(None, help="Folder of the run folders (default runs/ablate/<name>)."),
+    shard: str | None = typer.Option(None, help="I/N: run only the runs at positions p with p % N == I."),
+    report_only: bool = typer.Option(False, "--report-only", help="Only rebuild the report from finished runs."),
+    device: str | None = typer.Option(None, help="cpu, cuda or cuda:I (default: cuda when available)."),
+    workers: int | None = typer.Option(None, min=0, help="Data loading processes."),
+) -> None:
+    """Train and compare token-sparsity variants: keep ratios, DAM/OAM/random criteria, encoder aux loss.
+
+    One run per (criterion, ρ), plus the baseline and the inference-time sweep; each is measured (COCO AP,
+    GFLOPs, FPS, DAM coverage) into its result.json, and the report (ablation.csv/.md, plots) is rebuilt
+    from the finished runs. Re-running skips finished runs and resumes interrupted ones. With no file: the
+    default ablation (experiments/default.toml: tiny preset on the built-in dataset, about 30 minutes on
+    2 CPU cores), or with --preset that preset's own recipe at ρ 0.1...0.5; options change either.
+    """
+    from rich.markup import escape
+
+    from sparse_detr.analysis.ablation import run_ablation, write_sweep_report
+    from sparse_detr.analysis.sweep import SweepError, parse_shard, resolve_sweep
+
+    def numbers(values: str | None) -> tuple[float, ...] | None:
+        try:
+            return None if values is None else tuple(float(v) for v in _split(values))
+        except ValueError:
+            raise typer.BadParameter(f"expected comma-separated numbers such as 0.1,0.3, got {values!r}") from None
+
+    changes = {
+        "criteria": tuple(_split(criterion)) if criterion is not None else None, "rho": numbers(rho),
+        "preset": preset, "backbone": backbone, "data": str(data) if data else None, "epochs": epochs,
+        "iters_per_epoch": iters_per_epoch, "baseline": baseline, "random": random_selection,
+        "no_enc_aux": no_enc_aux or None, "eval_rho": numbers(eval_rho), "eval_train_rho": eval_train_rho,
+        "name": name, "output": str(output) if output else None, "runs_dir": str(runs_dir) if runs_dir else None,
+        "device": device, "workers": workers,
+    }  # fmt: skip
+
+    def log(text: str) -> None:
+        console.print(text, markup=False, highlight=False)  # run names and TOML tables hold brackets
+
+    try:
+        sweep = resolve_sweep(experiment, **changes)
+        if report_only:
+            report = write_sweep_report(sweep, log)
+            if report is None:
+                raise SweepError(f"no finished runs of {sweep.name} in {sweep.run_root}: run the sweep first")
+        else:
+            report = run_ablation(sweep, parse_shard(shard) if shard else (0, 1), log)
+    except (SweepError, FileNotFoundError) as error:
+        console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
+        raise typer.Exit(code=2) from None
+    if report is not None:  # the columns that fit a terminal; the report files have them all
+        costs = ["AP", "AP50", "AP75", "gflops", "fps", "dam_coverage"]
+        _print_frame(report.table[["run", *costs]], f"ablation {sweep.name} (AP and DAM coverage in %)")
+        if len(report.inference):
+            inference = report.inference[["run", "eval_rho", *costs]]
+            _print_frame(inference, f"ablation {sweep.name}: inference-time keep ratio")
+        console.print(f"report: {sweep.report_dir}")
 
 
 @app.command()
-def visualize() -> None:
-    """Draw encoder saliency maps (not implemented yet)."""
-    _not_implemented("visualize")
+def visualize(
+    images: list[str] = typer.Argument(..., help="Image files, folders or glob patterns (quote the globs)."),
+    checkpoint: Path | None = typer.Option(
+        None, help="Checkpoint file or run folder (default: runs/tiny/checkpoint.pth, what `sdetr train` writes)."
+    ),
+    rho: list[str] | None = typer.Option(
+        None,
+        help="Keep ratio at inference (default: the trained one); several, repeated or comma-separated, "
+        "give one row each.",
+    ),
+    out: Path = typer.Option(Path("visualizations"), help="Folder for the figures (<image stem>_tokens.<format>)."),
+    threshold: float = typer.Option(0.3, min=0.0, max=1.0, help="Lowest score of a drawn detection."),
+    formats: str = typer.Option("png", "--format", help="Comma-separated figure formats: png, pdf, svg."),
+    device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing figures."),
+    image_size: int | None = typer.Option(
+        None, min=16, help="Shorter side the model sees (default: the run's, else 800)."
+    ),
+) -> None:
+    """Draw what the sparse encoder keeps: for each image a figure with the detections, the scoring network's
+    saliency per level, the selected tokens per level and combined, the decoder attention map (DAM) and the
+    overlap of the selection with the DAM's top tokens; one row per --rho."""
+    from rich.progress import track
+
+    from sparse_detr.data import ImageLoadError
+    from sparse_detr.inference import expand_image_paths, load_detector
+    from sparse_detr.viz import FIGURE_FORMATS, existing_outputs, figure_stems, require_saliency, visualize_file
+
+    try:
+        keep_ratios = [float(value) for text in rho or [] for value in _split(text)] or [None]
+    except ValueError:
+        raise typer.BadParameter(f"--rho takes numbers in (0, 1] such as 0.1 or 0.1,0.3, got {rho}") from None
+    chosen = _split(formats)
+    if not chosen or set(chosen) - set(FIGURE_FORMATS):
+        raise typer.BadParameter(f"--format takes a comma-separated subset of {','.join(FIGURE_FORMATS)}")
+    try:
+        paths = expand_image_paths(images)
+        stems = figure_stems(paths, out)
+        existing = existing_outputs(stems, chosen)
+        if existing and not force:
+            raise FileExistsError(
+                f"{existing[0]} exists ({len(existing)} figure file(s) would be overwritten): "
+                "pass --force to overwrite or choose another --out"
+            )
+        detector = load_detector(checkpoint, device, image_size)
+        for keep_ratio in keep_ratios:
+            require_saliency(detector, keep_ratio)
+    except (OSError, ValueError) as error:
+        console.print(f"[red]{error}[/red]", soft_wrap=True)
+        raise typer.Exit(code=1) from None
+    failed = 0
+    for path, stem in track(list(zip(paths, stems)), description="drawing", console=console):
+        try:
+            written = visualize_file(detector, path, stem, keep_ratios, threshold, chosen)
+        except (ImageLoadError, ValueError) as error:
+            console.print(f"[red]{error}[/red]", soft_wrap=True)
+            failed += 1
+            continue
+        console.print(f"wrote {', '.join(map(str, written))}", soft_wrap=True)
+    if failed:
+        console.print(f"[red]{failed} of {len(paths)} image(s) could not be drawn[/red]")
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def predict(
+    images: list[str] = typer.Argument(..., help="Image files, folders or glob patterns (quote the globs)."),
+    checkpoint: Path | None = typer.Option(
+        None, help="Checkpoint file or run folder (default: runs/tiny/checkpoint.pth, what `sdetr train` writes)."
+    ),
+    threshold: float = typer.Option(
+        0.3, min=0.0, max=1.0, help="Lowest score kept (0: the 100 best per image, as COCO evaluation wants)."
+    ),
+    out: Path = typer.Option(Path("detections.json"), help="COCO results JSON to write."),
+    ann: Path | None = typer.Option(
+        None, help="COCO instances JSON whose image ids to use, matched by file name (default: 1..N in order)."
+    ),
+    rho: float | None = typer.Option(None, help="Keep ratio at inference instead of the trained one."),
+    device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --out file."),
+    image_size: int | None = typer.Option(
+        None, min=16, help="Shorter side the model sees (default: the run's, else 800)."
+    ),
+) -> None:
+    """Detect objects in images: COCO results JSON (image_id, category_id, bbox [x, y, w, h] in pixels, score,
+    plus category_name and file_name) and a table on screen."""
+    import json
+
+    from rich.progress import track
+
+    from sparse_detr.inference import expand_image_paths, image_ids_from_annotations, load_detector, predict_images
+    from sparse_detr.utils.io import atomic_write_text
+
+    shown = 50
+    try:
+        paths = expand_image_paths(images)
+        if out.exists() and not force:
+            raise FileExistsError(f"{out} exists: pass --force to overwrite it or choose another --out")
+        image_ids = image_ids_from_annotations(ann, paths) if ann is not None else None
+        detector = load_detector(checkpoint, device, image_size, keep_ratio=rho)
+        results = predict_images(
+            detector, paths, threshold, image_ids, track=lambda items: track(items, "detecting", console=console)
+        )
+    except (OSError, ValueError) as error:
+        console.print(f"[red]{error}[/red]", soft_wrap=True)
+        raise typer.Exit(code=1) from None
+    atomic_write_text(out, json.dumps(results, indent=1))
+    table = Table(title=f"detections scoring at least {threshold:g}")
+    for column in ("image", "class", "score", "x", "y", "w", "h"):
+        table.add_column(column, justify="left" if column in ("image", "class") else "right")
+    for result in results[:shown]:
+        x, y, w, h = result["bbox"]
+        name = Path(result["file_name"]).name
+        table.add_row(name, result["category_name"], f"{result['score']:.3f}", *(f"{v:.1f}" for v in (x, y, w, h)))
+    console.print(table)
+    more = f" (the table shows the first {shown})" if len(results) > shown else ""
+    console.print(f"wrote {len(results)} detection(s) of {len(paths)} image(s) to {out}{more}", soft_wrap=True)
 
 
 @app.command()

@@ -1,97 +1,117 @@
-"""Inference latency and peak memory of a preset, each measured in a fresh process.
+"""FPS of a model measured in a fresh Python process, so that the peak memory reported is that model's.
 
-A fresh process per measurement keeps peak RSS (CPU) and peak allocated memory (GPU) specific to one
-model, which is what the reference's figures in ``official/README.md`` report.
+On CPU, :func:`~sparse_detr.analysis.fps.measure_fps` can only report the peak resident set of the whole
+process; a process per model makes it one model's, which is what the reference's figures in
+``official/README.md`` give.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
-import time
+import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
+from sparse_detr.analysis.fps import FpsResult, measure_fps
+
 
 @dataclass(frozen=True)
-class LatencyRequest:
-    """One measurement: random weights, one synthetic batch of ``batch`` images of ``height`` x ``width``."""
+class ModelSpec:
+    """A model to measure: a preset with random weights (seed 0), or a checkpoint (``preset`` then picks
+    another architecture for its weights, see :func:`~sparse_detr.checkpoint.load_model`), at an optional
+    keep ratio."""
 
-    preset: str
+    preset: str | None = None
     backbone: str | None = None
+    checkpoint: str | None = None
     keep_ratio: float | None = None
-    height: int = 800
-    width: int = 1066
-    batch: int = 1
-    repeats: int = 3
-    warmup: int = 1
-    threads: int | None = None
+
+    def build(self, device: str | torch.device = "cpu"):
+        """The detector, in eval mode on ``device``."""
+        from sparse_detr.checkpoint import load_model
+        from sparse_detr.config import get_preset
+        from sparse_detr.models import build_model
+
+        if self.checkpoint is not None:
+            model = load_model(self.checkpoint, preset=self.preset, map_location=device)
+        else:
+            torch.manual_seed(0)
+            model = build_model(get_preset(self.preset, self.backbone)).to(device)
+        if self.keep_ratio is not None:
+            model.set_keep_ratio(self.keep_ratio)
+        return model.eval()
+
+
+@dataclass(frozen=True)
+class FpsRequest:
+    """One process's work: ``model`` timed at every batch size (ascending, so that the CPU peak resident
+    set read after each is that batch size's) on the images saved in ``images_path``."""
+
+    model: ModelSpec
+    images_path: str
+    batch_sizes: tuple[int, ...] = (1,)
+    warmup: int | None = None
+    iters: int | None = None
+    amp: str | None = None
+    compile: bool = False
     device: str = "cpu"
+    threads: int | None = None
 
 
-def measure_latency(request: LatencyRequest) -> dict:
-    """Median forward latency (eval, no_grad) and peak memory, in this process."""
-    from sparse_detr.config import get_preset
-    from sparse_detr.models import build_model
-
+def run_request(request: FpsRequest) -> list[FpsResult]:
+    """Measure ``request`` in this process."""
     if request.threads:
         torch.set_num_threads(request.threads)
-    torch.manual_seed(0)
-    device = torch.device(request.device)
-    model = build_model(get_preset(request.preset, request.backbone)).eval().to(device)
-    if request.keep_ratio is not None:
-        model.set_keep_ratio(request.keep_ratio)
-    images = torch.randn(request.batch, 3, request.height, request.width, device=device)
-
-    def synchronize() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    times = []
-    with torch.no_grad():
-        for step in range(request.warmup + request.repeats):
-            synchronize()
-            start = time.perf_counter()
-            outputs = model(images)
-            synchronize()
-            if step >= request.warmup:
-                times.append(time.perf_counter() - start)
-    result = {
-        **asdict(request),
-        "backbone": model.config.model.backbone,
-        "keep_ratio": model.keep_ratio,
-        "threads": torch.get_num_threads(),
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "max_s": max(times),
-        "kept_tokens": int(outputs["keep_counts"][0]) if "keep_counts" in outputs else None,
-        "tokens": int(outputs["mask_flatten"].shape[1]),
-        # ru_maxrss is in KiB on Linux
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
-    if device.type == "cuda":
-        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return result
+    model = request.model.build(request.device)
+    images = torch.load(request.images_path, weights_only=True)
+    return [
+        measure_fps(model, images, batch_size, request.warmup, request.iters, request.amp, request.compile)
+        for batch_size in sorted(request.batch_sizes)
+    ]
 
 
-def measure_latency_isolated(request: LatencyRequest, timeout_s: float = 3600) -> dict:
-    """:func:`measure_latency` in a fresh Python process (so peak memory is this model's alone)."""
+def measure_fps_isolated(
+    model: ModelSpec,
+    images: list[torch.Tensor],
+    batch_sizes: tuple[int, ...] = (1,),
+    timeout_s: float = 3600,
+    **options,
+) -> list[FpsResult]:
+    """:func:`~sparse_detr.analysis.fps.measure_fps` of ``model`` on ``images`` (a list of (3, H, W)) at each
+    batch size (ascending), in a fresh process. ``options``: the other fields of :class:`FpsRequest`."""
     env = dict(os.environ)
-    if request.threads:
-        env["OMP_NUM_THREADS"] = str(request.threads)
-    result = subprocess.run(
-        [sys.executable, "-m", "sparse_detr.analysis.latency", json.dumps(asdict(request))],
-        capture_output=True, text=True, env=env, timeout=timeout_s,
-    )
+    if options.get("threads"):
+        env["OMP_NUM_THREADS"] = str(options["threads"])
+    with tempfile.TemporaryDirectory(prefix="sdetr_fps_") as folder:
+        images_path = Path(folder) / "images.pt"
+        torch.save([image.cpu() for image in images], images_path)
+        request = FpsRequest(model, str(images_path), tuple(batch_sizes), **options)
+        result = subprocess.run(
+            [sys.executable, "-m", "sparse_detr.analysis.latency", json.dumps(asdict(request))],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout_s,
+        )
     if result.returncode != 0:
-        raise RuntimeError(f"latency measurement of {request.preset} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+        lines = result.stderr.strip().splitlines() or ["no error output"]
+        raise RuntimeError(f"FPS measurement of {model} in a fresh process failed: {lines[-1]}")
+    return [FpsResult(**fields) for fields in json.loads(result.stdout.strip().splitlines()[-1])]
+
+
+def _request_from_json(text: str) -> FpsRequest:
+    fields = json.loads(text)
+    fields["model"] = ModelSpec(**fields["model"])
+    fields["batch_sizes"] = tuple(fields["batch_sizes"])
+    return FpsRequest(**fields)
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure_latency(LatencyRequest(**json.loads(sys.argv[1])))))
+    results = run_request(_request_from_json(sys.argv[1]))
+    print(json.dumps([dataclasses.asdict(result) for result in results]))

@@ -1,0 +1,354 @@
+"""The model benchmark: parameters, fvcore GFLOPs and FPS over presets × keep ratios, as a table and plots."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from sparse_detr.analysis.fps import DEFAULT_ITERS, FpsResult, device_name, measure_fps
+from sparse_detr.analysis.latency import ModelSpec, measure_fps_isolated
+from sparse_detr.analysis.reference_figures import (
+    reference_gflops,
+    reference_preset,
+    reference_published_params,
+)
+from sparse_detr.config import get_preset
+
+BENCHMARK_STEM = "benchmark"
+PARTS_STEM = "gflops_by_part"
+
+
+@dataclass(frozen=True)
+class BenchmarkResult:
+    """``table``: one row per model (columns: see :func:`run_benchmark`); ``gflops_by_part``: one row per model
+    with the GFLOPs of its parts as ``gflops_<part>`` (parts of :class:`~sparse_detr.analysis.flops.FlopCount`;
+    empty without FLOPs); ``skipped``: ops fvcore did not count -> most occurrences in one forward pass."""
+
+    table: pd.DataFrame
+    gflops_by_part: pd.DataFrame
+    skipped: dict[str, int]
+
+
+@dataclass(frozen=True)
+class BenchmarkOptions:
+    """What to measure and how. ``isolate``: time each model in a fresh process (default: on CPU, where
+    peak memory is the process's resident set; on GPU the allocator's peak is per measurement anyway)."""
+
+    flops: bool = True
+    fps: bool = True
+    batch_sizes: tuple[int, ...] = (1, 4)
+    warmup: int | None = None
+    iters: int | None = None
+    amp: str | None = None
+    compile: bool = False
+    device: str = "cpu"
+    threads: int | None = None
+    isolate: bool | None = None
+
+
+def model_specs(
+    presets: Sequence[str],
+    keep_ratios: Sequence[float] | None = None,
+    backbone: str | None = None,
+    checkpoint: str | None = None,
+) -> list[ModelSpec]:
+    """The benchmark matrix: each preset (or the checkpoint, at most one preset then naming its
+    architecture) once, sparse ones once per keep ratio when ``keep_ratios`` are given."""
+    if checkpoint is not None:
+        if len(presets) > 1:
+            raise ValueError("with a checkpoint give at most one preset (the architecture for its weights)")
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+        base = ModelSpec(presets[0] if presets else None, None, str(checkpoint))
+        bases = [(base, base.build().keep_ratio > 0)]  # the file says whether the model can sparsify
+    elif not presets:
+        raise ValueError("name at least one preset")
+    else:
+        bases = [(ModelSpec(name, backbone), get_preset(name, backbone).model.keep_ratio > 0) for name in presets]
+    for keep_ratio in keep_ratios or []:
+        if not 0 < keep_ratio <= 1:
+            raise ValueError(f"keep ratios must be in (0, 1], got {keep_ratio}")
+    specs = []
+    for base, sparse in bases:
+        for keep_ratio in keep_ratios if (keep_ratios and sparse) else [None]:
+            specs.append(ModelSpec(base.preset, base.backbone, base.checkpoint, keep_ratio))
+    return specs
+
+
+def parameter_counts(model) -> dict[str, int]:
+    """All parameters, the trainable ones, and the trainable ones without the encoder aux heads (the
+    published convention: those heads only feed training losses)."""
+    config = model.config.model
+    first_aux = config.dec_layers + int(config.two_stage)
+    aux = 0
+    if config.use_enc_aux_loss:
+        for heads in (model.class_embed, model.bbox_embed):
+            aux += sum(p.numel() for head in list(heads)[first_aux:] for p in head.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "params_trainable": trainable,
+        "params_published": trainable - aux,
+    }
+
+
+def token_counts(model, image: torch.Tensor) -> dict[str, float]:
+    """Encoder tokens of ``image`` (3, H, W) and how many the encoder refines (all, without sparsity)."""
+    with torch.no_grad():
+        outputs = model(image[None].to(next(model.parameters()).device))
+    tokens = int(outputs["mask_flatten"].shape[1])
+    kept = int(outputs["keep_counts"][0]) if "keep_counts" in outputs else tokens
+    return {"tokens": tokens, "kept_tokens": kept}
+
+
+def _fps_columns(results: list[FpsResult]) -> dict[str, float]:
+    columns = {}
+    for result in results:
+        suffix = f"bs{result.batch_size}"
+        columns.update(
+            {
+                f"fps_{suffix}": result.fps,
+                f"fps_{suffix}_min": result.fps_min,
+                f"fps_{suffix}_max": result.fps_max,
+                f"peak_memory_mib_{suffix}": result.peak_memory_mib,
+            }
+        )
+    columns["peak_memory_mib"] = max(result.peak_memory_mib for result in results)
+    first = results[0]
+    columns.update(device=first.device, dtype=first.dtype, threads=first.threads)
+    columns.update(fps_iters=first.iters, fps_warmup=first.warmup)
+    return columns
+
+
+def _time(spec: ModelSpec, model, images: list[torch.Tensor], options: BenchmarkOptions) -> list[FpsResult]:
+    isolate = options.isolate if options.isolate is not None else torch.device(options.device).type == "cpu"
+    timing = {"warmup": options.warmup, "iters": options.iters, "amp": options.amp, "compile": options.compile}
+    if isolate:
+        return measure_fps_isolated(
+            spec, images, tuple(options.batch_sizes), device=options.device, threads=options.threads, **timing
+        )
+    return [measure_fps(model, images, batch_size, **timing) for batch_size in sorted(options.batch_sizes)]
+
+
+def run_benchmark(
+    specs: Sequence[ModelSpec],
+    images: list[torch.Tensor],
+    options: BenchmarkOptions,
+    input_size: tuple[int, int] | None = None,
+    log: Callable[[str], None] = print,
+) -> BenchmarkResult:
+    """Measure every model of ``specs`` on ``images`` (a list of (3, H, W)).
+
+    ``input_size``: (H, W) when ``images`` is one synthetic image of that size; the reference's GFLOPs are
+    looked up for it (the reference has no figures for dataset images).
+    Columns of the table: ``preset``, ``backbone``, ``rho`` (NaN without sparsity), ``checkpoint`` (when
+    given), ``tokens``, ``kept_tokens`` (of the first image), ``params``, ``params_trainable``,
+    ``params_published``, ``params_published_reference``; with FLOPs ``gflops``, ``gflops_with_aux``,
+    ``gflops_as_reference``, ``gflops_reference``, ``gflops_reference_with_aux``, ``gflops_diff_pct``
+    (``gflops`` against ``gflops_reference``); with FPS, per batch size b ``fps_bs{b}``,
+    ``fps_bs{b}_min``, ``fps_bs{b}_max``, ``peak_memory_mib_bs{b}``, then ``peak_memory_mib``; always
+    ``device``, ``dtype``, ``threads``; with FPS ``fps_iters``, ``fps_warmup``.
+    """
+    from sparse_detr.analysis.flops import PARTS
+
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    rows, parts, skipped = [], [], {}
+    for spec in specs:
+        model = spec.build(options.device)
+        config = model.config.model
+        rho = model.keep_ratio if model.keep_ratio > 0 else math.nan
+        preset = reference_preset(config, model.keep_ratio)
+        label = spec.preset or model.config.name
+        log(f"{label} ({config.backbone}" + (f", rho {rho:g})" if rho == rho else ")"))
+        row = {"preset": label, "backbone": config.backbone, "rho": rho}
+        if spec.checkpoint:
+            row["checkpoint"] = spec.checkpoint
+        row.update(token_counts(model, images[0]))
+        row.update(parameter_counts(model))
+        row["params_published_reference"] = reference_published_params(config.backbone, preset)
+        if options.flops:
+            from sparse_detr.analysis.flops import count_flops, gflops_as_reference  # imports fvcore
+
+            count = count_flops(model, images)
+            reference = reference_gflops(config.backbone, preset, input_size)
+            row.update(
+                gflops=count.gflops,
+                gflops_with_aux=count.gflops_with_aux,
+                gflops_as_reference=gflops_as_reference(count, config),
+                gflops_reference=reference.without_aux,
+                gflops_reference_with_aux=reference.with_aux,
+                gflops_diff_pct=100 * (count.gflops / reference.without_aux - 1),
+            )
+            parts.append(
+                {key: row[key] for key in ("preset", "backbone", "rho")}
+                | {f"gflops_{part}": value for part, value in count.by_module.items()}
+            )
+            for op, occurrences in count.skipped.items():
+                skipped[op] = max(skipped.get(op, 0), occurrences)
+        if options.fps:
+            row.update(_fps_columns(_time(spec, model, images, options)))
+        else:
+            dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+            row.update(device=device_name(torch.device(options.device)), dtype=dtype, threads=torch.get_num_threads())
+        rows.append(row)
+        del model
+    parts_table = pd.DataFrame(parts)
+    if parts:  # the parts' order, whichever model came first
+        order = ["preset", "backbone", "rho", *(f"gflops_{part}" for part in PARTS)]
+        parts_table = parts_table[[column for column in order if column in parts_table]]
+    return BenchmarkResult(pd.DataFrame(rows), parts_table, skipped)
+
+
+def report_notes(frame: pd.DataFrame, options: BenchmarkOptions, source: str, skipped: dict[str, int]) -> list[str]:
+    """The conventions and settings a reader of the table needs."""
+    notes = [f"Inputs: {source}. Random weights unless a checkpoint is named; eval mode, no gradients."]
+    notes.append(
+        "Parameters: `params` all, `params_trainable` those that train (frozen BN statistics are buffers; "
+        "the R50 stem and layer1, the Swin-T patch embedding and stage 1 are frozen), `params_published` the "
+        "trainable ones without the encoder aux heads (training-only), the convention of the published counts."
+    )
+    if options.flops:
+        notes += [
+            "GFLOPs: fvcore, one multiply-add = one FLOP, element-wise ops not counted; the deformable sampling "
+            "counts 4 FLOPs per sampled value per channel (N·M·D·Lq·L·P·4, fvcore's count of its grid_sample "
+            "form), the decoder's scaled_dot_product_attention its two matrix products.",
+            "`gflops` leaves out the encoder aux heads, which only feed training losses and do not run at "
+            "inference here; `gflops_with_aux` includes them, as the reference runs them at inference too "
+            "(compare it with `gflops_reference_with_aux`). `gflops_reference` is the reference's figure "
+            "without them.",
+            "`gflops_as_reference` adds what the reference computes twice: with box refinement its decoder "
+            "runs every layer's box head once to refine and once more for the outputs; this model reuses the "
+            "first result (`gflops_decoder_box_heads` in gflops_by_part.md).",
+            "Ops fvcore skipped (occurrences in one forward pass): "
+            + ", ".join(f"{op.split('::')[-1]} {n}" for op, n in sorted(skipped.items())),
+        ]
+    if options.fps and "fps_iters" in frame:
+        iters, warmup = int(frame["fps_iters"].iloc[0]), int(frame["fps_warmup"].iloc[0])
+        device = torch.device(options.device).type
+        notes.append(
+            f"FPS: images per second, median over {iters} timed forward passes after {warmup} warm-up "
+            f"pass{'' if warmup == 1 else 'es'} (min and max beside it); "
+            + ("timed with CUDA events and synchronization" if device == "cuda" else "timed with perf_counter")
+            + (
+                f"; fewer passes than the {DEFAULT_ITERS['cuda']} of a GPU run, to keep CPU runs short."
+                if device == "cpu" and iters < DEFAULT_ITERS["cuda"]
+                else "."
+            )
+        )
+        notes.append(
+            "Peak memory: "
+            + (
+                "peak memory allocated by tensors during the timed passes (MiB)."
+                if device == "cuda"
+                else "peak resident set (MiB, VmHWM) of the measuring process, torch's own ~0.7 GiB included"
+                + (", a fresh process per model." if options.isolate is not False else ", shared by all models.")
+            )
+        )
+    return notes
+
+
+def _fps_columns_of(frame: pd.DataFrame) -> list[str]:
+    """``fps_bs{b}`` columns by batch size."""
+    columns = [c for c in frame.columns if c.startswith("fps_bs") and c[6:].isdigit()]
+    return sorted(columns, key=lambda column: int(column[6:]))
+
+
+def summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """The columns worth a screen (the files hold every column)."""
+    first = ["preset", "backbone", "rho", "kept_tokens", "params_published", "gflops", "gflops_reference"]
+    columns = [*first, "gflops_diff_pct", *_fps_columns_of(frame), "peak_memory_mib"]
+    return frame[[column for column in columns if column in frame]]
+
+
+def _draw(axis, frame: pd.DataFrame, columns: list[str], batch_labels: bool) -> None:
+    """Sparse models as lines over ρ, the others as horizontal lines; one colour per column when there
+    are several (batch sizes), else one per model."""
+    sparse, dense = frame[frame["rho"].notna()], frame[frame["rho"].isna()]
+    model_keys = ["backbone", "checkpoint"] if "checkpoint" in frame else ["backbone"]
+    groups = list(sparse.groupby(model_keys))
+    for column_index, column in enumerate(columns):
+        suffix = f", batch {column.removeprefix('fps_bs')}" if batch_labels else ""
+        for line, (key, group) in enumerate(groups):
+            group = group.sort_values("rho")
+            color = f"C{column_index if len(columns) > 1 else line}"
+            axis.plot(group["rho"], group[column], marker="o", color=color, label=f"sparse {' '.join(key)}{suffix}")
+            if column == "gflops" and group["gflops_reference"].notna().any():
+                label = "reference code (without aux heads)" if line == 0 else None
+                axis.plot(group["rho"], group["gflops_reference"], "x", color="black", label=label)
+        for index, row in enumerate(dense.itertuples()):
+            color = f"C{column_index if len(columns) > 1 else len(groups) + index}"
+            axis.axhline(getattr(row, column), linestyle=("--", ":", "-.")[index % 3], color=color,
+                         label=f"{row.preset} {row.backbone}{suffix}")  # fmt: skip
+
+
+def plot_benchmark(frame: pd.DataFrame, directory: str | Path) -> list[Path]:
+    """``gflops_vs_rho.png`` and ``fps_vs_rho.png`` (for the measurements the frame holds): sparse models
+    against ρ, models without sparsity (the Deformable DETR baselines) as horizontal reference lines, and the
+    reference code's GFLOPs as crosses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sparse_detr.analysis.report import save_figure
+
+    paths = []
+    plots = [(["gflops"] if "gflops" in frame else [], "GFLOPs", "gflops_vs_rho.png")]
+    plots.append((_fps_columns_of(frame), "images / s", "fps_vs_rho.png"))
+    for columns, label, filename in plots:
+        if not columns:
+            continue
+        figure, axis = plt.subplots(figsize=(6.4, 4.2))
+        _draw(axis, frame, columns, batch_labels=filename.startswith("fps"))
+        rho = frame["rho"].dropna()
+        axis.set_xlim(0, max(0.55, rho.max() + 0.05) if len(rho) else 1)
+        axis.set_ylim(bottom=0)
+        axis.set_xlabel("keep ratio ρ")
+        axis.set_ylabel(label)
+        axis.set_title(f"{label} against the keep ratio")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+        paths.append(save_figure(figure, Path(directory) / filename))
+        plt.close(figure)
+    return paths
+
+
+def write_benchmark_report(
+    result: BenchmarkResult, directory: str | Path, notes: list[str], title: str = "Benchmark"
+) -> list[Path]:
+    """``benchmark.csv``/``.md``, ``gflops_by_part.csv``/``.md`` (with FLOPs) and the plots in ``directory``;
+    returns their paths."""
+    from sparse_detr.analysis.report import write_table
+
+    paths = list(write_table(result.table, directory, BENCHMARK_STEM, title=title, notes=notes))
+    if not result.gflops_by_part.empty:
+        paths += write_table(
+            result.gflops_by_part, directory, PARTS_STEM, title=f"{title}: GFLOPs by part",
+            notes=["The parts sum to `gflops_with_aux`; `gflops_other`: ops outside them (resizing the padding mask)."],
+        )  # fmt: skip
+    return paths + plot_benchmark(result.table, directory)
+
+
+def synthetic_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """One (3, height, width) standard-normal image (the reference's quick mode: FLOPs do not depend on the
+    pixels, and a normalized image has about this distribution)."""
+    if height < 1 or width < 1:
+        raise ValueError(f"the input size must be positive, got {height}x{width}")
+    return torch.randn(3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def dataset_images(images_dir: str | Path, annotations: str | Path, count: int, image_size: int) -> list[torch.Tensor]:
+    """The first ``count`` images of a COCO-format split, each (3, H, W) as evaluation sees it (shorter side
+    ``image_size``, longer side at most 1333 · ``image_size`` / 800, normalized)."""
+    from sparse_detr.data import CocoDetection, build_transforms, scaled_sizes
+
+    dataset = CocoDetection(images_dir, annotations, build_transforms(False, **scaled_sizes(image_size)._asdict()))
+    if count > len(dataset):
+        raise ValueError(f"--images {count} asks for more than the {len(dataset)} images of {images_dir}")
+    return [dataset[index][0] for index in range(count)]

@@ -132,3 +132,18 @@ def test_fps_in_a_fresh_process():
     results = measure_fps_isolated(ModelSpec("tiny"), [torch.randn(3, 64, 80)], (2, 1), warmup=0, iters=1, threads=1)
     assert [result.batch_size for result in results] == [1, 2]
     assert all(result.fps > 0 and result.peak_memory_mib > 0 for result in results)
+
+
+def test_training_step_benchmark(tmp_path):
+    result = runner.invoke(
+        app,
+        ["benchmark", "--train", "--preset", "tiny,tiny", "--input-size", "96x128", "--batch-sizes", "1,2",
+         "--iters", "1", "--warmup", "0", "--output", str(tmp_path)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(tmp_path / "train_step.csv")
+    assert list(frame["batch_size"]) == [1, 2, 1, 2]
+    assert (frame["s_per_iter"] > 0).all() and (frame["height"] == 96).all()
+    assert frame["images_per_s"].tolist() == pytest.approx((frame["batch_size"] / frame["s_per_iter"]).tolist())
+    assert frame["speedup_vs_first"].iloc[:2].tolist() == [1.0, 1.0]
+    assert (tmp_path / "train_step.md").read_text().startswith("# Training step")

@@ -114,8 +114,8 @@ def train_recipe(preset: str, **overrides: Any) -> TrainConfig:
 
 
 TINY_RECIPE: dict[str, Any] = {
-    "epochs": 24,
-    "lr_drop": 20,
+    "epochs": 18,
+    "lr_drop": 15,
     "batch_size": 4,
     "lr": 1e-3,
     "lr_backbone": 1e-3,

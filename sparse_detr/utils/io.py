@@ -17,6 +17,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; reports and checkpoints are meant to be shared
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -1,0 +1,130 @@
+"""Seconds per training iteration: the engine's forward, weighted SPEC §6 loss, backward, clipping and AdamW
+step on synthetic images with a few random boxes each (no data loading)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import pandas as pd
+import torch
+from torch.nn.utils import clip_grad_norm_
+
+from sparse_detr.config import Config, get_preset
+from sparse_detr.engine import build_optimizer, train_recipe
+from sparse_detr.models import build_criterion, build_model
+
+
+@dataclass(frozen=True)
+class TrainStepResult:
+    preset: str
+    backbone: str
+    rho: float
+    height: int
+    width: int
+    batch_size: int
+    s_per_iter: float  # median
+    s_per_iter_min: float
+    s_per_iter_max: float
+    iters: int
+    device: str
+
+
+def random_targets(batch_size: int, objects: int, num_classes: int, generator: torch.Generator) -> list[dict]:
+    """``objects`` boxes per image: labels in [0, num_classes), normalized cxcywh boxes inside the image."""
+    targets = []
+    for _ in range(batch_size):
+        size = 0.05 + 0.3 * torch.rand(objects, 2, generator=generator)
+        center = size / 2 + (1 - size) * torch.rand(objects, 2, generator=generator)
+        labels = torch.randint(num_classes, (objects,), generator=generator)
+        targets.append({"labels": labels, "boxes": torch.cat([center, size], dim=1)})
+    return targets
+
+
+def measure_train_step(
+    config: Config,
+    height: int,
+    width: int,
+    batch_size: int = 1,
+    iters: int = 3,
+    warmup: int = 1,
+    objects: int = 7,
+    device: str | torch.device = "cpu",
+) -> TrainStepResult:
+    """Median wall time of ``iters`` training iterations after ``warmup`` ones, with the optimizer groups
+    and clipping of the preset's training recipe."""
+    device = torch.device(device)
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    model = build_model(config).to(device).train()
+    criterion = build_criterion(config).to(device)
+    recipe = train_recipe(config.name)
+    optimizer = build_optimizer(model, recipe)
+    images = torch.randn(batch_size, 3, height, width, generator=generator).to(device)
+    targets = [
+        {k: v.to(device) for k, v in t.items()}
+        for t in random_targets(batch_size, objects, config.model.num_classes, generator)
+    ]
+
+    def step() -> None:
+        losses = criterion(model(images), targets)
+        loss = sum(criterion.weight_dict[k] * losses[k] for k in criterion.weight_dict)
+        loss.backward()
+        clip_grad_norm_(model.parameters(), recipe.clip_max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    times = []
+    for index in range(warmup + iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if index >= warmup:
+            times.append(time.perf_counter() - start)
+    return TrainStepResult(
+        preset=config.name,
+        backbone=config.model.backbone,
+        rho=config.model.keep_ratio,
+        height=height,
+        width=width,
+        batch_size=batch_size,
+        s_per_iter=statistics.median(times),
+        s_per_iter_min=min(times),
+        s_per_iter_max=max(times),
+        iters=iters,
+        device=str(device),
+    )
+
+
+def train_step_table(
+    presets: list[str],
+    height: int,
+    width: int,
+    batch_sizes: tuple[int, ...] = (1,),
+    backbone: str | None = None,
+    iters: int = 3,
+    warmup: int = 1,
+    device: str = "cpu",
+    log=None,
+) -> pd.DataFrame:
+    """One row per (preset, batch size): seconds per training iteration, images per second and the speed-up
+    over the first preset at the same batch size."""
+    rows = []
+    for name in presets:
+        for batch_size in batch_sizes:
+            if log is not None:
+                log(f"{name}, batch {batch_size}")
+            result = measure_train_step(
+                get_preset(name, backbone), height, width, batch_size, iters, warmup, device=device
+            )
+            rows.append(asdict(result))
+    frame = pd.DataFrame(rows)
+    frame["images_per_s"] = frame["batch_size"] / frame["s_per_iter"]
+    first = frame.groupby("batch_size")["s_per_iter"].transform("first")
+    frame["speedup_vs_first"] = first / frame["s_per_iter"]
+    frame["threads"] = torch.get_num_threads()
+    return frame

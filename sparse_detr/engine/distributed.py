@@ -106,3 +106,17 @@ def broadcast_from_main(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average the floating-point buffers (BatchNorm running statistics) across processes and copy rank 0's
+    others. DDP only copies rank 0's buffers at the start of each forward, so after an epoch's last step every
+    process holds statistics of its own batches; averaging makes them one estimate over all of them."""
+    if not is_initialized():
+        return
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            buffer.div_(get_world_size())
+        else:
+            dist.broadcast(buffer, src=0)

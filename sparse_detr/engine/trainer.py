@@ -172,6 +172,7 @@ class _Run:
             self._train_epoch(epoch)
             self.scheduler.step()
             self.position = Position(epoch + 1, 0, self.position.step)
+            distributed.average_buffers(self.model)
             self._save()
             if self._eval_due(epoch + 1):
                 metrics = self._evaluate_epoch(epoch + 1)

@@ -90,7 +90,7 @@ def _as_image_list(images: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.
     return list(images)
 
 
-class _Timer:
+class Timer:
     """Elapsed seconds of a region: CUDA events on GPU (the GPU's own clock), ``perf_counter`` on CPU."""
 
     def __init__(self, device: torch.device):
@@ -159,7 +159,7 @@ def measure_fps(
                 batch, mask = batches[step % len(batches)]
                 if step == warmup and device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                with _Timer(device) as timer:
+                with Timer(device) as timer:
                     runner(batch, mask)
                 if step >= warmup:
                     seconds.append(timer.seconds)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pandas as pd
 import torch
 
+from sparse_detr.analysis.fps import Timer
 from sparse_detr.ops import load_backend, ms_deform_attn
 
 # Feature maps of an 800x1066 input at strides 8, 16, 32, 64.
@@ -77,17 +77,9 @@ def _median_ms(fn: Callable[[], None], device: torch.device, repeats: int) -> fl
     fn()  # warm-up
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        with Timer(device) as timer:
             fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
+        times.append(timer.seconds * 1e3)
     return statistics.median(times)
 
 

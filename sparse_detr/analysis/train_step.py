@@ -4,13 +4,13 @@ step on synthetic images with a few random boxes each (no data loading)."""
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass
 
 import pandas as pd
 import torch
 from torch.nn.utils import clip_grad_norm_
 
+from sparse_detr.analysis.fps import Timer
 from sparse_detr.config import Config, get_preset
 from sparse_detr.engine import build_optimizer, train_recipe
 from sparse_detr.models import build_criterion, build_model
@@ -77,14 +77,10 @@ def measure_train_step(
 
     times = []
     for index in range(warmup + iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        with Timer(device) as timer:
+            step()
         if index >= warmup:
-            times.append(time.perf_counter() - start)
+            times.append(timer.seconds)
     return TrainStepResult(
         preset=config.name,
         backbone=config.model.backbone,

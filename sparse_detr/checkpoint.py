@@ -83,8 +83,6 @@ def load_model(
         config = config_from_dict(checkpoint["config"])
         if preset is not None:
             config = _preset_like(preset, config.model.backbone, config.model.num_classes)
-    # the checkpoint replaces any backbone initialization
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, pretrained_backbone=None))
     if overrides:
         config = apply_overrides(config, dict(overrides))
     model = build_model(config)

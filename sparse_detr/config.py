@@ -23,6 +23,11 @@ class ModelConfig:
     """Architecture of Deformable DETR / Sparse DETR.
 
     ``backbone`` is ``"r50"``, ``"swin-t"`` or a timm ResNet name (``"resnet18"``) for small models.
+    ``pretrained_backbone`` is what the backbone starts from when a run trains it: ``"imagenet"`` (the
+    reference's weights: torchvision's ResNet-50 IMAGENET1K_V1, the official Swin-T ImageNet-1k),
+    ``"timm"`` (timm's default weights for the backbone), a local weights file, or ``"none"`` (random;
+    the backbone must then train its norm layers and every stage). ``build_model`` alone never loads
+    them: see :mod:`sparse_detr.models.backbone_weights`.
     ``keep_ratio`` is the share ρ of encoder tokens that are encoded (0 = every token, no scoring).
     ``saliency_criterion`` picks how tokens are ranked when ρ > 0: ``"dam"`` (scoring network trained on
     the decoder attention map), ``"oam"`` (objectness of a detection head) or ``"random"``.
@@ -32,7 +37,7 @@ class ModelConfig:
     """
 
     backbone: str = "r50"
-    pretrained_backbone: str | None = None
+    pretrained_backbone: str = "imagenet"
     backbone_norm: str = "frozen_bn"
     backbone_frozen_stages: int = 2
     hidden_dim: int = 256
@@ -54,6 +59,8 @@ class ModelConfig:
     aux_loss: bool = True
 
     def __post_init__(self) -> None:
+        if self.pretrained_backbone is None:  # checkpoints written before "none" was a name
+            self.pretrained_backbone = "none"
         if self.saliency_criterion not in SALIENCY_CRITERIA:
             raise ValueError(
                 f"saliency_criterion must be one of {SALIENCY_CRITERIA}, got {self.saliency_criterion!r}"
@@ -108,6 +115,7 @@ def _preset_model(name: str) -> ModelConfig:
         # downloaded), so its backbone trains with BatchNorm; no dropout for a short schedule.
         return ModelConfig(
             backbone="resnet10t",
+            pretrained_backbone="none",
             backbone_norm="batch_norm",
             backbone_frozen_stages=0,
             hidden_dim=64,

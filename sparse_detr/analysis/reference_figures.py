@@ -62,7 +62,7 @@ REFERENCE_PUBLISHED_PARAMS: dict[tuple[str, str], int] = {
 }
 
 # fields that do not change the computation at inference
-_INFERENCE_NEUTRAL = {"pretrained_backbone": None, "dropout": 0.0, "aux_loss": True, "backbone_frozen_stages": 0}
+_INFERENCE_NEUTRAL = {"pretrained_backbone": "none", "dropout": 0.0, "aux_loss": True, "backbone_frozen_stages": 0}
 
 
 def reference_preset(model: ModelConfig, keep_ratio: float) -> str | None:

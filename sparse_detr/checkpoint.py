@@ -13,6 +13,7 @@ import dataclasses
 import pickle
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,13 @@ from sparse_detr.config import (
     config_to_dict,
     get_preset,
 )
+from sparse_detr.data.coco_categories import COCO_CATEGORY_NAMES, COCO_NUM_CLASSES
 from sparse_detr.models.backbone import swin_from_official
 from sparse_detr.models.detector import DeformableDETR, build_model
 from sparse_detr.utils.io import atomic_write
 from sparse_detr.utils.state_dict import format_keys, load_state_dict_strict
 
+CHECKPOINT_NAME = "checkpoint.pth"  # a run folder's checkpoint
 FORMAT = "sparse_detr"
 VERSION = 1
 BODY_PREFIX = "backbone.0.body."
@@ -75,26 +78,68 @@ def load_model(
             ``argparse.Namespace`` are unpickled, and a file holding anything else is refused.
     """
     checkpoint = read_checkpoint(path, map_location, trust_checkpoint)
-    state_dict = checkpoint["model"]
-    official = checkpoint.get("format") != FORMAT
-    if official:
-        config = official_config(checkpoint.get("args"), state_dict, preset, path)
-    else:
-        config = config_from_dict(checkpoint["config"])
-        if preset is not None:
-            config = _preset_like(preset, config.model.backbone, config.model.num_classes)
+    config = checkpoint_config(checkpoint, path, preset)
     if overrides:
         config = apply_overrides(config, dict(overrides))
     model = build_model(config)
-    if official:
-        state_dict = official_to_model_state(state_dict, model)
-    load_state_dict_strict(model, state_dict, f"checkpoint {path}")
+    load_state_dict_strict(model, model_state(checkpoint, model), f"checkpoint {path}")
     return model.to(map_location).eval()
 
 
-def read_checkpoint(
-    path: str | Path, map_location: str | torch.device = "cpu", trust_checkpoint: bool = False
-) -> dict:
+def is_official(checkpoint: Mapping[str, Any]) -> bool:
+    """Whether ``checkpoint`` (the dict :func:`read_checkpoint` returns) is a released official file."""
+    return checkpoint.get("format") != FORMAT
+
+
+def checkpoint_config(checkpoint: Mapping[str, Any], path: str | Path, preset: str | None = None) -> Config:
+    """The configuration of the model stored in ``checkpoint``: its own for this project's files, read from
+    the ``args`` of official ones; ``preset`` replaces the architecture (backbone and classes kept)."""
+    if is_official(checkpoint):
+        return official_config(checkpoint.get("args"), checkpoint["model"], preset, path)
+    config = config_from_dict(checkpoint["config"])
+    if preset is not None:
+        config = _preset_like(preset, config.model.backbone, config.model.num_classes)
+    return config
+
+
+def model_state(checkpoint: Mapping[str, Any], model: DeformableDETR) -> dict[str, Tensor]:
+    """The stored state dict in ``model``'s names (official files: aliases dropped, Swin-T converted)."""
+    if is_official(checkpoint):
+        return official_to_model_state(checkpoint["model"], model)
+    return dict(checkpoint["model"])
+
+
+@dataclass(frozen=True)
+class Category:
+    """A class the model predicts: its COCO category id and name."""
+
+    id: int
+    name: str
+
+
+def stored_categories(checkpoint: Mapping[str, Any], num_classes: int) -> dict[int, Category] | None:
+    """Class label -> category as the checkpoint knows it: the ``categories`` a training run stored, or the
+    COCO 2017 categories for a 91-class file without them (the released checkpoints); None otherwise."""
+    stored = checkpoint.get("categories")
+    if stored:
+        try:
+            return {int(label): Category(int(entry["id"]), str(entry["name"])) for label, entry in stored.items()}
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise ValueError("the checkpoint's 'categories' must map class label -> {'id': int, 'name': str}") from None
+    if num_classes == COCO_NUM_CLASSES:
+        return {category_id: Category(category_id, name) for category_id, name in COCO_CATEGORY_NAMES.items()}
+    return None
+
+
+def checkpoint_categories(checkpoint: Mapping[str, Any], num_classes: int) -> dict[int, Category]:
+    """:func:`stored_categories`, else ``class <label>`` with id = label for every class."""
+    categories = stored_categories(checkpoint, num_classes)
+    if categories is not None:
+        return categories
+    return {label: Category(label, f"class {label}") for label in range(num_classes)}
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", trust_checkpoint: bool = False) -> dict:
     """The dict stored in ``path``, unpickled with an allow-list (tensors, containers,
     ``argparse.Namespace``) unless ``trust_checkpoint``. A file that is no checkpoint, or that holds
     other objects, raises ``ValueError``; a missing file ``FileNotFoundError``."""
@@ -117,13 +162,9 @@ def read_checkpoint(
             ) from None
         raise ValueError(f"{path} is not a PyTorch checkpoint: {_first_line(error)}") from None
     except Exception as error:  # torch.load fails in many ways on foreign files
-        raise ValueError(
-            f"{path} is not a PyTorch checkpoint: {type(error).__name__} {_first_line(error)}"
-        ) from None
+        raise ValueError(f"{path} is not a PyTorch checkpoint: {type(error).__name__} {_first_line(error)}") from None
     if not isinstance(content, dict) or not isinstance(content.get("model"), Mapping):
-        found = (
-            f"keys {format_keys(map(str, content))}" if isinstance(content, dict) else type(content).__name__
-        )
+        found = f"keys {format_keys(map(str, content))}" if isinstance(content, dict) else type(content).__name__
         raise ValueError(f"{path} is not a detector checkpoint: no 'model' state dict ({found})")
     return content
 
@@ -137,9 +178,7 @@ def official_config(
     if preset is not None:
         return _preset_like(preset, backbone, num_classes)
     if args is None:
-        raise ValueError(
-            f"{path} has no 'args' to tell its architecture; pass preset= (one of {', '.join(PRESETS)})"
-        )
+        raise ValueError(f"{path} has no 'args' to tell its architecture; pass preset= (one of {', '.join(PRESETS)})")
     defaults = ModelConfig()
     model = ModelConfig(
         backbone=backbone,
@@ -170,11 +209,7 @@ def official_to_model_state(state_dict: Mapping[str, Tensor], model: DeformableD
                 "but differs: the file is corrupted or was saved from another architecture"
             )
     if model.config.model.backbone == "swin-t":
-        body = {
-            key.removeprefix(BODY_PREFIX): value
-            for key, value in converted.items()
-            if key.startswith(BODY_PREFIX)
-        }
+        body = {key.removeprefix(BODY_PREFIX): value for key, value in converted.items() if key.startswith(BODY_PREFIX)}
         converted = {key: value for key, value in converted.items() if not key.startswith(BODY_PREFIX)}
         converted.update({BODY_PREFIX + key: value for key, value in swin_from_official(body).items()})
     return converted

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 import typer
@@ -16,9 +18,22 @@ app = typer.Typer(
 console = Console()
 
 
-def _not_implemented(command: str) -> None:
-    console.print(f"[red]sdetr {command} is not implemented yet[/red] (see the project's open issues)")
-    raise typer.Exit(code=2)
+@contextlib.contextmanager
+def _one_line_errors(code: int = 2):
+    """Print the project's known errors (bad options, files, configuration, unavailable downloads) as one
+    red line and exit with ``code``; anything else keeps its traceback."""
+    from rich.markup import escape
+
+    from sparse_detr.config import ConfigError
+    from sparse_detr.models.backbone_weights import WeightsUnavailableError
+    from sparse_detr.zoo import CheckpointUnavailableError
+
+    try:
+        yield
+    except (ConfigError, ValueError, FileNotFoundError, WeightsUnavailableError, CheckpointUnavailableError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=code) from None
 
 
 data_app = typer.Typer(help="Datasets: the built-in synthetic dataset.", no_args_is_help=True)
@@ -32,35 +47,68 @@ def data_synth(
     num_val: int = typer.Option(100, min=1, help="Validation images."),
     image_size: int = typer.Option(160, min=32, help="Side of the square images, in pixels."),
     seed: int = typer.Option(0, help="Seed: the same seed writes the same dataset."),
+    classes: str | None = typer.Option(
+        None, help="Comma-separated shape classes, in label order (default: the built-in six; see --help)."
+    ),
 ) -> None:
-    """Write the built-in synthetic detection dataset (train and val splits)."""
+    """Write the built-in synthetic detection dataset (train and val splits).
+
+    Classes: circle, square, triangle, star, ring, cross (the default set) and hexagon, diamond, crescent,
+    arrow; another class set (e.g. --classes triangle,star,hexagon,arrow --seed 1) makes a second dataset
+    to fine-tune on.
+    """
     from sparse_detr.data import make_synthetic_dataset
 
-    root = make_synthetic_dataset(out, num_train, num_val, image_size, seed)
+    with _one_line_errors():
+        chosen = _split(classes) if classes is not None else None
+        root = make_synthetic_dataset(out, num_train, num_val, image_size, seed, classes=chosen)
     console.print(f"wrote the synthetic dataset to {root}")
 
 
-def _data_splits(data, train_images, train_ann, val_images, val_ann):
-    """(train_images, train_ann, val_images, val_ann): a COCO root, explicit paths, or the built-in set."""
-    from sparse_detr.data import make_synthetic_dataset, resolve_coco_root, synthetic_splits
+@app.command()
+def zoo() -> None:
+    """The released checkpoints: names for --checkpoint (eval, predict, visualize, benchmark) and --init."""
+    from sparse_detr.zoo import ZOO_NOTE, zoo_dir, zoo_table
 
-    explicit = (train_images, train_ann, val_images, val_ann)
-    if data is not None:
-        return resolve_coco_root(data)
-    if any(explicit):
-        if not all(explicit):
-            raise typer.BadParameter("give all of --train-images --train-ann --val-images --val-ann, or --data")
-        return explicit
-    console.print("no data given: using the built-in synthetic dataset")
-    return synthetic_splits(make_synthetic_dataset())
+    table = Table(title="released Sparse DETR checkpoints (COCO 2017 val)")
+    table.add_column("name", no_wrap=True)
+    for column in ("AP", "params", "GFLOPs", "FPS b4", "cached"):
+        table.add_column(column, justify="right")
+    for row in zoo_table().itertuples(index=False):
+        table.add_row(row.name, f"{row.AP:.1f}", f"{row.params_M:.1f}M", f"{row.GFLOPs:.1f}", f"{row.FPS_b4:.1f}",
+                      "yes" if row.cached else "")  # fmt: skip
+    console.print(table)
+    console.print(f"{ZOO_NOTE}.\ncache: {zoo_dir()} (SDETR_ZOO_DIR); links: SDETR_ZOO_URL or the authors' release",
+                  highlight=False, soft_wrap=True)  # fmt: skip
+
+
+CONFIG_OPTION = typer.Option(
+    None, "--config", help="TOML config file: [model], [loss], [train], [data] tables (a run's config.toml too)."
+)
+SET_OPTION = typer.Option(
+    None, "--set", help="key=value over the config, repeatable: model.keep_ratio=0.2, train.lr=1e-4."
+)
 
 
 @app.command()
 def train(
-    preset: str = typer.Option("tiny", help="Model preset (see sparse_detr.config.PRESETS)."),
+    preset: str | None = typer.Option(
+        None, help="Model preset (sparse_detr.config.PRESETS); default: tiny on the built-in dataset, or --init's."
+    ),
+    config_file: Path | None = CONFIG_OPTION,
+    settings: list[str] | None = SET_OPTION,
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved configuration and exit."),
     backbone: str | None = typer.Option(None, help="Backbone instead of the preset's (r50, swin-t, resnet18...)."),
+    pretrained_backbone: str | None = typer.Option(
+        None, help="Backbone start: imagenet (the reference's), timm, a weights file, or none (random)."
+    ),
+    init: str | None = typer.Option(
+        None, help="Fine-tune: start a new run from this checkpoint (file, run folder or zoo name)."
+    ),
     rho: float | None = typer.Option(None, help="Keep ratio instead of the preset's."),
-    data: Path | None = typer.Option(None, help="COCO root with train2017/, val2017/, annotations/."),
+    data: Path | None = typer.Option(
+        None, help="Dataset folder: COCO 2017 (train2017/, val2017/, annotations/) or one of sdetr data synth."
+    ),
     train_images: Path | None = typer.Option(None, help="Training images folder (custom dataset)."),
     train_ann: Path | None = typer.Option(None, help="Training instances JSON (custom dataset)."),
     val_images: Path | None = typer.Option(None, help="Validation images folder (custom dataset)."),
@@ -80,68 +128,107 @@ def train(
     checkpoint_every_iters: int | None = typer.Option(None, min=0, help="Also checkpoint every N steps."),
     output_dir: Path | None = typer.Option(None, help="Run folder (default runs/<preset>)."),
     resume: Path | None = typer.Option(None, help="Checkpoint (or run folder) to resume from."),
+    tensorboard: bool | None = typer.Option(
+        None, "--tensorboard/--no-tensorboard", help="Also write TensorBoard event files (the tensorboard extra)."
+    ),
     device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
 ) -> None:
     """Train a model; with no data, the tiny preset on the built-in synthetic dataset.
 
-    Unset options take the preset's training recipe (SPEC §6 for the paper's presets, a CPU recipe for
-    tiny; see sparse_detr.engine.train_recipe). Works under torchrun (several GPUs, or CPU processes with
-    gloo). The run folder gets the checkpoint, metrics.jsonl, per-epoch evaluations and
-    metrics_final.json; an interrupted run resumes from it.
+    The configuration is resolved in layers: the preset (and its training recipe: SPEC §6 for the paper's
+    presets, a CPU recipe for tiny) < --config FILE < --set key=value < the options above. The paper
+    presets start from the reference's ImageNet backbone (--pretrained-backbone); --init CHECKPOINT
+    fine-tunes a released or own checkpoint on this data instead. Works under torchrun (several GPUs, or CPU
+    processes with gloo). The run folder gets config.toml, the checkpoint, metrics.jsonl, per-epoch
+    evaluations and metrics_final.json; an interrupted run resumes from it.
     """
-    from sparse_detr.config import apply_overrides, get_preset
-    from sparse_detr.engine import NonFiniteLossError, build_datasets, format_metrics, train_recipe
+    from sparse_detr.engine import NonFiniteLossError, build_datasets, format_metrics
     from sparse_detr.engine import train as run_training
+    from sparse_detr.engine.checkpointing import find_resume_path
+    from sparse_detr.engine.initialization import init_model_config, resolve_initial_weights
+    from sparse_detr.engine.run_config import merged_settings, resolve_run_config
 
-    config = get_preset(preset, backbone)
-    if rho is not None:
-        config = apply_overrides(config, {"model.keep_ratio": rho})
-    splits = _data_splits(data, train_images, train_ann, val_images, val_ann)
     options = {
-        "epochs": epochs, "lr_drop": lr_drop, "batch_size": batch_size, "lr": lr, "lr_backbone": lr_backbone,
-        "clip_max_norm": clip_max_norm, "image_size": image_size, "amp": amp, "grad_accum": grad_accum,
-        "seed": seed, "workers": workers, "iters_per_epoch": iters_per_epoch,
-        "checkpoint_every_iters": checkpoint_every_iters, "output_dir": str(output_dir) if output_dir else None,
-        "resume": str(resume) if resume else None, "device": device,
+        "preset": preset, "model.backbone": backbone, "model.pretrained_backbone": pretrained_backbone,
+        "model.keep_ratio": rho, "train.init": init, "data.root": data, "data.train_images": train_images,
+        "data.train_ann": train_ann, "data.val_images": val_images, "data.val_ann": val_ann,
+        "train.epochs": epochs, "train.lr_drop": lr_drop, "train.batch_size": batch_size, "train.lr": lr,
+        "train.lr_backbone": lr_backbone, "train.clip_max_norm": clip_max_norm, "train.image_size": image_size,
+        "train.amp": amp, "train.grad_accum": grad_accum, "train.seed": seed, "train.workers": workers,
+        "train.iters_per_epoch": iters_per_epoch, "train.checkpoint_every_iters": checkpoint_every_iters,
+        "train.output_dir": output_dir, "train.resume": resume, "train.tensorboard": tensorboard,
+        "train.device": device,
     }  # fmt: skip
+    with _one_line_errors():
+        resolved = merged_settings(config_file, settings or (), _as_strings(options))
+        init_source = resolved.get("train.init")
+        base = init_model_config(init_source) if init_source and "preset" not in resolved else None
+        run = resolve_run_config(resolved, base)
+        if print_config:
+            console.print(run.to_toml(), markup=False, highlight=False, soft_wrap=True)
+            return
+        weights = None
+        single_process = int(os.environ.get("WORLD_SIZE", 1)) == 1
+        if single_process and find_resume_path(run.train.output_dir, run.train.resume, run.train.auto_resume) is None:
+            weights = resolve_initial_weights(run.config, run.train.init)  # before any work
+        if run.data.is_builtin:
+            console.print("no data given: using the built-in synthetic dataset")
+        train_set, val_set = build_datasets(*run.data.splits(), image_size=run.train.image_size)
     try:
-        train_config = train_recipe(preset, **{key: value for key, value in options.items() if value is not None})
-    except ValueError as error:
-        raise typer.BadParameter(str(error)) from None
-    image_size = train_config.image_size
-    train_set, val_set = build_datasets(*splits, image_size=image_size)
-    try:
-        metrics = run_training(config, train_config, train_set, val_set)
+        metrics = run_training(run.config, run.train, train_set, val_set, weights)
     except NonFiniteLossError as error:
         console.print(f"[red]{error}[/red]")
         raise typer.Exit(code=1) from None
     console.print(format_metrics(metrics))
-    console.print(f"run folder: {train_config.output_dir}")
+    console.print(f"run folder: {run.train.output_dir}")
+
+
+def _as_strings(options: dict) -> dict:
+    """Option values as config values: paths become strings."""
+    return {key: str(value) if isinstance(value, Path) else value for key, value in options.items()}
 
 
 @app.command("eval")
 def evaluate(
-    checkpoint: Path = typer.Option(..., help="Checkpoint: this project's or a released one."),
-    data: Path | None = typer.Option(None, help="COCO root (its val2017 split is evaluated)."),
+    checkpoint: str = typer.Option(..., help="Checkpoint file, run folder or zoo name (sdetr zoo)."),
+    config_file: Path | None = CONFIG_OPTION,
+    settings: list[str] | None = SET_OPTION,
+    data: Path | None = typer.Option(None, help="Dataset folder (COCO 2017 or synth): its validation split."),
     val_images: Path | None = typer.Option(None, help="Validation images folder (custom dataset)."),
     val_ann: Path | None = typer.Option(None, help="Validation instances JSON (custom dataset)."),
     rho: float | None = typer.Option(None, help="Keep ratio at inference instead of the trained one."),
-    batch_size: int = typer.Option(2, min=1, help="Images per forward pass (the reference used 2)."),
+    batch_size: int | None = typer.Option(None, min=1, help="Images per forward pass (default 2, as the reference)."),
     image_size: int | None = typer.Option(None, help="Shorter side (default: the run's, else 800)."),
     output_dir: Path | None = typer.Option(None, help="Where the metrics and detections JSON go."),
     device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
-    workers: int = typer.Option(2, min=0, help="Data loading processes."),
+    workers: int | None = typer.Option(None, min=0, help="Data loading processes (default 2)."),
 ) -> None:
-    """Evaluate a checkpoint with COCO AP on a validation split (the built-in one when no data is given)."""
-    from sparse_detr.engine import evaluate_checkpoint, format_metrics
+    """Evaluate a checkpoint with COCO AP on a validation split (the built-in one when no data is given).
 
-    if not checkpoint.is_file():
-        raise typer.BadParameter(f"checkpoint not found: {checkpoint}")
-    if val_images is None or val_ann is None:
-        _, _, val_images, val_ann = _data_splits(data, None, None, None, None)
+    --config/--set take the same files and keys as `sdetr train` (a run's config.toml included): [data]
+    names the split, [model] fields change the loaded model (model.keep_ratio), [train] image_size,
+    eval_batch_size, workers and device apply.
+    """
+    from sparse_detr.data.source import DataSource
+    from sparse_detr.engine import evaluate_checkpoint, format_metrics
+    from sparse_detr.engine.run_config import merged_settings, section
+    from sparse_detr.zoo import resolve_checkpoint
+
+    options = {
+        "data.root": data, "data.val_images": val_images, "data.val_ann": val_ann, "model.keep_ratio": rho,
+        "train.eval_batch_size": batch_size, "train.image_size": image_size, "train.device": device,
+        "train.workers": workers,
+    }  # fmt: skip
+    with _one_line_errors():
+        resolved = merged_settings(config_file, settings or (), _as_strings(options))
+        train_settings = section(resolved, "train")
+        overrides = {key: value for key, value in resolved.items() if key.startswith(("model.", "loss."))}
+        path = resolve_checkpoint(checkpoint)
+        split = DataSource(**section(resolved, "data")).val_split()
     metrics = evaluate_checkpoint(
-        checkpoint, val_images, val_ann, output_dir=output_dir, keep_ratio=rho, batch_size=batch_size,
-        image_size=image_size, device=device, workers=workers,
+        path, *split, output_dir=output_dir, keep_ratio=overrides.pop("model.keep_ratio", None),
+        batch_size=train_settings.get("eval_batch_size", 2), image_size=train_settings.get("image_size"),
+        device=train_settings.get("device"), workers=train_settings.get("workers", 2), overrides=overrides,
     )  # fmt: skip
     console.print(format_metrics(metrics))
 
@@ -184,7 +271,9 @@ def benchmark(
     ),
     backbone: str | None = typer.Option(None, help="Backbone for every preset (r50, swin-t, a timm ResNet)."),
     rho: str | None = typer.Option(None, help="Comma-separated keep ratios applied to the sparse models."),
-    checkpoint: Path | None = typer.Option(None, help="Measure this checkpoint (this project's or a released one)."),
+    checkpoint: str | None = typer.Option(None, help="Measure this checkpoint: a file, run folder or zoo name."),
+    config_file: Path | None = CONFIG_OPTION,
+    settings: list[str] | None = SET_OPTION,
     input_size: str = typer.Option("850x1040", help="HEIGHTxWIDTH of the one synthetic image (reference quick mode)."),
     images: int | None = typer.Option(
         None, min=1, help="Use the first N validation images instead (the paper: 100 COCO val2017 images)."
@@ -192,7 +281,9 @@ def benchmark(
     data: Path | None = typer.Option(None, help="With --images: COCO root (its val2017 split)."),
     val_images: Path | None = typer.Option(None, help="With --images: validation images folder."),
     val_ann: Path | None = typer.Option(None, help="With --images: validation instances JSON."),
-    image_size: int = typer.Option(800, min=32, help="With --images: shorter side, as evaluation resizes."),
+    image_size: int | None = typer.Option(
+        None, min=32, help="With --images: shorter side, as evaluation resizes (default: the config's, else 800)."
+    ),
     fps: bool = typer.Option(True, "--fps/--no-fps", help="Time the models."),
     flops: bool = typer.Option(True, "--flops/--no-flops", help="Count GFLOPs with fvcore."),
     batch_sizes: str = typer.Option("1,4", help="Comma-separated batch sizes to time."),
@@ -215,7 +306,7 @@ def benchmark(
     name: str = typer.Option("benchmark", help="Report name: reports/<name>."),
 ) -> None:
     """Parameters, GFLOPs (fvcore) and FPS of models over presets and keep ratios; or, with --op, the
-    deformable attention op backends.
+    deformable attention op backends. --config/--set [model]/[loss] fields change every model.
 
     Writes benchmark.csv/.md, gflops_by_part.csv/.md, gflops_vs_rho.png and fps_vs_rho.png. GFLOPs follow the
     paper's convention (docs/PERFORMANCE.md) and sit beside the reference implementation's figures where
@@ -253,13 +344,25 @@ def benchmark(
         flops=flops, fps=fps, batch_sizes=tuple(sorted(set(sizes))), warmup=warmup, iters=iters, amp=amp,
         compile=compile, device=device, threads=threads, isolate=isolate,
     )  # fmt: skip
-    try:
+    from sparse_detr.data.source import DataSource
+    from sparse_detr.engine.run_config import merged_settings, section
+    from sparse_detr.zoo import resolve_checkpoint
+
+    with _one_line_errors():
+        options_given = {"data.root": data, "data.val_images": val_images, "data.val_ann": val_ann,
+                         "train.image_size": image_size}  # fmt: skip
+        resolved = merged_settings(config_file, settings or (), _as_strings(options_given))
+        overrides = {key: value for key, value in resolved.items() if key.startswith(("model.", "loss."))}
         presets = _split(preset) if preset else ([] if checkpoint else ["deformable-topk-bbr", "sparse-rho0.1"])
         keep_ratios = _numbers(rho, float, "--rho") if rho else None
-        specs = bench.model_specs(presets, keep_ratios, backbone, str(checkpoint) if checkpoint else None)
-        inputs, size, source = _benchmark_inputs(input_size, images, data, val_images, val_ann, image_size)
+        path = str(resolve_checkpoint(checkpoint)) if checkpoint else None
+        specs = bench.model_specs(presets, keep_ratios, backbone, path, overrides)
+        eval_size = section(resolved, "train").get("image_size", 800)
+        source_data = DataSource(**section(resolved, "data"))
+        inputs, size, source = _benchmark_inputs(input_size, images, source_data, eval_size)
+    try:
         result = bench.run_benchmark(specs, inputs, options, size, log=lambda text: console.print(f"measuring {text}"))
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except RuntimeError as error:
         console.print(f"[red]error:[/red] {escape(str(error).splitlines()[0])}", highlight=False)
         raise typer.Exit(code=2) from None
     notes = bench.report_notes(result.table, options, source, result.skipped)
@@ -307,15 +410,15 @@ def _numbers(values: str, kind, option: str) -> list:
         raise typer.BadParameter(f"{option} expects comma-separated numbers, got {values!r}") from None
 
 
-def _benchmark_inputs(input_size, images, data, val_images, val_ann, image_size):
-    """(images, (H, W) of the synthetic image or None, a description) for ``sdetr benchmark``."""
+def _benchmark_inputs(input_size, images, data, image_size):
+    """(images, (H, W) of the synthetic image or None, a description) for ``sdetr benchmark``; ``data`` is
+    the DataSource whose validation split gives the first ``images`` images."""
     from sparse_detr.analysis.benchmark import dataset_images, synthetic_image
 
     if images is None:
         height, width = _parse_size(input_size)
         return [synthetic_image(height, width)], (height, width), f"one random {height}×{width} image"
-    if val_images is None or val_ann is None:
-        _, _, val_images, val_ann = _data_splits(data, None, None, None, None)
+    val_images, val_ann = data.val_split()
     description = f"the first {images} images of {val_images}, shorter side {image_size} (mean over them)"
     return dataset_images(val_images, val_ann, images, image_size), None, description
 
@@ -397,8 +500,8 @@ def ablate(
 @app.command()
 def visualize(
     images: list[str] = typer.Argument(..., help="Image files, folders or glob patterns (quote the globs)."),
-    checkpoint: Path | None = typer.Option(
-        None, help="Checkpoint file or run folder (default: runs/tiny/checkpoint.pth, what `sdetr train` writes)."
+    checkpoint: str | None = typer.Option(
+        None, help="Checkpoint file, run folder or zoo name (default: runs/tiny/checkpoint.pth, from `sdetr train`)."
     ),
     rho: list[str] | None = typer.Option(
         None,
@@ -422,6 +525,7 @@ def visualize(
     from sparse_detr.data import ImageLoadError
     from sparse_detr.inference import expand_image_paths, load_detector
     from sparse_detr.viz import FIGURE_FORMATS, existing_outputs, figure_stems, require_saliency, visualize_file
+    from sparse_detr.zoo import CheckpointUnavailableError
 
     try:
         keep_ratios = [float(value) for text in rho or [] for value in _split(text)] or [None]
@@ -442,7 +546,7 @@ def visualize(
         detector = load_detector(checkpoint, device, image_size)
         for keep_ratio in keep_ratios:
             require_saliency(detector, keep_ratio)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, CheckpointUnavailableError) as error:
         console.print(f"[red]{error}[/red]", soft_wrap=True)
         raise typer.Exit(code=1) from None
     failed = 0
@@ -462,8 +566,8 @@ def visualize(
 @app.command()
 def predict(
     images: list[str] = typer.Argument(..., help="Image files, folders or glob patterns (quote the globs)."),
-    checkpoint: Path | None = typer.Option(
-        None, help="Checkpoint file or run folder (default: runs/tiny/checkpoint.pth, what `sdetr train` writes)."
+    checkpoint: str | None = typer.Option(
+        None, help="Checkpoint file, run folder or zoo name (default: runs/tiny/checkpoint.pth, from `sdetr train`)."
     ),
     threshold: float = typer.Option(
         0.3, min=0.0, max=1.0, help="Lowest score kept (0: the 100 best per image, as COCO evaluation wants)."
@@ -487,6 +591,7 @@ def predict(
 
     from sparse_detr.inference import expand_image_paths, image_ids_from_annotations, load_detector, predict_images
     from sparse_detr.utils.io import atomic_write_text
+    from sparse_detr.zoo import CheckpointUnavailableError
 
     shown = 50
     try:
@@ -498,7 +603,7 @@ def predict(
         results = predict_images(
             detector, paths, threshold, image_ids, track=lambda items: track(items, "detecting", console=console)
         )
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, CheckpointUnavailableError) as error:
         console.print(f"[red]{error}[/red]", soft_wrap=True)
         raise typer.Exit(code=1) from None
     atomic_write_text(out, json.dumps(results, indent=1))

@@ -8,7 +8,10 @@ A :class:`Config` is plain data: build one with :func:`get_preset`, change field
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 BACKBONES = ("r50", "swin-t")
@@ -33,7 +36,8 @@ class ModelConfig:
     the decoder attention map), ``"oam"`` (objectness of a detection head) or ``"random"``.
     ``backbone_norm`` (ResNets only) is ``"frozen_bn"`` as in the reference, which needs pretrained
     statistics, or ``"batch_norm"`` (trained, for backbones learned from scratch); the first
-    ``backbone_frozen_stages`` stages (1: the stem, 2: the stem and layer1 as in the reference) do not train.
+    ``backbone_frozen_stages`` stages do not train (ResNet 1: the stem, 2: the stem and layer1; Swin-T 1: the
+    patch embedding, 2: it and stage 1; 2 is the reference's setting for both).
     """
 
     backbone: str = "r50"
@@ -62,9 +66,7 @@ class ModelConfig:
         if self.pretrained_backbone is None:  # checkpoints written before "none" was a name
             self.pretrained_backbone = "none"
         if self.saliency_criterion not in SALIENCY_CRITERIA:
-            raise ValueError(
-                f"saliency_criterion must be one of {SALIENCY_CRITERIA}, got {self.saliency_criterion!r}"
-            )
+            raise ValueError(f"saliency_criterion must be one of {SALIENCY_CRITERIA}, got {self.saliency_criterion!r}")
         if self.backbone_norm not in BACKBONE_NORMS:
             raise ValueError(f"backbone_norm must be one of {BACKBONE_NORMS}, got {self.backbone_norm!r}")
         if not 0 <= self.backbone_frozen_stages <= 5:
@@ -147,6 +149,71 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+class ConfigError(ValueError):
+    """A configuration key or value that is not valid; the message names the key and what to give."""
+
+
+def field_names(cls) -> list[str]:
+    """The field names of the dataclass ``cls``, in order."""
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def check_field(cls, name: str, value: Any, key: str | None = None, source: str = "") -> Any:
+    """``value`` for field ``name`` of the dataclass ``cls``, checked against the field's type.
+
+    Integers are accepted for float fields (and returned as floats), lists for tuple fields. Messages
+    call the field ``key`` (default ``name``; e.g. ``"train.lr"``) and start with ``source`` (e.g.
+    ``"run.toml: "``).
+
+    Raises:
+        ConfigError: the key is not a field (the message lists the fields), or the value has a wrong type.
+    """
+    key = key or name
+    hints = typing.get_type_hints(cls)
+    if name not in field_names(cls):
+        raise ConfigError(f"{source}unknown config key {key!r}; known: {', '.join(field_names(cls))}")
+    try:
+        return _checked(hints[name], value)
+    except TypeError:
+        raise ConfigError(f"{source}{key} must be {_describe(hints[name])}, got {value!r}") from None
+
+
+def _checked(kind: Any, value: Any) -> Any:
+    """``value`` as type ``kind`` (str, bool, int, float, optionals and homogeneous tuples); TypeError if it
+    is not one."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is not type(None):
+                try:
+                    return _checked(option, value)
+                except TypeError:
+                    pass
+        raise TypeError
+    if origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(_checked(typing.get_args(kind)[0], item) for item in value)
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind in (str, bool) and isinstance(value, kind):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise TypeError
+
+
+def _describe(kind: Any) -> str:
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = [_describe(option) for option in typing.get_args(kind) if option is not type(None)]
+        return " or ".join(options) + (" (or left unset)" if type(None) in typing.get_args(kind) else "")
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(kind)[0])}s"
+    return {str: "a string", bool: "true or false", int: "an integer", float: "a number"}.get(kind, str(kind))
+
+
 # dataclass fields that hold another dataclass
 _NESTED = {(Config, "model"): ModelConfig, (Config, "loss"): LossConfig}
 
@@ -168,20 +235,40 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return _from_dict(Config, data, "")
 
 
+def load_toml(path: str | Path, kind: str = "config file") -> dict[str, Any]:
+    """The parsed TOML file ``path``; a missing or malformed file raises :class:`ConfigError` naming it
+    (``kind`` says what the file is for)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{kind} not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read it ({error})") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}") from None
+
+
 def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
     """A copy of ``config`` with dotted-key overrides, e.g. ``{"model.keep_ratio": 0.3, "name": "x"}``.
 
-    Unknown keys raise KeyError naming the valid ones; field checks run again on the result.
+    Unknown keys and values of the wrong type raise :class:`ConfigError` naming the key (and the valid
+    keys); field checks run again on the result.
     """
     data = config_to_dict(config)
     for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = data
-        for i, part in enumerate(parents):
-            if not isinstance(node.get(part), dict):
-                raise KeyError(f"unknown config key {key!r}: {'.'.join(parents[: i + 1])!r} is not a section")
-            node = node[part]
-        if leaf not in node:
-            raise KeyError(f"unknown config key {key!r}; known here: {sorted(node)}")
-        node[leaf] = value
+        section, _, leaf = key.rpartition(".")
+        cls = {"": Config, "model": ModelConfig, "loss": LossConfig}.get(section)
+        if cls is None:
+            raise ConfigError(f"unknown config key {key!r}: sections are model and loss")
+        node = data[section] if section else data
+        if not section and leaf in ("model", "loss"):
+            example = field_names(_NESTED[(Config, leaf)])[0]
+            raise ConfigError(f"{key!r} is a section: set its fields, such as {key}.{example}")
+        node[leaf] = check_field(cls, leaf, value, key)
     return config_from_dict(data)

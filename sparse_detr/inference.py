@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import glob
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,10 +14,9 @@ import PIL.Image
 import torch
 from torchvision import tv_tensors
 
-from sparse_detr.checkpoint import load_model, read_checkpoint
+from sparse_detr import zoo
+from sparse_detr.checkpoint import CHECKPOINT_NAME, Category, checkpoint_categories, load_model, read_checkpoint
 from sparse_detr.data import build_transforms, load_coco_annotations, load_rgb_image, scaled_sizes
-from sparse_detr.data.coco_categories import COCO_CATEGORY_NAMES, COCO_NUM_CLASSES
-from sparse_detr.engine.checkpointing import CHECKPOINT_NAME
 from sparse_detr.engine.train_config import train_recipe
 from sparse_detr.models import DeformableDETR, pad_images, postprocess
 
@@ -33,11 +32,14 @@ def default_checkpoint() -> Path:
 
 
 def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
-    """``checkpoint`` (a file, or a run folder holding one), else the default ``sdetr train`` output.
+    """``checkpoint`` (a file, a run folder holding one, or a zoo name: see
+    :func:`sparse_detr.zoo.resolve_checkpoint`), else the default ``sdetr train`` output.
 
     Raises:
         FileNotFoundError: naming what is missing and how to get a checkpoint; never falls back to
             random weights.
+        CheckpointUnavailableError, ValueError: a zoo checkpoint could not be downloaded or is not the
+            released file.
     """
     if checkpoint is None:
         default = default_checkpoint()
@@ -47,12 +49,7 @@ def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
             f"no --checkpoint given and no {default} (what `sdetr train` writes) in this folder: "
             "run `sdetr train` first or pass --checkpoint PATH"
         )
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    return path
+    return zoo.resolve_checkpoint(checkpoint)
 
 
 def _is_pattern(text: str) -> bool:
@@ -89,28 +86,6 @@ def expand_image_paths(inputs: Iterable[str | Path]) -> list[Path]:
     for path in paths:
         unique.setdefault(path.resolve(), path)  # the first spelling of a file wins
     return list(unique.values())
-
-
-@dataclass(frozen=True)
-class Category:
-    """A class the model predicts: its COCO category id and name."""
-
-    id: int
-    name: str
-
-
-def checkpoint_categories(checkpoint: Mapping[str, Any], num_classes: int) -> dict[int, Category]:
-    """Class label -> category: the ``categories`` a training run stored, the COCO 2017 names for a
-    91-class model without them (the released checkpoints), else ``class <label>`` with id = label."""
-    stored = checkpoint.get("categories")
-    if stored:
-        try:
-            return {int(label): Category(int(entry["id"]), str(entry["name"])) for label, entry in stored.items()}
-        except (AttributeError, KeyError, TypeError, ValueError):
-            raise ValueError("the checkpoint's 'categories' must map class label -> {'id': int, 'name': str}") from None
-    if num_classes == COCO_NUM_CLASSES:
-        return {category_id: Category(category_id, name) for category_id, name in COCO_CATEGORY_NAMES.items()}
-    return {label: Category(label, f"class {label}") for label in range(num_classes)}
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Backbones: official parameter layout, freezing, any input size, Swin-T numerics, pretrained files."""
+"""Backbones: official parameter layout, freezing, any input size, Swin-T numerics (weight files: see
+test_backbone_weights.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 
 from sparse_detr.config import ModelConfig
 from sparse_detr.models.backbone import build_backbone, swin_from_official
@@ -34,10 +34,7 @@ def official_body_keys(config_name: str) -> dict[str, tuple[tuple[int, ...], str
 
 
 def layout(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], str]]:
-    return {
-        key: (tuple(value.shape), str(value.dtype).removeprefix("torch."))
-        for key, value in state_dict.items()
-    }
+    return {key: (tuple(value.shape), str(value.dtype).removeprefix("torch.")) for key, value in state_dict.items()}
 
 
 def swin_to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -88,9 +85,7 @@ def test_resnet_outputs_at_strides_8_16_32(name, channels, r50):
 
 def test_swin_body_corresponds_to_the_official_layout(swin):
     official = official_body_keys("swint_sparse_detr_rho_0.1")
-    tensors = {
-        key: torch.zeros(shape, dtype=getattr(torch, dtype)) for key, (shape, dtype) in official.items()
-    }
+    tensors = {key: torch.zeros(shape, dtype=getattr(torch, dtype)) for key, (shape, dtype) in official.items()}
     for key, value in swin_to_official(swin.body.state_dict()).items():
         if key.endswith("relative_position_index"):
             tensors[key] = value
@@ -185,9 +180,7 @@ def test_swin_matches_an_independent_forward_on_official_weights(swin):
     generator = torch.Generator().manual_seed(0)
     body = swin.body.state_dict()
     # non-trivial norms and position biases, so every parameter matters
-    randomized = {
-        key: value + 0.1 * torch.randn(value.shape, generator=generator) for key, value in body.items()
-    }
+    randomized = {key: value + 0.1 * torch.randn(value.shape, generator=generator) for key, value in body.items()}
     official = {
         key: value.double() if value.is_floating_point() else value
         for key, value in swin_to_official(randomized).items()
@@ -204,42 +197,6 @@ def test_swin_matches_an_independent_forward_on_official_weights(swin):
         ]
         for got, want in zip(ours, expected, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
-
-
-def test_torchvision_resnet_weights_load(tmp_path):
-    torchvision_model = torchvision.models.resnet18()
-    torch.nn.init.normal_(torchvision_model.layer3[0].bn1.running_mean)
-    path = tmp_path / "resnet18.pth"
-    torch.save(torchvision_model.state_dict(), path)  # with fc.* and num_batches_tracked
-    backbone = build_backbone(ModelConfig(backbone="resnet18", pretrained_backbone=str(path)))
-    torch.testing.assert_close(
-        backbone.body.layer3[0].bn1.running_mean, torchvision_model.layer3[0].bn1.running_mean
-    )
-    torch.testing.assert_close(backbone.body.conv1.weight, torchvision_model.conv1.weight)
-
-    broken = torchvision_model.state_dict()
-    del broken["layer2.0.conv1.weight"]
-    broken["layer9.weight"] = torch.zeros(1)
-    torch.save(broken, path)
-    with pytest.raises(
-        ValueError,
-        match=r"missing 1 key\(s\): layer2\.0\.conv1\.weight; unexpected 1 key\(s\): layer9\.weight",
-    ):
-        build_backbone(ModelConfig(backbone="resnet18", pretrained_backbone=str(path)))
-
-
-def test_official_swin_imagenet_weights_load(swin, tmp_path):
-    official = swin_to_official({key: value + 1.0 for key, value in swin.body.state_dict().items()})
-    official = {key: value for key, value in official.items() if not re.match(r"norm\d\.", key)}
-    official["layers.0.blocks.1.attn_mask"] = torch.zeros(64, 49, 49)  # a 224x224 shift mask
-    official["norm.weight"], official["head.weight"] = torch.ones(768), torch.zeros(1000, 768)
-    path = tmp_path / "swin_tiny_patch4_window7_224.pth"
-    torch.save({"model": official}, path)
-    backbone = build_backbone(ModelConfig(backbone="swin-t", pretrained_backbone=str(path)))
-    torch.testing.assert_close(
-        backbone.body.layers[1].downsample.reduction.weight, official["layers.0.downsample.reduction.weight"]
-    )
-    torch.testing.assert_close(backbone.body.norm3.weight, torch.ones(768))  # output norms keep their init
 
 
 def test_unknown_backbone():

@@ -260,7 +260,7 @@ def test_own_checkpoint_overrides_and_pretrained_path(tiny_model, tmp_path):
         tiny_model.config = original
     # the stored pretrained-weights path is not read again: the checkpoint holds the weights
     model = load_model(path, overrides={"model.keep_ratio": 0.5})
-    assert model.config.model.keep_ratio == 0.5 and model.config.model.pretrained_backbone is None
+    assert model.config.model.keep_ratio == 0.5 and model.config.model.pretrained_backbone == str(tmp_path / "gone.pth")
 
 
 def test_untrusted_objects_are_refused_unless_trusted(tiny_model, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -28,7 +29,7 @@ def test_synth_train_eval(tmp_path):
     splits = ["--train-images", str(data / "train"), "--train-ann", str(data / "annotations/instances_train.json"),
               "--val-images", str(data / "val"), "--val-ann", str(data / "annotations/instances_val.json")]  # fmt: skip
     run = tmp_path / "run"
-    result = runner.invoke(app, ["train", *splits, "--epochs", "1", "--iters-per-epoch", "2", "--batch-size", "2",
+    result = runner.invoke(app, ["train", "--preset", "tiny", *splits, "--epochs", "1", "--iters-per-epoch", "2", "--batch-size", "2",
                                  "--image-size", "128", "--workers", "0", "--output-dir", str(run)])  # fmt: skip
     assert result.exit_code == 0, result.output
     final = json.loads((run / "metrics_final.json").read_text())
@@ -44,3 +45,95 @@ def test_eval_of_a_missing_checkpoint_is_a_clear_error(tmp_path):
     result = runner.invoke(app, ["eval", "--checkpoint", str(tmp_path / "nowhere.pth")])
     assert result.exit_code != 0
     assert "checkpoint not found" in result.output
+
+
+def test_zoo_lists_the_released_checkpoints():
+    result = runner.invoke(app, ["zoo"])
+    assert result.exit_code == 0, result.output
+    for name in ("sparse-detr-r50-rho0.1", "sparse-detr-swint-rho0.5", "sparse-detr-r50-scrl-rho0.3"):
+        assert name in result.output
+    assert "45.3" in result.output and "SDETR_ZOO_DIR" in result.output
+
+
+def test_print_config_resolves_the_layers_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.toml").write_text('[model]\nnum_queries = 100\n[train]\nlr = 1e-4\nepochs = 12\n')
+    result = runner.invoke(app, ["train", "--preset", "sparse-rho0.2", "--config", "mine.toml", "--set",
+                                 "train.lr=5e-5", "--set", "model.backbone=swin-t", "--epochs", "6",
+                                 "--data", "coco", "--print-config"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    text = result.output
+    for line in ('preset = "sparse-rho0.2"', 'backbone = "swin-t"', "num_queries = 100", "lr = 5e-05",
+                 "epochs = 6", 'root = "coco"', 'pretrained_backbone = "imagenet"'):  # fmt: skip
+        assert line in text, line
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--data", "coco"], "a dataset needs a model preset: pass --preset (one of deformable,"),
+        (["--set", "model.keep_rato=0.1"], "--set unknown config key 'model.keep_rato'; known:"),
+        (["--set", "train.epochs=two"], "--set train.epochs must be an integer, got 'two'"),
+        (["--init", "a.pth", "--resume", "b.pth", "--preset", "tiny"], "init starts a new run"),
+        (["--preset", "sparse-rho0.1", "--pretrained-backbone", "none"], "backbone_norm=batch_norm"),
+        (["--config", "missing.toml"], "config file not found: missing.toml"),
+        (["--init", "no-such-model"], "checkpoint not found: no-such-model (not a file, a run folder or a zoo"),
+    ],
+)
+def test_bad_training_options_are_one_line(tmp_path, monkeypatch, arguments, message):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["train", *arguments])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_imagenet_weights_stop_before_any_work(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torch.hub
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    result = runner.invoke(app, ["train", "--preset", "sparse-rho0.1", "--data", str(tmp_path / "coco")])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "resnet50-0676ba61.pth" in text and "--pretrained-backbone" in text
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_fine_tune_a_run_on_other_classes_and_read_its_config_back(tmp_path, monkeypatch):
+    """Train on the built-in classes, fine-tune on a dataset that shares two of them: their class rows
+    carry over, the new run records its start, and its config.toml gives the same run back."""
+    monkeypatch.chdir(tmp_path)
+    shapes = tmp_path / "shapes"
+    other = tmp_path / "other"
+    for folder, extra in ((shapes, []), (other, ["--classes", "triangle,hexagon,star", "--seed", "1"])):
+        result = runner.invoke(app, ["data", "synth", "--out", str(folder), "--num-train", "4", "--num-val", "2",
+                                     "--image-size", "96", *extra])  # fmt: skip
+        assert result.exit_code == 0, result.output
+    quick = ["--epochs", "1", "--iters-per-epoch", "2", "--batch-size", "2", "--image-size", "96", "--workers", "0"]
+    result = runner.invoke(app, ["train", "--preset", "tiny", "--data", str(shapes), *quick, "--output-dir", "a"])
+    assert result.exit_code == 0, result.output
+
+    result = runner.invoke(app, ["train", "--init", "a", "--data", str(other), *quick, "--output-dir", "b"])
+    assert result.exit_code == 0, result.output
+    assert "rows carried over by name: triangle, star" in " ".join(result.output.split())
+    started = json.loads((tmp_path / "b" / "initial_weights.json").read_text())
+    assert started["init"]["file"] == str(Path("a") / "checkpoint.pth") and len(started["init"]["sha256"]) == 64
+
+    result = runner.invoke(app, ["train", "--config", "b/config.toml", "--print-config"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "b" / "config.toml").read_text().strip() == result.output.strip()
+
+    result = runner.invoke(app, ["eval", "--checkpoint", "b", "--config", "b/config.toml", "--workers", "0",
+                                 "--output-dir", "eval"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    evaluated = json.loads((tmp_path / "eval" / "eval_checkpoint.json").read_text())
+    assert evaluated["image_size"] == 96  # from the run's config

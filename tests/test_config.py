@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from sparse_detr.config import PRESETS, Config, apply_overrides, config_from_dict, config_to_dict, get_preset
+from sparse_detr.config import (
+    PRESETS,
+    Config,
+    ConfigError,
+    ModelConfig,
+    apply_overrides,
+    check_field,
+    config_from_dict,
+    config_to_dict,
+    get_preset,
+)
 
 
 @pytest.mark.parametrize("backbone", ["r50", "swin-t"])
@@ -19,9 +30,7 @@ def test_published_presets_follow_spec_table(name, backbone):
     if name == "deformable":
         assert not model.two_stage and not model.with_box_refine and model.keep_ratio == 0
     elif name == "deformable-topk-bbr":
-        assert (
-            model.two_stage and model.with_box_refine and model.keep_ratio == 0 and not model.use_enc_aux_loss
-        )
+        assert model.two_stage and model.with_box_refine and model.keep_ratio == 0 and not model.use_enc_aux_loss
     else:
         assert model.two_stage and model.with_box_refine and model.use_enc_aux_loss
         assert model.keep_ratio == float(name.removeprefix("sparse-rho"))
@@ -58,8 +67,29 @@ def test_overrides_return_a_changed_copy():
 
 @pytest.mark.parametrize("key", ["model.keep_rato", "optimizer.lr", "model.keep_ratio.x", "nmae"])
 def test_unknown_override_key_is_a_clear_error(key):
-    with pytest.raises(KeyError, match="unknown config key"):
+    with pytest.raises(ConfigError, match="unknown config key"):
         apply_overrides(get_preset("tiny"), {key: 1})
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("model.keep_ratio", "high", "model.keep_ratio must be a number, got 'high'"),
+        ("model.num_queries", 2.5, "model.num_queries must be an integer"),
+        ("model.two_stage", 1, "model.two_stage must be true or false"),
+        ("model.backbone", 50, "model.backbone must be a string"),
+    ],
+)
+def test_override_values_are_type_checked(key, value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        apply_overrides(get_preset("tiny"), {key: value})
+
+
+def test_check_field_converts_and_names_the_source():
+    converted = check_field(ModelConfig, "keep_ratio", 1)
+    assert converted == 1.0 and isinstance(converted, float)
+    with pytest.raises(ConfigError, match=r"^run.toml: \[model\] hidden_dim must be an integer, got 'x'$"):
+        check_field(ModelConfig, "hidden_dim", "x", "[model] hidden_dim", "run.toml: ")
 
 
 @pytest.mark.parametrize(

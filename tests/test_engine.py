@@ -7,6 +7,7 @@ import io
 import json
 import math
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -31,8 +32,10 @@ from sparse_detr.engine import (
 )
 from sparse_detr.engine import trainer as trainer_module
 from sparse_detr.engine.checkpointing import find_resume_path, rng_state, set_rng_state
+from sparse_detr.engine.initialization import InitialWeights
 from sparse_detr.engine.logging import Progress
-from sparse_detr.engine.sampling import EpochBatchSampler, SeededSamples
+from sparse_detr.engine.run_config import read_config_file, resolve_run_config
+from sparse_detr.engine.sampling import BlockBatchSampler, EpochBatchSampler, SeededSamples
 from sparse_detr.models import build_model
 
 IMAGE_SIZE = 96  # the smallest training scale still gives the tiny preset more tokens than queries
@@ -175,9 +178,11 @@ def test_tiny_end_to_end(datasets, tmp_path):
     assert json.loads((out / "eval_epoch1.json").read_text())["epoch"] == 1
     detections = json.loads((out / "detections_epoch1.json").read_text())
     assert detections and set(detections[0]) == {"image_id", "category_id", "bbox", "score"}
-    stored = json.loads((out / "config.json").read_text())
-    assert stored["model"]["model"]["num_classes"] == train_set.num_classes
-    assert stored["train"]["epochs"] == 1
+    stored = resolve_run_config(read_config_file(out / "config.toml"))  # what --config reads back
+    assert stored.config.model.num_classes == train_set.num_classes and stored.preset == "tiny"
+    assert stored.train == config
+    assert stored.data.val_ann == str(val_set.annotations_file)
+    assert json.loads((out / "initial_weights.json").read_text()) == {"backbone": None}  # tiny: from scratch
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
@@ -189,6 +194,7 @@ def test_tiny_end_to_end(datasets, tmp_path):
     checkpoint = read_checkpoint(out / "checkpoint.pth")
     assert (checkpoint["epoch"], checkpoint["iteration"], checkpoint["step"]) == (1, 0, 2)
     assert {"optimizer", "lr_scheduler", "scaler", "rng", "train_config", "sampler"} <= set(checkpoint)
+    assert checkpoint["initial_weights"] == {"backbone": None}
     assert load_model(out / "checkpoint.pth").config.model.num_classes == train_set.num_classes
 
     # a finished run is not trained again
@@ -242,8 +248,8 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(datasets, tmp_path, monk
         criterion, calls = real_build(config), []
         forward = criterion.forward
 
-        def poisoned(outputs, targets):
-            losses = forward(outputs, targets)
+        def poisoned(outputs, targets, *args, **kwargs):
+            losses = forward(outputs, targets, *args, **kwargs)
             calls.append(1)
             if len(calls) == 3:  # first batch of epoch 2
                 losses["loss_giou"] = losses["loss_giou"] * math.nan
@@ -286,6 +292,94 @@ def test_resume_refuses_another_architecture(datasets, tmp_path):
     other = dataclasses.replace(other, model=dataclasses.replace(other.model, num_queries=20))
     with pytest.raises(ValueError, match="num_queries"):
         train(other, dataclasses.replace(config, epochs=2), train_set, val_set)
+
+
+class _SameSizeImages(Dataset):
+    """Eight 96x96 noise images with 1..8 boxes: batches need no padding, so a batch of 4 and two of 2
+    see the same pixels."""
+
+    num_classes = 3
+    label_to_category_id = {1: 1, 2: 2}
+    category_names = {1: "a", 2: "b"}
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        generator = torch.Generator().manual_seed(index)
+        count = index + 1
+        boxes = torch.rand(count, 4, generator=generator) * 0.3 + torch.tensor([0.3, 0.3, 0.1, 0.1])
+        labels = torch.arange(count) % 2 + 1
+        target = {"labels": labels, "boxes": boxes, "image_id": torch.tensor(index)}
+        return torch.randn(3, 96, 96, generator=generator), target
+
+
+class _FirstStep(Exception):
+    pass
+
+
+def _first_step_gradients(tmp_path, monkeypatch, batch_size: int, grad_accum: int) -> dict[str, torch.Tensor]:
+    """The gradients the first optimizer step of a tiny model (frozen BatchNorm: nothing depends on the
+    batch) would apply."""
+    captured = {}
+
+    def capture(run):
+        captured.update({name: p.grad.clone() for name, p in run.model.named_parameters() if p.grad is not None})
+        raise _FirstStep
+
+    monkeypatch.setattr(trainer_module._Run, "_optimizer_step", capture)
+    config = apply_overrides(get_preset("tiny"), {"model.backbone_norm": "frozen_bn"})
+    train_config = tiny_train_config(tmp_path / f"b{batch_size}x{grad_accum}", batch_size=batch_size,
+                                     grad_accum=grad_accum, iters_per_epoch=grad_accum)  # fmt: skip
+    with pytest.raises(_FirstStep):
+        train(config, train_config, _SameSizeImages(), _SameSizeImages(), InitialWeights())
+    return captured
+
+
+@pytest.mark.slow
+def test_accumulated_batches_give_the_gradients_of_one_large_batch(tmp_path, monkeypatch):
+    """Each batch's losses are normalized by the box count of the whole step (and per-token means by its
+    share of the images), so batch 4 and batch 2 x accumulation 2 give the same gradients."""
+    sampler = EpochBatchSampler(_SameSizeImages(), batch_size=2, seed=3)
+    first, second = (sum(index + 1 for index, _ in batch) for batch in list(sampler)[:2])
+    assert first != second  # batches with other box counts: a per-batch normalization would differ
+    whole = _first_step_gradients(tmp_path, monkeypatch, batch_size=4, grad_accum=1)
+    accumulated = _first_step_gradients(tmp_path, monkeypatch, batch_size=2, grad_accum=2)
+    assert whole.keys() == accumulated.keys() and len(whole) > 100
+    for name, gradient in whole.items():
+        error = (accumulated[name] - gradient).abs().max()
+        assert error <= 1e-5 * gradient.abs().max() + 1e-9, name
+
+
+@pytest.mark.parametrize("size, world_size", [(5, 2), (8, 3), (1, 2), (0, 2), (7, 1)])
+def test_evaluation_batches_are_split_into_contiguous_blocks(size, world_size):
+    batch_size = 2
+    single = list(BlockBatchSampler(size, batch_size))
+    assert single == [list(range(i, min(i + batch_size, size))) for i in range(0, size, batch_size)]
+    shards = [list(BlockBatchSampler(size, batch_size, rank, world_size)) for rank in range(world_size)]
+    assert [batch for shard in shards for batch in shard] == single  # the same batches, in order, once each
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+@pytest.mark.slow
+def test_tensorboard_mirrors_the_metrics(datasets, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train_set, val_set = datasets
+    train(get_preset("tiny"), tiny_train_config(tmp_path, epochs=1, tensorboard=True), train_set, val_set)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/loss_ce", "train/lr", "train/dam_coverage", "eval/AP"} <= scalars
+
+
+def test_tensorboard_missing_is_one_line(monkeypatch, tmp_path):
+    from sparse_detr.config import ConfigError
+    from sparse_detr.engine.logging import MetricsLog
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import fails
+    with pytest.raises(ConfigError, match=r"^--tensorboard needs the tensorboard package: pip install"):
+        MetricsLog(tmp_path, tensorboard=True)
 
 
 class _Terminal(io.StringIO):

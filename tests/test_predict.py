@@ -13,14 +13,13 @@ from PIL import Image
 from pycocotools.coco import COCO
 from typer.testing import CliRunner
 
-from sparse_detr.checkpoint import save_checkpoint
+from sparse_detr.checkpoint import checkpoint_categories, save_checkpoint
 from sparse_detr.cli import app
 from sparse_detr.config import apply_overrides, get_preset
 from sparse_detr.data.coco_categories import COCO_CATEGORY_NAMES
 from sparse_detr.data.synthetic import render_scene
 from sparse_detr.inference import (
     Detector,
-    checkpoint_categories,
     expand_image_paths,
     image_ids_from_annotations,
     load_detector,

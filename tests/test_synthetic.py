@@ -3,17 +3,35 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import time
 
 import numpy as np
 import pytest
+from PIL import Image
 from pycocotools.cocoeval import COCOeval
 
-from sparse_detr.data import SHAPES, CocoDetection, make_synthetic_dataset, synthetic_splits
+from sparse_detr.data import SHAPE_KINDS, SHAPES, CocoDetection, make_synthetic_dataset, synthetic_splits
+from sparse_detr.data import synthetic as synthetic_module
 from sparse_detr.data.shapes import shape_mask
 from sparse_detr.data.synthetic import render_scene
+
+NEW_KINDS = SHAPE_KINDS[len(SHAPES) :]
+
+# sha256 of make_synthetic_dataset(out, 3, 2, 48, seed=0), recorded with the generator as it was before
+# class selection and the extra shape kinds were added: the default dataset must not change. Annotation
+# files are hashed as bytes; images as decoded pixels (the PNG bytes also depend on the zlib build).
+DEFAULT_DATASET_SHA256 = {
+    "annotations/instances_train.json": "57c381cc0eedd4b0157a16bde01570ebc6446382d5682d83db962275315cd570",
+    "annotations/instances_val.json": "5c127b4cab708345ed7350611a65bcc6c39248b8f7eb26eafa3e4818eea0057c",
+    "train/000000.png": "d3ed5aa0d93b2c34fa4d08521b509b6e54f9f0705aa59a915f354c5322961376",
+    "train/000001.png": "2385418a935f0365f82cb2d3ff753a75a91fb5170056cd13b5f0a144bfab5d47",
+    "train/000002.png": "e65eebd5eecac47be36fcd1281869385bcdb4c42e5885cc2adc32abecbc79092",
+    "val/000000.png": "152ce5fa2de0c3b9d26fbfb52f7cda334332c6b2e2179b98f5f61bbae9caeb9c",
+    "val/000001.png": "805458d50289630b37ed296ecfe4f278d13dc088baab25381941ea003e124938",
+}
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +89,92 @@ def test_reuse_replace_refuse(tmp_path):
         make_synthetic_dataset(tmp_path / "x", 0, 1, 48)
 
 
+def test_default_dataset_is_unchanged(tmp_path):
+    out = make_synthetic_dataset(tmp_path / "default", 3, 2, 48, seed=0)
+    digests = {}
+    for path in sorted(out.rglob("*")):
+        if path.suffix == ".png":
+            digests[str(path.relative_to(out))] = hashlib.sha256(np.asarray(Image.open(path)).tobytes()).hexdigest()
+        elif path.parent.name == "annotations":
+            digests[str(path.relative_to(out))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert digests == DEFAULT_DATASET_SHA256
+    named = make_synthetic_dataset(tmp_path / "named", 3, 2, 48, seed=0, classes=SHAPES)
+    assert _files(named) == _files(out)  # naming the default classes is the default
+
+
+def test_class_selection(tmp_path):
+    classes = ("hexagon", "circle", "arrow", "crescent", "diamond")
+    out = make_synthetic_dataset(tmp_path / "picked", 16, 4, 64, seed=1, classes=classes)
+    assert json.loads((out / "synthetic.json").read_text())["classes"] == list(classes)
+    _, train_ann, _, val_ann = synthetic_splits(out)
+    for ann_file in (train_ann, val_ann):
+        data = json.loads(ann_file.read_text())
+        assert data["categories"] == [
+            {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(classes)
+        ]
+        assert {a["category_id"] for a in data["annotations"]} <= set(range(1, len(classes) + 1))
+    train = json.loads(train_ann.read_text())
+    assert {a["category_id"] for a in train["annotations"]} == set(range(1, len(classes) + 1))
+    dataset = CocoDetection(*synthetic_splits(out)[:2])
+    assert dataset.num_classes == len(classes) + 1 and dataset.category_names[1] == "hexagon"
+
+    # same arguments, other classes: the folder is regenerated, not reused
+    make_synthetic_dataset(out, 16, 4, 64, seed=1, classes=("arrow", "star"))
+    data = json.loads(train_ann.read_text())
+    assert [c["name"] for c in data["categories"]] == ["arrow", "star"]
+    assert {a["category_id"] for a in data["annotations"]} == {1, 2}
+
+
+def test_class_selection_is_deterministic(tmp_path):
+    def make(name, seed, classes=NEW_KINDS):
+        return _files(make_synthetic_dataset(tmp_path / name, 6, 2, 48, seed=seed, classes=classes))
+
+    first = make("a", 5)
+    assert make("b", 5) == first
+    assert make("c", 6)["train/000000.png"] != first["train/000000.png"]
+    assert (
+        make("d", 5, NEW_KINDS[::-1])["annotations/instances_train.json"] != first["annotations/instances_train.json"]
+    )
+
+
+def test_bad_classes(tmp_path):
+    with pytest.raises(ValueError, match="unknown shape classes \\['hexagonal'\\]; known shapes: circle, .*arrow"):
+        make_synthetic_dataset(tmp_path / "x", 2, 1, 48, classes=("circle", "hexagonal"))
+    with pytest.raises(ValueError, match="more than once: \\['ring'\\]"):
+        make_synthetic_dataset(tmp_path / "x", 2, 1, 48, classes=("ring", "star", "ring"))
+    with pytest.raises(ValueError, match="at least one"):
+        make_synthetic_dataset(tmp_path / "x", 2, 1, 48, classes=())
+    with pytest.raises(TypeError, match="not the string"):
+        make_synthetic_dataset(tmp_path / "x", 2, 1, 48, classes="hexagon")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="unknown shape 'blob'"):
+        shape_mask("blob", (32, 32), (16.0, 16.0), 10.0, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("kind", NEW_KINDS)
+def test_new_kinds_have_exact_boxes(kind, monkeypatch):
+    """Each new kind draws a non-empty mask, and its annotation is exactly the visible pixels: on a
+    black background with each object filled by its own grey level, every object's pixels span its
+    bbox and count its area."""
+    mask = shape_mask(kind, (64, 64), (32.0, 32.0), 20.0, np.random.default_rng(0))
+    assert mask.sum() > 100
+
+    levels = iter(range(40, 256, 40))
+    monkeypatch.setattr(synthetic_module, "background", lambda canvas, rng: np.zeros((*canvas, 3)))
+    monkeypatch.setattr(synthetic_module, "fill", lambda canvas, color, rng: np.full((*canvas, 3), float(next(levels))))
+    image, objects = render_scene(96, np.random.default_rng(2), (kind,))
+    assert objects and {obj["category_id"] for obj in objects} == {1}
+    pixels = np.asarray(image)[..., 0]
+    for level, obj in zip(range(40, 256, 40), objects):
+        ys, xs = np.nonzero(pixels == level)
+        assert obj["bbox"] == [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]
+        assert obj["area"] == len(xs)
+
+
 def test_boxes_are_exact_pixels():
     rng = np.random.default_rng(0)
-    for kind in SHAPES:
+    assert SHAPE_KINDS[: len(SHAPES)] == SHAPES
+    for kind in SHAPE_KINDS:
         mask = shape_mask(kind, (64, 64), (32.0, 32.0), 20.0, rng)
         ys, xs = np.nonzero(mask)
         # every shape reaches close to its circumcircle and never beyond it

@@ -11,7 +11,13 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from sparse_detr.data import IMAGENET_MEAN, IMAGENET_STD, CropSpec, TransformSizes, build_transforms, scaled_sizes
-from sparse_detr.data.transforms import COCO_SCALES, RandomSizeCrop
+from sparse_detr.data.transforms import (
+    COCO_SCALES,
+    RandomSizeCrop,
+    ShorterSideResize,
+    reference_resize_size,
+    to_model_input,
+)
 
 SMALL = scaled_sizes(64)
 
@@ -56,9 +62,12 @@ def test_boxes_follow_the_pixels(scene, seed, train):
     assert tuple(boxes.canvas_size) == tuple(out.shape[-2:])
     assert len(boxes) == len(out_target["labels"])
     out_height, out_width = out.shape[-2:]
-    assert max(out_height, out_width) <= SMALL.max_size
+    # the reference rule rounds the capped shorter side to the nearest pixel, so the longer side may pass
+    # max_size by up to half the aspect ratio (see the (90, 24, 64, 107) row of REFERENCE_SIZES)
+    longer, shorter = max(out_height, out_width), min(out_height, out_width)
+    assert longer <= SMALL.max_size + (longer + 1) / (2 * shorter)
     white = _unnormalize(out).mean(0) > 0.5
-    if len(boxes) == 0:  # cropped away, or left thinner than a pixel
+    if len(boxes) == 0:  # cropped away (boxes under a pixel are kept)
         assert white.sum() <= 2 * (out_height + out_width)
         return
     x0, y0, x1, y1 = boxes[0].tolist()
@@ -99,6 +108,92 @@ def test_flip_happens_half_the_time():
     torch.manual_seed(0)
     flipped = [transform(image, target)[1]["boxes"][0, 0].item() > 0 for _ in range(200)]
     assert 70 < sum(flipped) < 130
+
+
+# (height, width, size, max_size) -> (new_height, new_width), each worked out by hand with the reference's
+# rule: if longer / shorter * size > max_size then size = round(max_size * shorter / longer); a shorter side
+# equal to size keeps the image; else shorter = size, longer = floor(size * longer / shorter).
+REFERENCE_SIZES = [
+    ((360, 640, 800, 1333), (750, 1333)),  # 1422 > 1333: size round(749.81) = 750, longer floor(1333.3)
+    ((640, 360, 800, 1333), (1333, 750)),  # the same, portrait
+    ((500, 500, 800, 1333), (800, 800)),  # square
+    ((480, 640, 800, 1333), (800, 1066)),  # uncapped: floor(1066.7)
+    ((640, 480, 800, 1333), (1066, 800)),
+    ((800, 1000, 800, 1333), (800, 1000)),  # shorter side already 800: kept
+    ((400, 1333, 800, 1333), (400, 1333)),  # capped to round(400.0) = 400, which it already is: kept
+    ((3, 2, 800, 1333), (1200, 800)),  # tiny image, upscaled
+    ((1, 1, 16, None), (16, 16)),  # no cap
+    ((360, 640, 800, None), (800, 1422)),
+    ((10, 1000, 800, 1333), (13, 1300)),  # extreme: size round(13.33) = 13, longer 1300
+    ((2000, 20, 128, 213), (200, 2)),  # extreme portrait: size round(2.13) = 2
+    ((90, 24, 64, 107), (108, 29)),  # size round(28.53) = 29, longer floor(108.75): one past max_size
+    ((1, 2, 3, 5), (2, 4)),  # round(2.5) = 2: half to even, as Python's round
+    # the tiny preset (scaled_sizes(128): scales 77..128, max 213, crop resizes 64..96)
+    ((120, 160, 128, 213), (128, 170)),  # floor(170.7)
+    ((96, 160, 128, 213), (128, 213)),  # 213.3 > 213: size round(127.8) = 128, longer floor(213.3)
+    ((120, 160, 77, 213), (77, 102)),
+    ((96, 160, 80, None), (80, 133)),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), REFERENCE_SIZES)
+def test_reference_resize_size(args, expected):
+    assert reference_resize_size(*args) == expected
+
+
+def test_eval_resize_rounds_like_the_reference():
+    """torchvision's Resize(800, max_size=1333) makes a 640x360 image 749x1333; the reference 750x1333."""
+    image, target = _scene(640, 360, (0, 0, 640, 360))
+    state = torch.get_rng_state()
+    out, out_target = build_transforms(False)(image, target)
+    assert out.shape == (3, 750, 1333)
+    assert out_target["boxes"].tolist() == [[0.0, 0.0, 1333.0, 750.0]]
+    assert torch.equal(torch.get_rng_state(), state)  # evaluation draws no random numbers
+
+
+def test_train_resizes_round_like_the_reference():
+    """Both branches size by the reference rule (torchvision's rounding would give 127x213 here).
+    A 96x160 image: plain branch 128x213 (see the table); crop branch resizes to 80x133 (table), keeps it
+    whole (the window is capped by the image), then 133 / 80 * 128 = 212.8 <= 213 gives 128x212."""
+    image, target = _scene(160, 96, (10, 10, 30, 40))
+    transform = build_transforms(True, scales=(128,), max_size=213, crop=CropSpec((80,), 1000, 1000))
+    torch.manual_seed(0)
+    shapes = {tuple(transform(image, target)[0].shape[-2:]) for _ in range(30)}
+    assert shapes == {(128, 213), (128, 212)}
+
+
+def test_shorter_side_resize_draws_from_sizes():
+    image = tv_tensors.Image(torch.zeros(3, 96, 160))
+    resize = ShorterSideResize((64, 80, 96), max_size=None)
+    torch.manual_seed(0)
+    shapes = {tuple(resize(image).shape[-2:]) for _ in range(60)}
+    assert shapes == {(64, 106), (80, 133), (96, 160)}
+
+
+def test_sub_pixel_boxes_are_kept_and_empty_ones_removed():
+    """The reference keeps every box of positive width and height, however thin; torchvision's
+    SanitizeBoundingBoxes would also drop the half-pixel one."""
+    image = Image.new("RGB", (40, 40))
+    boxes = [[5.0, 5.0, 5.5, 20.0], [0.0, 0.0, 10.0, 10.0], [30.0, 0.0, 40.0, 10.0], [12.0, 12.0, 28.0, 12.0]]
+    target = {
+        "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(40, 40)),
+        "labels": torch.tensor([1, 2, 3, 4]),
+    }
+    out, out_target = to_model_input()(image, target)
+    assert out_target["boxes"].tolist() == boxes[:3] and out_target["labels"].tolist() == [1, 2, 3]
+    assert isinstance(out_target["boxes"], tv_tensors.BoundingBoxes)
+
+    # a centre crop to the window [10, 30) x [10, 30): the box right of it is cut to zero width and goes
+    # with its label; the one overlapping the window is clipped and the half-pixel one moved
+    crossing = [[5.0, 15.0, 15.0, 25.0], [30.0, 0.0, 40.0, 10.0], [10.2, 12.0, 10.7, 20.0]]
+    target = {
+        "boxes": tv_tensors.BoundingBoxes(crossing, format="XYXY", canvas_size=(40, 40)),
+        "labels": torch.tensor([1, 2, 3]),
+    }
+    out, out_target = v2.Compose([v2.CenterCrop(20), to_model_input()])(image, target)
+    assert out.shape == (3, 20, 20) and out_target["labels"].tolist() == [1, 3]
+    expected = torch.tensor([[0.0, 5.0, 5.0, 15.0], [0.2, 2.0, 0.7, 10.0]])
+    torch.testing.assert_close(out_target["boxes"].as_subclass(torch.Tensor), expected)
 
 
 def test_eval_resize():

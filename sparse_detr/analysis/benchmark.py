@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -17,7 +19,6 @@ from sparse_detr.analysis.reference_figures import (
     reference_preset,
     reference_published_params,
 )
-from sparse_detr.config import get_preset
 
 BENCHMARK_STEM = "benchmark"
 PARTS_STEM = "gflops_by_part"
@@ -56,27 +57,31 @@ def model_specs(
     keep_ratios: Sequence[float] | None = None,
     backbone: str | None = None,
     checkpoint: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> list[ModelSpec]:
     """The benchmark matrix: each preset (or the checkpoint, at most one preset then naming its
-    architecture) once, sparse ones once per keep ratio when ``keep_ratios`` are given."""
+    architecture) once, sparse ones once per keep ratio when ``keep_ratios`` are given; ``overrides``
+    (dotted config fields) change every model."""
+    overrides = dict(overrides or {})
     if checkpoint is not None:
         if len(presets) > 1:
             raise ValueError("with a checkpoint give at most one preset (the architecture for its weights)")
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-        base = ModelSpec(presets[0] if presets else None, None, str(checkpoint))
+        base = ModelSpec(presets[0] if presets else None, None, str(checkpoint), overrides=overrides)
         bases = [(base, base.build().keep_ratio > 0)]  # the file says whether the model can sparsify
     elif not presets:
         raise ValueError("name at least one preset")
     else:
-        bases = [(ModelSpec(name, backbone), get_preset(name, backbone).model.keep_ratio > 0) for name in presets]
+        specs = [ModelSpec(name, backbone, overrides=overrides) for name in presets]
+        bases = [(spec, spec.config().model.keep_ratio > 0) for spec in specs]
     for keep_ratio in keep_ratios or []:
         if not 0 < keep_ratio <= 1:
             raise ValueError(f"keep ratios must be in (0, 1], got {keep_ratio}")
     specs = []
     for base, sparse in bases:
         for keep_ratio in keep_ratios if (keep_ratios and sparse) else [None]:
-            specs.append(ModelSpec(base.preset, base.backbone, base.checkpoint, keep_ratio))
+            specs.append(dataclasses.replace(base, keep_ratio=keep_ratio))
     return specs
 
 

@@ -13,8 +13,9 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,24 +26,30 @@ from sparse_detr.analysis.fps import FpsResult, measure_fps
 class ModelSpec:
     """A model to measure: a preset with random weights (seed 0), or a checkpoint (``preset`` then picks
     another architecture for its weights, see :func:`~sparse_detr.checkpoint.load_model`), at an optional
-    keep ratio."""
+    keep ratio; ``overrides`` are dotted config fields (``{"model.num_queries": 100}``) applied first."""
 
     preset: str | None = None
     backbone: str | None = None
     checkpoint: str | None = None
     keep_ratio: float | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def config(self):
+        """The configuration of a preset model (not of a checkpoint)."""
+        from sparse_detr.config import apply_overrides, get_preset
+
+        return apply_overrides(get_preset(self.preset, self.backbone), self.overrides)
 
     def build(self, device: str | torch.device = "cpu"):
         """The detector, in eval mode on ``device``."""
         from sparse_detr.checkpoint import load_model
-        from sparse_detr.config import get_preset
         from sparse_detr.models import build_model
 
         if self.checkpoint is not None:
-            model = load_model(self.checkpoint, preset=self.preset, map_location=device)
+            model = load_model(self.checkpoint, preset=self.preset, map_location=device, overrides=self.overrides)
         else:
             torch.manual_seed(0)
-            model = build_model(get_preset(self.preset, self.backbone)).to(device)
+            model = build_model(self.config()).to(device)
         if self.keep_ratio is not None:
             model.set_keep_ratio(self.keep_ratio)
         return model.eval()

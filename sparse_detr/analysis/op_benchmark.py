@@ -54,9 +54,7 @@ def op_inputs(shape: OpShape, device: torch.device, dtype: torch.dtype, seed: in
     num_levels = len(shape.level_shapes)
     lq = shape.num_queries or shape.tokens
     spatial_shapes = torch.tensor(shape.level_shapes, dtype=torch.int64)
-    level_start_index = torch.cat(
-        [spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]]
-    )
+    level_start_index = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
     value = torch.randn(n, shape.tokens, m, d, generator=generator)
     reference = torch.rand(n, lq, 1, 1, 1, 2, generator=generator)
     offsets = torch.randn(n, lq, m, num_levels, p, 2, generator=generator) * 0.02
@@ -132,9 +130,7 @@ def run_op_benchmark(
         for device, kernel in devices:
             baseline = None
             for backend in ("pytorch", kernel) if kernel else ("pytorch",):
-                forward_ms, forward_backward_ms = time_backend(
-                    shape, backend, device, _DTYPES[dtype], repeats
-                )
+                forward_ms, forward_backward_ms = time_backend(shape, backend, device, _DTYPES[dtype], repeats)
                 baseline = baseline or (forward_ms, forward_backward_ms)
                 rows.append(
                     {

@@ -16,7 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sparse_detr.config import PRESETS, SALIENCY_CRITERIA, ModelConfig, apply_overrides, get_preset
+from sparse_detr.config import (
+    PRESETS,
+    SALIENCY_CRITERIA,
+    ConfigError,
+    ModelConfig,
+    apply_overrides,
+    check_field,
+    field_names,
+    get_preset,
+    load_toml,
+)
 
 # set by each run, so a sweep may not fix them for all runs
 RUN_MODEL_FIELDS = ("keep_ratio", "saliency_criterion", "use_enc_aux_loss")
@@ -26,7 +36,7 @@ DATA_FIELDS = ("data", "train_images", "train_ann", "val_images", "val_ann")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class SweepError(ValueError):
+class SweepError(ConfigError):
     """A sweep file or option is invalid; the message says which key and what to change."""
 
 
@@ -144,8 +154,8 @@ class Sweep:
         explicit = [getattr(self, key) for key in DATA_FIELDS[1:]]
         if any(explicit) and (self.data is not None or not all(explicit)):
             raise SweepError("give either data (a COCO root) or all of train_images, train_ann, val_images, val_ann")
-        _check_keys("train", self.train, _train_fields(), RUN_TRAIN_FIELDS)
-        _check_keys("model", self.model, [f.name for f in dataclasses.fields(ModelConfig)], RUN_MODEL_FIELDS)
+        _check_table("train", self.train, _train_config_class(), RUN_TRAIN_FIELDS)
+        _check_table("model", self.model, ModelConfig, RUN_MODEL_FIELDS)
         _check_values(self)
         if not self.runs():
             raise SweepError("the sweep has no runs: give rho values, baseline = true or eval_rho")
@@ -195,10 +205,10 @@ class Sweep:
         return list(runs.values())
 
 
-def _train_fields() -> list[str]:
+def _train_config_class() -> type:
     from sparse_detr.engine.train_config import TrainConfig
 
-    return [f.name for f in dataclasses.fields(TrainConfig)]
+    return TrainConfig
 
 
 def _check_values(sweep: Sweep) -> None:
@@ -215,14 +225,19 @@ def _check_values(sweep: Sweep) -> None:
         raise SweepError(f"[model]: {error}") from None
 
 
-def _check_keys(table: str, values: dict[str, Any], known: list[str], reserved: tuple[str, ...]) -> None:
-    for key in values:
+def _check_table(table: str, values: dict[str, Any], cls: type, reserved: tuple[str, ...]) -> None:
+    """Check each key of a ``[train]`` / ``[model]`` table against the fields of ``cls`` (name and type);
+    values are converted in place (an integer for a float field becomes a float)."""
+    known = [name for name in field_names(cls) if name not in reserved]
+    for key, value in values.items():
         if key in reserved:
             raise SweepError(f"[{table}] {key} is set by each run of the sweep and cannot be given")
         if key not in known:
-            raise SweepError(
-                f"unknown key [{table}] {key!r}; known: {', '.join(k for k in known if k not in reserved)}"
-            )
+            raise SweepError(f"unknown key [{table}] {key!r}; known: {', '.join(known)}")
+        try:
+            values[key] = check_field(cls, key, value, f"[{table}] {key}")
+        except ConfigError as error:
+            raise SweepError(str(error)) from None
 
 
 def default_sweep() -> Sweep:
@@ -321,23 +336,11 @@ def sweep_from_dict(data: dict[str, Any], default_name: str = "default") -> Swee
 
 def load_sweep(path: str | Path) -> Sweep:
     """Read a sweep file; any error names the file and the key. The name defaults to the file's stem."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ModuleNotFoundError:
-            raise SweepError(
-                "reading experiment files needs Python 3.11 or the tomli package: pip install tomli"
-            ) from None
-
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise SweepError(f"experiment file not found: {path}") from None
-    except tomllib.TOMLDecodeError as error:
-        raise SweepError(f"{path} is not valid TOML: {error}") from None
+        data = load_toml(path, "experiment file")
+    except ConfigError as error:
+        raise SweepError(str(error)) from None
     try:
         return sweep_from_dict(data, default_name=path.stem)
     except (SweepError, TypeError) as error:

@@ -4,7 +4,8 @@ from sparse_detr.data.annotations import AnnotationFileError, category_label_map
 from sparse_detr.data.coco import CocoDetection, resolve_coco_root
 from sparse_detr.data.collate import collate
 from sparse_detr.data.image_io import ImageLoadError, load_rgb_image
-from sparse_detr.data.synthetic import SHAPES, default_dataset_dir, make_synthetic_dataset, synthetic_splits
+from sparse_detr.data.shapes import SHAPE_KINDS, SHAPES
+from sparse_detr.data.synthetic import default_dataset_dir, make_synthetic_dataset, synthetic_splits
 from sparse_detr.data.transforms import (
     COCO_SCALES,
     IMAGENET_MEAN,
@@ -20,6 +21,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "SHAPES",
+    "SHAPE_KINDS",
     "AnnotationFileError",
     "CocoDetection",
     "CropSpec",

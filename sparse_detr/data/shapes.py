@@ -8,55 +8,135 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
+SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")  # the default dataset's classes, in order
+
+Point = tuple[float, float]
 
 
-def _rotated(points: list[tuple[float, float]], center: tuple[float, float], angle: float) -> list[tuple]:
+def _rotated(points: list[Point], center: Point, angle: float) -> list[tuple]:
     cos, sin = math.cos(angle), math.sin(angle)
     cx, cy = center
     return [(cx + x * cos - y * sin, cy + x * sin + y * cos) for x, y in points]
 
 
-def _regular(count: int, radius: float, start: float = -math.pi / 2) -> list[tuple[float, float]]:
+def _regular(count: int, radius: float, start: float = -math.pi / 2) -> list[Point]:
     return [
         (radius * math.cos(start + 2 * math.pi * k / count), radius * math.sin(start + 2 * math.pi * k / count))
         for k in range(count)
     ]
 
 
+def _disc(center: Point, radius: float) -> list[float]:
+    cx, cy = center
+    return [cx - radius, cy - radius, cx + radius, cy + radius]
+
+
+# Each outline below draws one kind on ``draw`` (a 0/255 "L" canvas) inside the circle of ``radius``
+# around ``center``, turned by ``angle``; its proportions come from ``rng``. The draws of the default
+# kinds must stay as they are: they fix the default dataset's pixels.
+
+
+def _circle(draw: ImageDraw.ImageDraw, center: Point, radius: float, angle: float, rng: np.random.Generator) -> None:
+    draw.ellipse(_disc(center, radius), fill=255)
+
+
+def _ring(draw: ImageDraw.ImageDraw, center: Point, radius: float, angle: float, rng: np.random.Generator) -> None:
+    inner = radius * rng.uniform(0.45, 0.62)
+    draw.ellipse(_disc(center, radius), fill=255)
+    draw.ellipse(_disc(center, inner), fill=0)
+
+
+def _square(draw: ImageDraw.ImageDraw, center: Point, radius: float, angle: float, rng: np.random.Generator) -> None:
+    draw.polygon(_rotated(_regular(4, radius), center, angle), fill=255)
+
+
+def _triangle(draw: ImageDraw.ImageDraw, center: Point, radius: float, angle: float, rng: np.random.Generator) -> None:
+    draw.polygon(_rotated(_regular(3, radius), center, angle), fill=255)
+
+
+def _star(draw: ImageDraw.ImageDraw, center: Point, radius: float, angle: float, rng: np.random.Generator) -> None:
+    outer, inner = _regular(5, radius), _regular(5, radius * rng.uniform(0.38, 0.5), -math.pi / 2 + math.pi / 5)
+    points = [p for pair in zip(outer, inner) for p in pair]
+    draw.polygon(_rotated(points, center, angle), fill=255)
+
+
+def _cross(draw: ImageDraw.ImageDraw, center: Point, radius: float, angle: float, rng: np.random.Generator) -> None:
+    # arm half-width t, arm reach r' so that the corner (t, r') lies on the circumcircle
+    t = radius * rng.uniform(0.2, 0.3)
+    r = math.sqrt(radius**2 - t**2)
+    arms = [(t, r), (t, t), (r, t), (r, -t), (t, -t), (t, -r)]
+    arms += [(-x, -y) for x, y in arms]
+    draw.polygon(_rotated(arms, center, angle), fill=255)
+
+
+def _hexagon(draw: ImageDraw.ImageDraw, center: Point, radius: float, angle: float, rng: np.random.Generator) -> None:
+    draw.polygon(_rotated(_regular(6, radius), center, angle), fill=255)
+
+
+def _diamond(draw: ImageDraw.ImageDraw, center: Point, radius: float, angle: float, rng: np.random.Generator) -> None:
+    # a rhombus clearly narrower than the square (which is the rhombus of equal diagonals)
+    half_width = radius * rng.uniform(0.45, 0.6)
+    points = [(0.0, -radius), (half_width, 0.0), (0.0, radius), (-half_width, 0.0)]
+    draw.polygon(_rotated(points, center, angle), fill=255)
+
+
+def _crescent(draw: ImageDraw.ImageDraw, center: Point, radius: float, angle: float, rng: np.random.Generator) -> None:
+    # a disc with an off-centre disc cut out; at its thickest the crescent is radius - (cut - offset)
+    offset = radius * rng.uniform(0.4, 0.55)
+    cut = radius * rng.uniform(0.75, 0.9)
+    cx, cy = center
+    draw.ellipse(_disc(center, radius), fill=255)
+    draw.ellipse(_disc((cx + offset * math.cos(angle), cy + offset * math.sin(angle)), cut), fill=0)
+
+
+def _arrow(draw: ImageDraw.ImageDraw, center: Point, radius: float, angle: float, rng: np.random.Generator) -> None:
+    # pointing along +x before rotation: tip on the circle, a wide head, a narrow shaft whose tail
+    # corners lie on the circle
+    head_length = radius * rng.uniform(0.7, 0.9)
+    head_half = radius * rng.uniform(0.5, 0.65)
+    shaft_half = radius * rng.uniform(0.15, 0.25)
+    base = radius - head_length
+    tail = -math.sqrt(radius**2 - shaft_half**2)
+    points = [
+        (radius, 0.0),
+        (base, head_half),
+        (base, shaft_half),
+        (tail, shaft_half),
+        (tail, -shaft_half),
+        (base, -shaft_half),
+        (base, -head_half),
+    ]
+    draw.polygon(_rotated(points, center, angle), fill=255)
+
+
+_OUTLINES = {
+    "circle": _circle,
+    "square": _square,
+    "triangle": _triangle,
+    "star": _star,
+    "ring": _ring,
+    "cross": _cross,
+    "hexagon": _hexagon,
+    "diamond": _diamond,
+    "crescent": _crescent,
+    "arrow": _arrow,
+}
+# every kind that can be drawn: the default SHAPES, then extra silhouettes for other class sets
+SHAPE_KINDS = tuple(_OUTLINES)
+
+
 def shape_mask(
-    kind: str, canvas: tuple[int, int], center: tuple[float, float], radius: float, rng: np.random.Generator
+    kind: str, canvas: tuple[int, int], center: Point, radius: float, rng: np.random.Generator
 ) -> np.ndarray:
-    """Boolean (H, W) mask of one ``kind`` of shape with circumradius ``radius`` around ``center``;
-    ``canvas`` is (H, W). Rotation and proportions (star depth, ring hole, cross arms) come from ``rng``."""
+    """Boolean (H, W) mask of one ``kind`` of shape (one of ``SHAPE_KINDS``) with circumradius ``radius``
+    around ``center`` (x, y); ``canvas`` is (H, W). Rotation and proportions (star depth, ring hole,
+    cross arms, ...) come from ``rng``."""
+    if kind not in _OUTLINES:
+        raise ValueError(f"unknown shape {kind!r}; shapes: {SHAPE_KINDS}")
     height, width = canvas
     mask = Image.new("L", (width, height), 0)
-    draw = ImageDraw.Draw(mask)
-    cx, cy = center
     angle = float(rng.uniform(0, 2 * math.pi))
-    if kind == "circle":
-        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=255)
-    elif kind == "ring":
-        inner = radius * rng.uniform(0.45, 0.62)
-        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=255)
-        draw.ellipse([cx - inner, cy - inner, cx + inner, cy + inner], fill=0)
-    elif kind == "square":
-        draw.polygon(_rotated(_regular(4, radius), center, angle), fill=255)
-    elif kind == "triangle":
-        draw.polygon(_rotated(_regular(3, radius), center, angle), fill=255)
-    elif kind == "star":
-        outer, inner = _regular(5, radius), _regular(5, radius * rng.uniform(0.38, 0.5), -math.pi / 2 + math.pi / 5)
-        points = [p for pair in zip(outer, inner) for p in pair]
-        draw.polygon(_rotated(points, center, angle), fill=255)
-    elif kind == "cross":
-        # arm half-width t, arm reach r' so that the corner (t, r') lies on the circumcircle
-        t = radius * rng.uniform(0.2, 0.3)
-        r = math.sqrt(radius**2 - t**2)
-        arms = [(t, r), (t, t), (r, t), (r, -t), (t, -t), (t, -r)]
-        arms += [(-x, -y) for x, y in arms]
-        draw.polygon(_rotated(arms, center, angle), fill=255)
-    else:
-        raise ValueError(f"unknown shape {kind!r}; shapes: {SHAPES}")
+    _OUTLINES[kind](ImageDraw.Draw(mask), center, radius, angle, rng)
     return np.asarray(mask) > 0
 
 

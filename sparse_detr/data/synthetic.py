@@ -1,13 +1,14 @@
 """The built-in dataset: rendered shapes on cluttered backgrounds, written in COCO format.
 
-Six categories (``SHAPES``, ids 1..6) of varied size, colour, texture and rotation, overlapping a
-little, about a third of each image covered by boxes as in COCO. Boxes and areas are the exact
-visible pixels of each drawn shape. Everything follows from the seed: the same arguments give the
-same files. Layout::
+Shapes of varied size, colour, texture and rotation, overlapping a little, about a third of each
+image covered by boxes as in COCO. The categories are the six ``SHAPES`` (ids 1..6) by default, or
+any ordered selection of ``SHAPE_KINDS`` (ids 1..K in that order), e.g. other classes for a
+fine-tuning experiment. Boxes and areas are the exact visible pixels of each drawn shape. Everything
+follows from the seed: the same arguments give the same files. Layout::
 
     out_dir/train/000000.png ...   out_dir/val/...
     out_dir/annotations/instances_train.json, instances_val.json
-    out_dir/synthetic.json          # the arguments; a matching folder is reused as is
+    out_dir/synthetic.json          # the arguments and classes; a matching folder is reused as is
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from sparse_detr.data.shapes import SHAPES, background, fill, random_color, shape_mask
+from sparse_detr.data.shapes import SHAPE_KINDS, SHAPES, background, fill, random_color, shape_mask
+from sparse_detr.utils.cache import user_cache_dir
 
 GENERATOR_VERSION = 1
 DEFAULT_NUM_TRAIN = 500
@@ -33,12 +36,14 @@ MIN_VISIBLE = 0.6  # an object keeps at least this share of its pixels when late
 _SPLIT_CODES = {"train": 0, "val": 1}
 
 
+MANIFEST_NAME = "synthetic.json"  # marks a folder written by make_synthetic_dataset
+
+
 def default_dataset_dir() -> Path:
     """Where ``sdetr train`` keeps the built-in dataset: ``$SDETR_DATA_DIR`` or the user cache."""
     if "SDETR_DATA_DIR" in os.environ:
         return Path(os.environ["SDETR_DATA_DIR"])
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "sparse_detr" / "synthetic-shapes"
+    return user_cache_dir() / "synthetic-shapes"
 
 
 def _place(
@@ -60,8 +65,29 @@ def _place(
     return None
 
 
-def render_scene(image_size: int, rng: np.random.Generator) -> tuple[Image.Image, list[dict[str, Any]]]:
-    """One image (longer side ``image_size``) and its objects as ``{"category_id", "bbox" xywh, "area"}``."""
+def check_classes(classes: Sequence[str] | None) -> tuple[str, ...]:
+    """``classes`` as a tuple (None: ``SHAPES``), after checking it names distinct ``SHAPE_KINDS``."""
+    if classes is None:
+        return SHAPES
+    if isinstance(classes, str):
+        raise TypeError(f"classes must be a sequence of shape names, not the string {classes!r}")
+    classes = tuple(classes)
+    if not classes:
+        raise ValueError(f"classes must name at least one shape; shapes: {', '.join(SHAPE_KINDS)}")
+    unknown = [name for name in classes if name not in SHAPE_KINDS]
+    if unknown:
+        raise ValueError(f"unknown shape classes {unknown}; known shapes: {', '.join(SHAPE_KINDS)}")
+    repeated = sorted({name for name in classes if classes.count(name) > 1})
+    if repeated:
+        raise ValueError(f"shape classes named more than once: {repeated}")
+    return classes
+
+
+def render_scene(
+    image_size: int, rng: np.random.Generator, classes: Sequence[str] = SHAPES
+) -> tuple[Image.Image, list[dict[str, Any]]]:
+    """One image (longer side ``image_size``) and its objects as ``{"category_id", "bbox" xywh, "area"}``;
+    each object is one of ``classes``, whose category id is its position in ``classes`` plus 1."""
     short = int(round(image_size * rng.uniform(0.75, 1.0)))
     height, width = (image_size, short) if rng.uniform() < 0.5 else (short, image_size)
     canvas = (height, width)
@@ -76,8 +102,8 @@ def render_scene(image_size: int, rng: np.random.Generator) -> tuple[Image.Image
     sides = np.sqrt(coverage * weights / max(weights.sum(), 1e-9))
     sides = np.clip(sides, 0.14 * min(canvas), 0.6 * min(canvas))
     for side in sorted(sides, reverse=True):  # big ones first: small ones stay visible on top
-        kind = int(rng.integers(len(SHAPES)))
-        mask = _place(SHAPES[kind], side / 2, canvas, owner, areas, rng)
+        kind = int(rng.integers(len(classes)))
+        mask = _place(classes[kind], side / 2, canvas, owner, areas, rng)
         if mask is None:
             continue
         local = image[mask].mean(0)
@@ -100,12 +126,12 @@ def render_scene(image_size: int, rng: np.random.Generator) -> tuple[Image.Image
     return pixels, objects
 
 
-def _write_split(root: Path, split: str, count: int, image_size: int, seed: int) -> None:
+def _write_split(root: Path, split: str, count: int, image_size: int, seed: int, classes: tuple[str, ...]) -> None:
     (root / split).mkdir(parents=True)
     images, annotations = [], []
     for index in range(count):
         rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
-        image, objects = render_scene(image_size, rng)
+        image, objects = render_scene(image_size, rng, classes)
         file_name = f"{index:06d}.png"
         image.save(root / split / file_name)
         images.append({"id": index + 1, "file_name": file_name, "width": image.width, "height": image.height})
@@ -116,7 +142,7 @@ def _write_split(root: Path, split: str, count: int, image_size: int, seed: int)
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPES)],
+        "categories": [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(classes)],
     }
     (root / "annotations").mkdir(exist_ok=True)
     (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(dataset))
@@ -124,7 +150,7 @@ def _write_split(root: Path, split: str, count: int, image_size: int, seed: int)
 
 def _manifest(path: Path) -> dict | None:
     try:
-        return json.loads((path / "synthetic.json").read_text())
+        return json.loads((path / MANIFEST_NAME).read_text())
     except (OSError, ValueError):
         return None
 
@@ -135,8 +161,13 @@ def make_synthetic_dataset(
     num_val: int = DEFAULT_NUM_VAL,
     image_size: int = DEFAULT_IMAGE_SIZE,
     seed: int = 0,
+    classes: Sequence[str] | None = None,
 ) -> Path:
     """Write the dataset to ``out_dir`` (default :func:`default_dataset_dir`) and return it.
+
+    ``classes`` picks the categories, an ordered selection of distinct ``SHAPE_KINDS`` (ids 1..K in
+    that order); unknown or repeated names raise ValueError. The default, ``SHAPES``, writes the same
+    images and annotations as before the option existed.
 
     A folder already holding this exact dataset is returned untouched; one holding another synthetic
     dataset is replaced; any other non-empty folder is refused. The files are written to a temporary
@@ -146,6 +177,7 @@ def make_synthetic_dataset(
         raise ValueError(f"need at least one train and one val image, got {num_train} and {num_val}")
     if image_size < 32:
         raise ValueError(f"image_size must be at least 32 pixels, got {image_size}")
+    classes = check_classes(classes)
     out = Path(out_dir) if out_dir is not None else default_dataset_dir()
     wanted = {
         "generator_version": GENERATOR_VERSION,
@@ -153,6 +185,7 @@ def make_synthetic_dataset(
         "num_val": num_val,
         "image_size": image_size,
         "seed": seed,
+        "classes": list(classes),
     }
     if _manifest(out) == wanted:
         return out
@@ -162,9 +195,9 @@ def make_synthetic_dataset(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        _write_split(tmp, "train", num_train, image_size, seed)
-        _write_split(tmp, "val", num_val, image_size, seed)
-        (tmp / "synthetic.json").write_text(json.dumps(wanted, indent=2))
+        _write_split(tmp, "train", num_train, image_size, seed, classes)
+        _write_split(tmp, "val", num_val, image_size, seed, classes)
+        (tmp / MANIFEST_NAME).write_text(json.dumps(wanted, indent=2))
         if out.exists():
             if _manifest(out) == wanted:  # another process finished first
                 return out

@@ -3,6 +3,8 @@
 Every pipeline takes ``(image, {"boxes": BoundingBoxes XYXY, "labels": (T,)})`` (PIL or tensor image)
 and returns the image as a normalized float tensor (3, H, W) with the boxes moved, clamped and
 sanitized to match. Sizes default to the COCO recipe; :func:`scaled_sizes` shrinks it for small images.
+Output sizes and the box rule follow the reference implementation (:func:`reference_resize_size`,
+:class:`RemoveEmptyBoxes`), so images come out at the same sizes as in the paper's code.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-import PIL.Image
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -64,10 +65,74 @@ def scaled_sizes(eval_size: int) -> TransformSizes:
     )
 
 
+def reference_resize_size(height: int, width: int, size: int, max_size: int | None = None) -> tuple[int, int]:
+    """``(new_height, new_width)`` with the shorter side ``size`` and the longer side at most ``max_size``,
+    rounded as the reference implementation does.
+
+    The rule: if the aspect ratio would put the longer side past ``max_size``, ``size`` becomes
+    ``round(max_size * shorter / longer)`` (Python's round, half to even; at least 1); an image whose
+    shorter side already is ``size`` keeps its size; otherwise the longer side is
+    ``floor(size * longer / shorter)``. Rounding the capped size up can put the longer side past
+    ``max_size`` by up to half the aspect ratio (90x24 at 64/107 gives 108x29), as in the reference.
+    torchvision's ``Resize(size, max_size=...)`` and ``RandomShortestSize`` scale both sides by one
+    ratio and can land a pixel lower: a 360x640 (h x w) image at 800/1333 is 749x1333 there and
+    750x1333 here.
+    """
+    shorter, longer = min(height, width), max(height, width)
+    if max_size is not None and longer / shorter * size > max_size:
+        size = max(1, round(max_size * shorter / longer))
+    if shorter == size:
+        return height, width
+    scaled = int(size * longer / shorter)
+    return (size, scaled) if height <= width else (scaled, size)
+
+
+class ShorterSideResize(v2.Transform):
+    """Resize image and boxes so the shorter side is a random choice of ``sizes`` and the longer side
+    about at most ``max_size`` (None: unbounded), sized by :func:`reference_resize_size`. With one size it is
+    the deterministic evaluation resize."""
+
+    def __init__(self, sizes: Sequence[int], max_size: int | None = None) -> None:
+        super().__init__()
+        if not sizes:
+            raise ValueError("sizes must name at least one shorter-side size")
+        self.sizes = [int(s) for s in sizes]
+        self.max_size = max_size
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = v2.query_size(flat_inputs)
+        # a single size draws nothing, so evaluation leaves torch's generator alone
+        size = self.sizes[_randint(0, len(self.sizes) - 1)] if len(self.sizes) > 1 else self.sizes[0]
+        return {"size": list(reference_resize_size(height, width, size, self.max_size))}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        # an explicit (h, w) so boxes follow exactly; bilinear + antialias as torchvision's resizes
+        return self._call_kernel(
+            F.resize, inpt, size=params["size"], interpolation=v2.InterpolationMode.BILINEAR, antialias=True
+        )
+
+
+class RemoveEmptyBoxes(v2.Transform):
+    """Drop the boxes of zero (or negative) width or height, with their labels: the reference's rule.
+
+    Unlike :class:`~torchvision.transforms.v2.SanitizeBoundingBoxes`, whose minimum is one pixel, boxes
+    under a pixel (small objects after downscaling) are kept. Takes ``(image, target)`` with
+    ``target["boxes"]`` BoundingBoxes (T, 4), already clamped to the image, and ``target["labels"]`` (T,).
+    """
+
+    def forward(self, *inputs: Any) -> Any:
+        image, target = inputs if len(inputs) > 1 else inputs[0]
+        boxes = target["boxes"]
+        xyxy = F.convert_bounding_box_format(boxes, new_format=tv_tensors.BoundingBoxFormat.XYXY)
+        keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+        kept = tv_tensors.wrap(boxes.as_subclass(torch.Tensor)[keep], like=boxes)
+        return image, {**target, "boxes": kept, "labels": target["labels"][keep]}
+
+
 class RandomSizeCrop(v2.Transform):
     """Crop a window of random height and width in ``[min_size, max_size]`` (capped by the image) at a
     random position. Boxes are clipped to the window; ones left empty are removed by a later
-    :class:`~torchvision.transforms.v2.SanitizeBoundingBoxes`."""
+    :class:`RemoveEmptyBoxes`."""
 
     def __init__(self, min_size: int, max_size: int) -> None:
         super().__init__()
@@ -77,7 +142,7 @@ class RandomSizeCrop(v2.Transform):
         self.max_size = max_size
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        height, width = _canvas_size(flat_inputs)
+        height, width = v2.query_size(flat_inputs)
         crop_height = _randint(min(self.min_size, height), min(self.max_size, height))
         crop_width = _randint(min(self.min_size, width), min(self.max_size, width))
         top = _randint(0, height - crop_height)
@@ -93,24 +158,16 @@ def _randint(low: int, high: int) -> int:
     return int(torch.randint(low, high + 1, ()))
 
 
-def _canvas_size(flat_inputs: list[Any]) -> tuple[int, int]:
-    for inpt in flat_inputs:
-        if isinstance(inpt, (PIL.Image.Image, tv_tensors.Image)):
-            height, width = F.get_size(inpt)
-            return height, width
-    raise TypeError("RandomSizeCrop needs a PIL image or a tv_tensors.Image among its inputs")
-
-
 def to_model_input() -> v2.Compose:
-    """PIL/uint8 image -> float tensor normalized with ImageNet mean/std; empty boxes removed."""
+    """PIL/uint8 image -> float tensor normalized with ImageNet mean/std; boxes clamped to the image
+    and the empty ones removed."""
     return v2.Compose(
         [
             v2.ToImage(),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
             v2.ClampBoundingBoxes(),
-            # drops boxes thinner than one pixel: crops leave empty boxes, and downscaling tiny ones
-            v2.SanitizeBoundingBoxes(),
+            RemoveEmptyBoxes(),  # crops leave empty boxes; sub-pixel ones stay, as in the reference
         ]
     )
 
@@ -129,16 +186,16 @@ def build_transforms(
     ``crop.resize``, random crop) followed by the same multi-scale resize; ``crop`` may be a plain
     ``(resize, min_size, max_size)`` tuple (``resize`` an int or a tuple), and ``None`` keeps only the
     first branch. Eval: shorter side ``eval_size`` (default ``max(scales)``), longer side at most
-    ``max_size``. Both end with :func:`to_model_input`.
+    ``max_size``. Every resize is a :class:`ShorterSideResize`; both end with :func:`to_model_input`.
     """
     if not scales:
         raise ValueError("scales must name at least one shorter-side size")
     scales = [int(s) for s in scales]
     if not train:
         size = eval_size if eval_size is not None else max(scales)
-        return v2.Compose([v2.Resize(size, max_size=max_size), to_model_input()])
+        return v2.Compose([ShorterSideResize([size], max_size), to_model_input()])
 
-    multi_scale = v2.RandomShortestSize(scales, max_size=max_size)
+    multi_scale = ShorterSideResize(scales, max_size)
     if crop is None:
         resize = multi_scale
     else:
@@ -149,7 +206,7 @@ def build_transforms(
                 multi_scale,
                 v2.Compose(
                     [
-                        v2.RandomShortestSize(crop_resize),
+                        ShorterSideResize(crop_resize),
                         RandomSizeCrop(crop.min_size, crop.max_size),
                         multi_scale,
                     ]

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-CHECKPOINT_NAME = "checkpoint.pth"
+from sparse_detr.checkpoint import CHECKPOINT_NAME
 
 
 @dataclass

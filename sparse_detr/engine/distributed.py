@@ -6,11 +6,14 @@ Every helper also works in a single process without a process group (rank 0 of 1
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,16 @@ def init_distributed(device: str | None = None) -> DistInfo:
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
+
+
+def main_first(work: Callable[[], T]) -> T:
+    """``work()`` on rank 0 first, then on the others (which then find what rank 0 downloaded or built)."""
+    if get_rank() != 0:
+        barrier()
+    result = work()
+    if get_rank() == 0:
+        barrier()
+    return result
 
 
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:

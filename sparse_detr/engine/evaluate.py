@@ -17,6 +17,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import nn
 
 from sparse_detr.engine import distributed
+from sparse_detr.engine.sampling import BlockBatchSampler
 from sparse_detr.models import postprocess
 from sparse_detr.utils.io import atomic_write_text
 
@@ -65,8 +66,8 @@ def predict(
                         {
                             "image_id": image_id,
                             "category_id": int(label_to_category_id[label]),
-                            "bbox": [round(v, 2) for v in box],
-                            "score": round(score, 5),
+                            "bbox": box,  # unrounded: COCOeval scores the numbers the model gave
+                            "score": score,
                         }
                     )
     return detections, image_ids
@@ -114,19 +115,16 @@ def evaluate(
     """COCO box metrics of ``model`` on ``data_loader`` (batches of ``collate``: images, mask, targets with
     ``image_id`` and ``orig_size``).
 
-    Distributed: each process predicts its shard, rank 0 merges them (images a padded sampler repeats
-    count once), scores them and writes ``detections_file`` (COCO results JSON); every process returns
-    the same dict ``{AP, AP50, ..., ARl}``.
+    Distributed: each process predicts its block of batches (:func:`build_eval_loader`), rank 0 merges
+    them, scores them and writes ``detections_file`` (COCO results JSON); every process returns the same
+    dict ``{AP, AP50, ..., ARl}``.
     """
     detections, image_ids = predict(model, data_loader, label_to_category_id, device)
     gathered = distributed.gather_to_main((detections, image_ids))
     metrics = None
     if gathered is not None:
-        merged, seen = [], set()
-        for shard_detections, shard_ids in gathered:
-            fresh = set(shard_ids) - seen
-            merged += [d for d in shard_detections if d["image_id"] in fresh]
-            seen |= fresh
+        merged = [detection for shard_detections, _ in gathered for detection in shard_detections]
+        seen = {image_id for _, shard_ids in gathered for image_id in shard_ids}
         if detections_file is not None:
             atomic_write_text(detections_file, json.dumps(merged))
         metrics, _ = coco_metrics(coco_gt, merged, seen)
@@ -149,15 +147,13 @@ def metrics_json(metrics: Mapping[str, float], **extra: Any) -> str:
 
 
 def build_eval_loader(dataset, batch_size: int, workers: int) -> torch.utils.data.DataLoader:
-    """Batches of ``dataset`` in order; under ``torchrun`` each process takes its share."""
+    """Batches of ``dataset`` in order; under ``torchrun`` each process takes a contiguous block of them
+    (:class:`~sparse_detr.engine.sampling.BlockBatchSampler`), so every image shares its batch with the
+    same images as in one process, and distributed evaluation gives the single-process numbers."""
     from sparse_detr.data import collate
 
-    sampler = None
-    if distributed.is_initialized():
-        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate
-    )
+    batches = BlockBatchSampler(len(dataset), batch_size, distributed.get_rank(), distributed.get_world_size())
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate)
 
 
 def evaluate_checkpoint(
@@ -171,11 +167,14 @@ def evaluate_checkpoint(
     device: str | None = None,
     workers: int = 2,
     trust_checkpoint: bool = False,
+    overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, float]:
     """Evaluate a checkpoint file (this project's or a released one) on a COCO-format split.
 
     Args:
         keep_ratio: the encoder keep ratio ρ at inference instead of the checkpoint's.
+        overrides: dotted config fields applied to the stored configuration before loading (see
+            :func:`~sparse_detr.checkpoint.load_model`).
         image_size: shorter side of the evaluation images; default the size the run was trained for
             (its ``train_config.image_size``), else 800 as in COCO.
         output_dir: where ``eval_<name>.json`` (the metrics) and ``detections_<name>.json`` (COCO
@@ -193,7 +192,9 @@ def evaluate_checkpoint(
     if image_size is None:
         stored = read_checkpoint(checkpoint, trust_checkpoint=trust_checkpoint).get("train_config") or {}
         image_size = int(stored.get("image_size", 800))
-    model = load_model(checkpoint, map_location=info.device, trust_checkpoint=trust_checkpoint)
+    model = load_model(checkpoint, map_location=info.device, trust_checkpoint=trust_checkpoint, overrides=overrides)
+    if keep_ratio == model.keep_ratio:
+        keep_ratio = None  # the trained keep ratio: the plain file names
     if keep_ratio is not None:
         model.set_keep_ratio(keep_ratio)
     dataset = CocoDetection(val_images, val_ann, build_transforms(False, **scaled_sizes(image_size)._asdict()))

@@ -1,4 +1,5 @@
-"""What a run reports: JSON-lines metrics (and TensorBoard when installed), and progress on the console.
+"""What a run reports: JSON-lines metrics (and, when asked, TensorBoard event files), and progress on the
+console.
 
 Only rank 0 reports; the other processes get inactive objects.
 """
@@ -12,23 +13,35 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from sparse_detr.config import ConfigError
+
+
+def require_tensorboard() -> None:
+    """Raise :class:`~sparse_detr.config.ConfigError` (one line, how to install it) without TensorBoard."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "--tensorboard needs the tensorboard package: pip install 'sparse-detr[tensorboard]'"
+        ) from None
+
 
 class MetricsLog:
-    """Appends one JSON object per record to ``metrics.jsonl``; mirrors numbers to TensorBoard if the
-    ``tensorboard`` package is installed. A resumed run appends after the killed run's lines, so a
-    step may appear twice (the later line is the one the resumed run continues from)."""
+    """Appends one JSON object per record to ``metrics.jsonl``; with ``tensorboard``, also writes every
+    number to TensorBoard event files in ``<output_dir>/tensorboard`` (``train/loss``, ``eval/AP``, …).
+    A resumed run appends after the killed run's lines, so a step may appear twice (the later line is the
+    one the resumed run continues from)."""
 
-    def __init__(self, output_dir: str | Path, active: bool = True):
+    def __init__(self, output_dir: str | Path, active: bool = True, tensorboard: bool = False):
         self.active = active
         self.path = Path(output_dir) / "metrics.jsonl"
         self.writer = None
         if active:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            try:
+            if tensorboard:
+                require_tensorboard()
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # optional dependency
-                pass
-            else:
+
                 self.writer = SummaryWriter(str(self.path.parent / "tensorboard"))
 
     def write(self, record: dict[str, Any], step: int, prefix: str = "train") -> None:
@@ -40,7 +53,7 @@ class MetricsLog:
         if self.writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("epoch", "step"):
-                    self.writer.add_scalar(f"{prefix}/{key}", value, step)
+                    self.writer.add_scalar(f"{prefix}/{key.removeprefix(prefix + '_')}", value, step)
             self.writer.flush()
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ was interrupted: a resumed epoch skips the batches already done and continues ex
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -65,6 +66,27 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         for b in range(self.skip, self.num_batches):
             batch = indices[b * self.batch_size : (b + 1) * self.batch_size]
             yield [(i, sample_seed(self.seed, self.epoch, i)) for i in batch]
+
+
+class BlockBatchSampler(Sampler[list[int]]):
+    """Evaluation batches: ``batch_size`` consecutive indices of ``0..size-1`` in order (the last batch may be
+    smaller), and with ``world_size`` processes, process ``rank`` takes the ``rank``-th contiguous block of
+    those batches (the blocks differ by at most one batch; none is repeated).
+
+    Which images share a batch changes a sparse model's output (the padding, and so the tokens kept), so
+    the batches are the ones a single process forms, however many processes share them.
+    """
+
+    def __init__(self, size: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        num_batches = math.ceil(size / batch_size)
+        start, stop = (num_batches * r // world_size for r in (rank, rank + 1))
+        self.batches = [list(range(b * batch_size, min((b + 1) * batch_size, size))) for b in range(start, stop)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
 
 
 class SeededSamples(Dataset):

@@ -23,6 +23,10 @@ class TrainConfig:
     ``image_size / 800`` (see :func:`sparse_detr.data.scaled_sizes`). ``checkpoint_every_iters`` counts
     optimizer steps (0: only at the end of each epoch). ``iters_per_epoch`` caps the batches of an epoch
     (None: the whole training set), for quick runs and tests.
+
+    ``init`` starts a new run from the weights of a checkpoint (a file, run folder or zoo name: fine-tuning,
+    see :mod:`sparse_detr.engine.finetune`) instead of the backbone's pretrained weights; ``resume``
+    continues a run. ``tensorboard`` mirrors ``metrics.jsonl`` to TensorBoard event files.
     """
 
     epochs: int = 50
@@ -42,6 +46,7 @@ class TrainConfig:
     workers: int = 2
     image_size: int = 800
     iters_per_epoch: int | None = None
+    init: str | None = None
     checkpoint_every_iters: int = 0
     eval_every_epochs: int = 1
     eval_batch_size: int | None = None
@@ -50,6 +55,7 @@ class TrainConfig:
     auto_resume: bool = True
     device: str | None = None
     log_every: int = 20
+    tensorboard: bool = False
     find_unused_parameters: bool = True
 
     def __post_init__(self) -> None:
@@ -58,6 +64,12 @@ class TrainConfig:
         self.output_dir = str(self.output_dir)
         if self.resume is not None:
             self.resume = str(self.resume)
+        if self.init is not None:
+            self.init = str(self.init)
+            if self.resume is not None:
+                raise ValueError(
+                    "init starts a new run from a checkpoint's weights and resume continues a run: give one"
+                )
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         positive = ("epochs", "lr_drop", "batch_size", "grad_accum", "image_size", "eval_every_epochs", "log_every")

@@ -12,6 +12,7 @@ import json
 import math
 import time
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,14 @@ from torch.utils.data import DataLoader
 
 from sparse_detr.checkpoint import read_checkpoint, save_checkpoint
 from sparse_detr.config import Config, config_to_dict
+from sparse_detr.data.source import DataSource
 from sparse_detr.engine import distributed
 from sparse_detr.engine.checkpointing import CHECKPOINT_NAME, Position, find_resume_path, rng_state, set_rng_state
 from sparse_detr.engine.evaluate import METRIC_KEYS, build_eval_loader, evaluate, format_metrics, metrics_json
-from sparse_detr.engine.logging import MetricsLog, Progress
+from sparse_detr.engine.initialization import InitialWeights, init_from_checkpoint, resolve_initial_weights
+from sparse_detr.engine.logging import MetricsLog, Progress, require_tensorboard
 from sparse_detr.engine.optim import build_optimizer, build_scheduler
+from sparse_detr.engine.run_config import CONFIG_FILE_NAME, RunConfig
 from sparse_detr.engine.sampling import EpochBatchSampler, SeededSamples
 from sparse_detr.engine.train_config import TrainConfig, train_config_to_dict
 from sparse_detr.models import build_criterion, build_model
@@ -51,24 +55,38 @@ def build_datasets(train_images, train_ann, val_images, val_ann, image_size: int
     return train_set, val_set
 
 
-def train(model_config: Config, train_config: TrainConfig, train_set, val_set) -> dict[str, float]:
+def train(
+    model_config: Config,
+    train_config: TrainConfig,
+    train_set,
+    val_set,
+    initial_weights: InitialWeights | None = None,
+) -> dict[str, float]:
     """Train ``model_config`` on ``train_set``, evaluate on ``val_set``, and return the final COCO metrics.
 
     ``train_set`` / ``val_set`` are ``CocoDetection``-like: samples ``(image, target)``, attributes
-    ``num_classes``, ``label_to_category_id`` and (``val_set``) ``coco``. The model's ``num_classes``
-    is set from the training set. Writes to ``train_config.output_dir``: ``config.json``,
+    ``num_classes``, ``label_to_category_id``, ``category_names`` and (``val_set``) ``coco``. The model's
+    ``num_classes`` is set from the training set. A new run starts from ``initial_weights`` (default: what
+    :func:`~sparse_detr.engine.initialization.resolve_initial_weights` finds for ``model_config`` and
+    ``train_config.init``: the backbone's pretrained weights, or the checkpoint to fine-tune). Writes to
+    ``train_config.output_dir``: ``config.toml`` (the resolved configuration), ``initial_weights.json``,
     ``metrics.jsonl``, ``checkpoint.pth``, ``eval_epoch{N}.json``, ``detections_epoch{N}.json`` and
     ``metrics_final.json``. Resumes from ``train_config.resume`` or, with ``auto_resume``, from the
     folder's own checkpoint. Raises :class:`NonFiniteLossError` if the loss diverges.
     """
     info = distributed.init_distributed(train_config.device)
     progress = Progress(info.is_main, train_config.log_every)
+    if train_config.tensorboard:
+        require_tensorboard()
     if model_config.model.num_classes != train_set.num_classes:
         progress.message(f"num_classes: {train_set.num_classes} (from the training set's categories)")
         model_config = dataclasses.replace(
             model_config, model=dataclasses.replace(model_config.model, num_classes=train_set.num_classes)
         )
-    run = _Run(model_config, train_config, train_set, val_set, info, progress)
+    resume_path = find_resume_path(train_config.output_dir, train_config.resume, train_config.auto_resume)
+    if resume_path is None and initial_weights is None:
+        initial_weights = distributed.main_first(lambda: resolve_initial_weights(model_config, train_config.init))
+    run = _Run(model_config, train_config, train_set, val_set, info, progress, resume_path, initial_weights)
     try:
         return run.fit()
     finally:
@@ -78,7 +96,17 @@ def train(model_config: Config, train_config: TrainConfig, train_set, val_set) -
 class _Run:
     """State of one training run: model, optimizer, data, position and reports."""
 
-    def __init__(self, model_config: Config, config: TrainConfig, train_set, val_set, info, progress: Progress):
+    def __init__(
+        self,
+        model_config: Config,
+        config: TrainConfig,
+        train_set,
+        val_set,
+        info,
+        progress: Progress,
+        resume_path: Path | None,
+        initial_weights: InitialWeights | None,
+    ):
         self.config, self.info, self.progress = config, info, progress
         self.device = info.device
         self.output_dir = Path(config.output_dir)
@@ -90,13 +118,21 @@ class _Run:
             label: {"id": int(cid), "name": train_set.category_names[label]}
             for label, cid in train_set.label_to_category_id.items()
         }
-        resume_path = find_resume_path(self.output_dir, config.resume, config.auto_resume)
         checkpoint = read_checkpoint(resume_path, map_location="cpu") if resume_path else None
         if checkpoint is not None:
             _check_same_model(checkpoint["config"], model_config, resume_path)
+            self.initial_weights = checkpoint.get("initial_weights")
+        else:
+            self.initial_weights = initial_weights.to_dict()
 
         torch.manual_seed(config.seed + info.rank)
-        self.model = build_model(model_config).to(self.device)
+        backbone_weights = initial_weights.backbone if checkpoint is None else None
+        self.model = build_model(model_config, backbone_weights).to(self.device)
+        if checkpoint is None and initial_weights.checkpoint is not None:
+            init = initial_weights.checkpoint
+            report = init_from_checkpoint(self.model, init.file, train_set.category_names)
+            for line in report.lines(f"{init.source} ({init.file}, sha256 {init.sha256[:12]})"):
+                progress.message(line)
         self.criterion = build_criterion(model_config).to(self.device)
         self.optimizer = build_optimizer(self.model, config, info.world_size)
         self.scheduler = build_scheduler(self.optimizer, config)
@@ -133,10 +169,11 @@ class _Run:
             generator=torch.Generator().manual_seed(config.seed),
         )
         self.val_loader = build_eval_loader(val_set, config.batch_size_eval, config.workers)
-        self.log = MetricsLog(self.output_dir, info.is_main)
+        self.log = MetricsLog(self.output_dir, info.is_main, config.tensorboard)
         if info.is_main:
-            run_config = {"model": config_to_dict(model_config), "train": train_config_to_dict(config)}
-            atomic_write_text(self.output_dir / "config.json", json.dumps(run_config, indent=2))
+            run_config = RunConfig(model_config, config, _data_source(train_set, val_set))
+            atomic_write_text(self.output_dir / CONFIG_FILE_NAME, run_config.to_toml())
+            atomic_write_text(self.output_dir / "initial_weights.json", json.dumps(self.initial_weights, indent=2))
 
     def _restore(self, checkpoint: dict[str, Any], path: Path) -> None:
         self.model.load_state_dict(checkpoint["model"])
@@ -188,45 +225,63 @@ class _Run:
         return epochs_done % self.config.eval_every_epochs == 0 or epochs_done == self.config.epochs
 
     def _train_epoch(self, epoch: int) -> None:
+        """One epoch from the current position: each optimizer step accumulates ``grad_accum`` batches."""
         config = self.config
         skip = self.position.iteration if epoch == self.position.epoch else 0
         self.batches.set_epoch(epoch, skip)
         self.train_model.train()
         self.progress.start_epoch(epoch, config.epochs, self.batches.num_batches, skip)
         window: dict[str, float] = defaultdict(float)
-        window_batches, tic = 0, time.perf_counter()
+        window_steps, tic = 0, time.perf_counter()
         data_tic = tic
-        for iteration, (images, mask, targets) in enumerate(self.train_loader, start=skip):
+        for first, group in _step_groups(enumerate(self.train_loader, start=skip), config.grad_accum):
             window["data_time"] += time.perf_counter() - data_tic
-            images, mask = images.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
-            targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
-            steps_now = (iteration + 1) % config.grad_accum == 0
-            losses, loss = self._forward_backward(images, mask, targets, epoch, iteration, steps_now)
-            for key, value in losses.items():
-                window[key] += float(value)
-            window["loss"] += float(loss)
-            window_batches += 1
-            if steps_now:
-                window["grad_norm"] += self._optimizer_step() * config.grad_accum
-                self.position = Position(epoch, iteration + 1, self.position.step + 1)
-                lr = self.optimizer.param_groups[0]["lr"]
-                self.progress.update(iteration + 1, float(loss), lr)
-                if self.position.step % config.log_every == 0 or iteration + 1 == self.batches.num_batches:
-                    elapsed = time.perf_counter() - tic
-                    self._log_window(window, window_batches, elapsed)
-                    window, window_batches, tic = defaultdict(float), 0, time.perf_counter()
-                every = config.checkpoint_every_iters
-                if every and self.position.step % every == 0 and iteration + 1 < self.batches.num_batches:
-                    self._save()
+            group = [self._to_device(batch) for batch in group]
+            num_boxes = _accumulated_num_boxes([targets for _, _, targets in group], self.device)
+            step_losses: dict[str, float] = defaultdict(float)
+            for index, (images, mask, targets) in enumerate(group):
+                last = index == len(group) - 1
+                losses = self._forward_backward(images, mask, targets, num_boxes, epoch, first + index, last)
+                for key, value in losses.items():
+                    # the batches' losses add up to the step's; log-only metrics are averaged
+                    additive = key == "loss" or key in self.criterion.weight_dict
+                    step_losses[key] += value if additive else value / len(group)
+            for key, value in step_losses.items():
+                window[key] += value
+            window["grad_norm"] += self._optimizer_step()
+            window_steps += 1
+            iteration = first + len(group)
+            self.position = Position(epoch, iteration, self.position.step + 1)
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.progress.update(iteration, step_losses["loss"], lr)
+            if self.position.step % config.log_every == 0 or iteration == self.batches.num_batches:
+                self._log_window(window, window_steps, time.perf_counter() - tic)
+                window, window_steps, tic = defaultdict(float), 0, time.perf_counter()
+            every = config.checkpoint_every_iters
+            if every and self.position.step % every == 0 and iteration < self.batches.num_batches:
+                self._save()
             data_tic = time.perf_counter()
         self.progress.end_epoch()
 
-    def _forward_backward(self, images, mask, targets, epoch: int, iteration: int, steps_now: bool):
-        """Weighted loss of one batch, backpropagated (scaled for fp16 and accumulation)."""
+    def _to_device(self, batch):
+        images, mask, targets = batch
+        device = self.device
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+        return images.to(device, non_blocking=True), mask.to(device, non_blocking=True), targets
+
+    def _forward_backward(
+        self, images, mask, targets, num_boxes: float, epoch: int, iteration: int, steps_now: bool
+    ) -> dict[str, float]:
+        """Backpropagate one batch's share of the step's weighted loss (scaled for fp16); returns its
+        losses and metrics as floats, ``loss`` being the weighted sum.
+
+        ``num_boxes`` counts the target boxes of the whole step (all its batches, averaged over processes),
+        so that the batches' losses add up to the loss of one large batch.
+        """
         amp = self.config.amp
         with torch.autocast(self.device.type, dtype=AMP_DTYPES.get(amp, torch.float32), enabled=amp is not None):
             outputs = self.train_model(images, mask)
-        losses = self.criterion(_to_float32(outputs), targets)
+        losses = self.criterion(_to_float32(outputs), targets, num_boxes, batch_share=1 / self.config.grad_accum)
         weights = self.criterion.weight_dict
         loss = sum(weights[k] * losses[k] for k in weights)
         if distributed.any_process(not bool(torch.isfinite(loss)), self.device):
@@ -234,8 +289,8 @@ class _Run:
         # gradients are averaged across processes only on the batch that steps
         sync = self.ddp.no_sync() if self.ddp is not None and not steps_now else contextlib.nullcontext()
         with sync:
-            self.scaler.scale(loss / self.config.grad_accum).backward()
-        return {k: v.detach() for k, v in losses.items()}, loss.detach()
+            self.scaler.scale(loss).backward()
+        return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
 
     def _optimizer_step(self) -> float:
         """Unscale, clip (``clip_max_norm``; 0 = no clipping), step; returns the gradient norm."""
@@ -266,10 +321,9 @@ class _Run:
             return f"the last good checkpoint {self.checkpoint_path} is kept"
         return "no checkpoint had been written yet"
 
-    def _log_window(self, window: dict[str, float], batches: int, elapsed: float) -> None:
-        means = {k: v / batches for k, v in window.items()}
+    def _log_window(self, window: dict[str, float], steps: int, elapsed: float) -> None:
+        means = {k: v / steps for k, v in window.items()}
         means = distributed.all_reduce_mean(means, self.device)
-        steps = batches / self.config.grad_accum
         record = {"epoch": self.position.epoch + 1, "iteration": self.position.iteration, "step": self.position.step}
         for group in self.optimizer.param_groups:
             record["lr" if group["name"] == "default" else f"lr_{group['name']}"] = group["lr"]
@@ -294,6 +348,7 @@ class _Run:
                 sampler={"seed": self.config.seed},
                 train_config=train_config_to_dict(self.config),
                 categories=self.categories,
+                initial_weights=self.initial_weights,
             )
         distributed.barrier()
 
@@ -320,6 +375,38 @@ class _Run:
             self.log.write(record, self.position.step, "eval")
             self.progress.message(f"epoch {epochs_done}: AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}")
         return metrics
+
+
+def _data_source(train_set, val_set) -> DataSource:
+    """Where CocoDetection-like sets read from (an empty source for other datasets)."""
+    try:
+        return DataSource(
+            train_images=str(train_set.images_dir),
+            train_ann=str(train_set.annotations_file),
+            val_images=str(val_set.images_dir),
+            val_ann=str(val_set.annotations_file),
+        )
+    except AttributeError:
+        return DataSource()
+
+
+def _step_groups(batches: Iterable[tuple[int, Any]], size: int) -> Iterator[tuple[int, list[Any]]]:
+    """``(first iteration, [batch, ...])`` for each run of ``size`` consecutive ``(iteration, batch)``
+    pairs: the batches of one optimizer step (the sampler serves whole steps)."""
+    group, first = [], 0
+    for iteration, batch in batches:
+        if not group:
+            first = iteration
+        group.append(batch)
+        if len(group) == size:
+            yield first, group
+            group = []
+
+
+def _accumulated_num_boxes(step_targets: list[list[dict[str, torch.Tensor]]], device: torch.device) -> float:
+    """Target boxes of one optimizer step (over its batches, averaged over processes), at least 1."""
+    count = sum(len(target["labels"]) for targets in step_targets for target in targets)
+    return max(distributed.all_reduce_mean({"boxes": float(count)}, device)["boxes"], 1.0)
 
 
 def _to_float32(outputs):

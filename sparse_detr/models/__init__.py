@@ -1,6 +1,12 @@
 """Deformable DETR and Sparse DETR: the model, its parts, the criterion and post-processing."""
 
 from sparse_detr.models.attention_map import attention_coverage, decoder_attention_map, fill_padded_tokens
+from sparse_detr.models.backbone_weights import (
+    BackboneWeights,
+    WeightsUnavailableError,
+    check_backbone_trainable,
+    resolve_backbone_weights,
+)
 from sparse_detr.models.criterion import SetCriterion, build_criterion, build_weight_dict
 from sparse_detr.models.deformable_attention import MSDeformAttn
 from sparse_detr.models.detector import DeformableDETR, build_model, pad_images
@@ -8,16 +14,20 @@ from sparse_detr.models.matcher import HungarianMatcher
 from sparse_detr.models.postprocess import postprocess
 
 __all__ = [
+    "BackboneWeights",
     "DeformableDETR",
     "HungarianMatcher",
     "MSDeformAttn",
     "SetCriterion",
+    "WeightsUnavailableError",
     "attention_coverage",
     "build_criterion",
     "build_model",
     "build_weight_dict",
+    "check_backbone_trainable",
     "decoder_attention_map",
     "fill_padded_tokens",
     "pad_images",
     "postprocess",
+    "resolve_backbone_weights",
 ]

@@ -104,17 +104,25 @@ class SetCriterion(nn.Module):
         target = torch.zeros_like(token_scores).scatter_(1, top_tokens, is_kept.to(token_scores.dtype))
         return F.binary_cross_entropy_with_logits(token_scores, target)
 
-    def forward(self, outputs: dict, targets: Targets) -> dict[str, torch.Tensor]:
+    def forward(
+        self, outputs: dict, targets: Targets, num_boxes: float | None = None, batch_share: float = 1.0
+    ) -> dict[str, torch.Tensor]:
         """Compute every loss the outputs allow.
 
         Args:
             outputs: the model's output dict (see :class:`SetCriterion` for the keys used).
             targets: N dicts with ``labels`` (T_i,) int64 and ``boxes`` (T_i, 4) normalized cxcywh.
+            num_boxes: the box count that normalizes the detection losses; default this batch's
+                (averaged over processes, at least 1).
+            batch_share: this batch's share of the images of one optimizer step; the per-token mean of
+                ``loss_mask_prediction`` is scaled by it. With gradient accumulation, ``num_boxes`` (the
+                whole step's) and ``batch_share`` make the batches' losses add up to one large batch's.
 
         Returns:
             Unweighted losses and metrics by name.
         """
-        num_boxes = _average_num_boxes(targets, outputs["pred_logits"].device)
+        if num_boxes is None:
+            num_boxes = _average_num_boxes(targets, outputs["pred_logits"].device)
         losses, indices = self.detection_losses(outputs, targets, num_boxes)
         losses["class_error"] = _class_error(outputs["pred_logits"], targets, indices)
 
@@ -128,6 +136,8 @@ class SetCriterion(nn.Module):
             losses.update(self.detection_losses(output_set, targets, num_boxes, suffix)[0])
 
         losses.update(self.token_losses(outputs))
+        if "loss_mask_prediction" in losses:
+            losses["loss_mask_prediction"] = losses["loss_mask_prediction"] * batch_share
         return losses
 
     def token_losses(self, outputs: dict) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,9 @@ from sparse_detr.models.backbone import build_backbone
 from sparse_detr.models.heads import build_heads
 from sparse_detr.models.position_encoding import sine_position_encoding
 from sparse_detr.models.transformer import DeformableTransformer
+
+if TYPE_CHECKING:
+    from sparse_detr.models.backbone_weights import BackboneWeights
 
 
 def pad_images(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,16 +69,17 @@ class DeformableDETR(nn.Module):
     ``config`` keeps the value the model was built with.
     """
 
-    def __init__(self, config: Config, backbone: nn.Module | None = None):
-        """``backbone`` replaces the one ``config.model`` describes (for tests with a stand-in)."""
+    def __init__(
+        self, config: Config, backbone: nn.Module | None = None, backbone_weights: BackboneWeights | None = None
+    ):
+        """``backbone`` replaces the one ``config.model`` describes (for tests with a stand-in); otherwise
+        that one is built from ``backbone_weights`` when given, randomly initialized when not."""
         super().__init__()
         self.config = config
         model = config.model
         hidden_dim = model.hidden_dim
         self.transformer = DeformableTransformer(model)
-        num_heads = (
-            model.dec_layers + int(model.two_stage) + (model.enc_layers - 1) * int(model.use_enc_aux_loss)
-        )
+        num_heads = model.dec_layers + int(model.two_stage) + (model.enc_layers - 1) * int(model.use_enc_aux_loss)
         # as in the reference: one shared head pair unless boxes are refined or the encoder has aux heads
         shared = not (model.with_box_refine or model.use_enc_aux_loss)
         self.class_embed, self.bbox_embed = build_heads(
@@ -83,10 +88,8 @@ class DeformableDETR(nn.Module):
         if not model.two_stage:
             self.query_embed = nn.Embedding(model.num_queries, 2 * hidden_dim)
         if backbone is None:
-            backbone = build_backbone(model)
-        self.input_proj = _input_projections(
-            list(backbone.num_channels), hidden_dim, model.num_feature_levels
-        )
+            backbone = build_backbone(model, backbone_weights)
+        self.input_proj = _input_projections(list(backbone.num_channels), hidden_dim, model.num_feature_levels)
         self.backbone = nn.ModuleList([backbone])
         self.num_heads = num_heads
 
@@ -168,7 +171,9 @@ class DeformableDETR(nn.Module):
         return out
 
 
-def build_model(config: Config) -> DeformableDETR:
-    """The detector ``config`` describes, randomly initialized (backbone weights per
-    ``config.model.pretrained_backbone``)."""
-    return DeformableDETR(config)
+def build_model(config: Config, backbone_weights: BackboneWeights | None = None) -> DeformableDETR:
+    """The detector ``config`` describes, randomly initialized but for the backbone, which starts from
+    ``backbone_weights`` when given. ``config.model.pretrained_backbone`` is not read here:
+    ``build_model(config, resolve_backbone_weights(config.model))`` starts from the configured pretrained
+    backbone (see :mod:`sparse_detr.models.backbone_weights`)."""
+    return DeformableDETR(config, backbone_weights=backbone_weights)

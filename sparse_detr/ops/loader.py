@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from sparse_detr.ops import library  # noqa: F401  (defines the op schema the kernels register into)
+from sparse_detr.utils.cache import user_cache_dir
 
 CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
 COMPILED_BACKENDS = ("cpu", "cuda")
@@ -47,11 +48,11 @@ _loaded: dict[str, BackendStatus] = {}
 
 
 def cache_root() -> Path:
-    """``$TORCH_EXTENSIONS_DIR`` if set, else ``$XDG_CACHE_HOME/sparse_detr`` (``~/.cache/sparse_detr``)."""
+    """``$TORCH_EXTENSIONS_DIR/sparse_detr`` if set, else ``<user cache>/torch_extensions``
+    (``~/.cache/sparse_detr/torch_extensions``)."""
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
         return Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "sparse_detr"
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg) / "sparse_detr" / "torch_extensions"
+    return user_cache_dir() / "torch_extensions"
 
 
 def _cuda_arch_list() -> str:

@@ -1,0 +1,232 @@
+"""The released Sparse DETR checkpoints by name: the registry, their download into the user cache, and
+the resolution of a ``--checkpoint`` value (a file, a run folder or a zoo name).
+
+The 15 files of the kakaobrain/sparse-detr README are 50-epoch COCO 2017 models (91 class slots) with
+top-k queries and box refinement: an R50 (ImageNet backbone), a Swin-T and an R50 whose backbone started
+from SCRL self-supervised weights, each at ρ = 0.1 … 0.5. A download is checked to load as the entry's
+model before it takes its name in the cache, so the cache holds only whole, verified files.
+"""
+
+from __future__ import annotations
+
+import http.client
+import math
+import os
+import time
+import urllib.error
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch.hub
+
+from sparse_detr.checkpoint import CHECKPOINT_NAME, load_model
+from sparse_detr.config import KEEP_RATIOS
+from sparse_detr.utils.cache import user_cache_dir
+from sparse_detr.utils.io import atomic_write
+
+if TYPE_CHECKING:
+    import pandas
+
+RELEASE_URL = "https://arena.kakaocdn.net/brainrepo/sparse_detr/"
+# a download in progress writes every few seconds; temp files untouched for longer were left by a killed one
+STALE_DOWNLOAD_SECONDS = 600
+ZOO_NOTE = (
+    "AP, params, GFLOPs and batch-4 FPS as the kakaobrain/sparse-detr README reports them; the SCRL models "
+    "have the R50 architecture, so their params, GFLOPs and FPS are the R50 rows' (the README lists only AP)"
+)
+
+
+class CheckpointUnavailableError(RuntimeError):
+    """A zoo checkpoint that is not cached could not be downloaded (offline, HTTP error, …)."""
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """A released checkpoint: its file, the preset and backbone it is, and the README's numbers
+    (COCO AP, millions of parameters, GFLOPs, frames per second at batch size 4)."""
+
+    name: str
+    file_name: str
+    preset: str
+    backbone: str  # "r50" or "swin-t", as ModelConfig.backbone
+    backbone_init: str  # what the backbone was trained from before COCO: "imagenet" or "scrl"
+    keep_ratio: float
+    ap: float
+    params_m: float
+    gflops: float
+    fps: float
+
+    @property
+    def url(self) -> str:
+        """The file's link under :func:`zoo_url` (read now, so a changed ``SDETR_ZOO_URL`` applies)."""
+        return f"{zoo_url().rstrip('/')}/{self.file_name}"
+
+
+def _release_family(
+    tag: str,
+    backbone: str,
+    backbone_init: str,
+    aps: tuple[float, ...],
+    params_m: float,
+    gflops: tuple[float, ...],
+    fps: tuple[float, ...],
+) -> dict[str, ZooEntry]:
+    """The five entries (ρ = 0.1 … 0.5) of one README row group; ``tag`` names them and their files."""
+    entries = {}
+    for keep_ratio, ap, gflop, speed in zip(KEEP_RATIOS, aps, gflops, fps, strict=True):
+        name = f"sparse-detr-{tag.replace('_', '-')}-rho{keep_ratio}"
+        file_name = f"sparse_detr_{tag}_{round(keep_ratio * 100)}.pth"
+        preset = f"sparse-rho{keep_ratio}"
+        entries[name] = ZooEntry(
+            name, file_name, preset, backbone, backbone_init, keep_ratio, ap, params_m, gflop, speed
+        )
+    return entries
+
+
+# the README's cost columns per architecture, ρ = 0.1 … 0.5
+_R50_COST = {"params_m": 40.9, "gflops": (105.4, 112.9, 120.5, 128.0, 135.6), "fps": (26.5, 24.8, 23.2, 21.8, 20.5)}
+_SWINT_COST = {"params_m": 41.4, "gflops": (113.4, 121.0, 128.5, 136.1, 143.7), "fps": (21.2, 20.0, 18.9, 18.0, 17.2)}
+ZOO: dict[str, ZooEntry] = {
+    **_release_family("r50", "r50", "imagenet", aps=(45.3, 45.6, 46.0, 46.2, 46.3), **_R50_COST),
+    **_release_family("swint", "swin-t", "imagenet", aps=(48.2, 48.8, 49.1, 49.2, 49.3), **_SWINT_COST),
+    # the README lists only the AP of the SCRL models; their architecture, hence their cost, is R50's
+    **_release_family("r50_scrl", "r50", "scrl", aps=(46.9, 47.2, 47.4, 47.7, 47.9), **_R50_COST),
+}
+
+
+def zoo_url() -> str:
+    """Where the files are downloaded from: ``$SDETR_ZOO_URL`` (a mirror, or a ``file://`` folder) if
+    set, else the authors' release folder."""
+    return os.environ.get("SDETR_ZOO_URL") or RELEASE_URL
+
+
+def zoo_dir() -> Path:
+    """The cache of downloaded checkpoints: ``$SDETR_ZOO_DIR`` if set, else ``<user cache>/checkpoints``
+    (``$XDG_CACHE_HOME/sparse_detr/checkpoints``, ``~/.cache/sparse_detr/checkpoints``)."""
+    folder = os.environ.get("SDETR_ZOO_DIR")
+    return Path(folder) if folder else user_cache_dir() / "checkpoints"
+
+
+def fetch_checkpoint(name: str, progress: bool = True, log: Callable[[str], None] | None = None) -> Path:
+    """The cached file of the zoo checkpoint ``name``, downloaded and checked first if not cached yet.
+
+    Args:
+        progress: show a download progress bar on stderr.
+        log: called with a one-line message when a download starts (e.g. ``print``).
+
+    Raises:
+        KeyError: ``name`` is no zoo name.
+        CheckpointUnavailableError: the download failed; one line naming the link and the alternative.
+        ValueError: the downloaded file is not that released checkpoint (it is deleted).
+    """
+    entry = ZOO[name]
+    path = zoo_dir() / entry.file_name
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_downloads(path)
+    url = entry.url
+    if log is not None:
+        log(f"downloading {name} from {url} to {path}")
+
+    def download_and_check(tmp: Path) -> None:
+        _download(entry, url, tmp, progress)
+        _check_release(entry, url, tmp)
+
+    # atomic_write deletes the temp file on any error and renames it into place only once checked
+    return atomic_write(path, download_and_check)
+
+
+def _download(entry: ZooEntry, url: str, destination: Path, progress: bool) -> None:
+    try:
+        torch.hub.download_url_to_file(url, str(destination), progress=progress)
+    except (OSError, http.client.HTTPException) as error:  # URLError and HTTPError are OSErrors
+        raise CheckpointUnavailableError(
+            f"cannot download the zoo checkpoint {entry.name} from {url} ({_short_reason(error)}); "
+            "download the file yourself and pass --checkpoint FILE"
+        ) from None
+
+
+def _short_reason(error: Exception) -> str:
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code} {error.reason}"
+    if isinstance(error, urllib.error.URLError):  # its reason is the underlying error or a message
+        return _short_reason(error.reason) if isinstance(error.reason, Exception) else str(error.reason)
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _check_release(entry: ZooEntry, url: str, path: Path) -> None:
+    """Raise ``ValueError`` naming ``url`` unless ``path`` loads as ``entry``'s model."""
+    refused = f"{url} is not the released checkpoint {entry.name}"
+    try:
+        config = load_model(path).config.model
+    except (ValueError, RuntimeError) as error:  # not a checkpoint, or one that does not build or fit
+        # the temp file's name means nothing to the reader: it is deleted
+        raise ValueError(f"{refused}: {str(error).replace(str(path), 'the download')}") from None
+    if config.backbone != entry.backbone or not math.isclose(config.keep_ratio, entry.keep_ratio):
+        raise ValueError(
+            f"{refused}: it holds a {config.backbone} model with keep ratio {config.keep_ratio}, "
+            f"not {entry.backbone} with {entry.keep_ratio}"
+        )
+
+
+def _remove_stale_downloads(path: Path) -> None:
+    """Delete the temp files that a killed download of ``path`` left: atomic_write's ``.<name>.*.tmp``
+    and torch.hub's ``….partial`` beside it; recent ones may belong to a download in progress."""
+    now = time.time()
+    for leftover in path.parent.glob(f".{path.name}.*"):
+        try:
+            if now - leftover.stat().st_mtime > STALE_DOWNLOAD_SECONDS:
+                leftover.unlink()
+        except FileNotFoundError:  # its download just finished or removed it
+            pass
+
+
+def resolve_checkpoint(spec: str | Path, progress: bool = True, log: Callable[[str], None] | None = None) -> Path:
+    """The checkpoint file that a ``--checkpoint`` value names: an existing file, a run folder holding
+    ``checkpoint.pth``, else a zoo name (fetched, see :func:`fetch_checkpoint`). A local file wins over a
+    zoo entry of the same name.
+
+    Raises:
+        FileNotFoundError: one line, when ``spec`` is none of these.
+        CheckpointUnavailableError, ValueError: as :func:`fetch_checkpoint`.
+    """
+    path = Path(spec)
+    if path.is_file():
+        return path
+    if (path / CHECKPOINT_NAME).is_file():
+        return path / CHECKPOINT_NAME
+    if str(spec) in ZOO:
+        return fetch_checkpoint(str(spec), progress=progress, log=log)
+    raise FileNotFoundError(
+        f"checkpoint not found: {spec} (not a file, a run folder or a zoo name; `sdetr zoo` lists the names)"
+    )
+
+
+def zoo_table() -> pandas.DataFrame:
+    """One row per zoo entry, for ``sdetr zoo``: its numbers (see :data:`ZOO_NOTE`), whether it is cached
+    and its file name."""
+    import pandas  # only `sdetr zoo` needs it; detection does not pay for the import
+
+    folder = zoo_dir()
+    return pandas.DataFrame(
+        [
+            {
+                "name": entry.name,
+                "preset": entry.preset,
+                "backbone": entry.backbone,
+                "init": entry.backbone_init,
+                "rho": entry.keep_ratio,
+                "AP": entry.ap,
+                "params_M": entry.params_m,
+                "GFLOPs": entry.gflops,
+                "FPS_b4": entry.fps,
+                "cached": (folder / entry.file_name).is_file(),
+                "file": entry.file_name,
+            }
+            for entry in ZOO.values()
+        ]
+    )

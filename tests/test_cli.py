@@ -29,8 +29,9 @@ def test_synth_train_eval(tmp_path):
     splits = ["--train-images", str(data / "train"), "--train-ann", str(data / "annotations/instances_train.json"),
               "--val-images", str(data / "val"), "--val-ann", str(data / "annotations/instances_val.json")]  # fmt: skip
     run = tmp_path / "run"
-    result = runner.invoke(app, ["train", "--preset", "tiny", *splits, "--epochs", "1", "--iters-per-epoch", "2", "--batch-size", "2",
-                                 "--image-size", "128", "--workers", "0", "--output-dir", str(run)])  # fmt: skip
+    result = runner.invoke(app, ["train", "--preset", "tiny", *splits, "--epochs", "1", "--iters-per-epoch", "2",
+                                 "--batch-size", "2", "--image-size", "128", "--workers", "0",
+                                 "--output-dir", str(run)])  # fmt: skip
     assert result.exit_code == 0, result.output
     final = json.loads((run / "metrics_final.json").read_text())
     assert {"AP", "AP50", "AR100"} <= set(final)
@@ -57,7 +58,7 @@ def test_zoo_lists_the_released_checkpoints():
 
 def test_print_config_resolves_the_layers_and_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "mine.toml").write_text('[model]\nnum_queries = 100\n[train]\nlr = 1e-4\nepochs = 12\n')
+    (tmp_path / "mine.toml").write_text("[model]\nnum_queries = 100\n[train]\nlr = 1e-4\nepochs = 12\n")
     result = runner.invoke(app, ["train", "--preset", "sparse-rho0.2", "--config", "mine.toml", "--set",
                                  "train.lr=5e-5", "--set", "model.backbone=swin-t", "--epochs", "6",
                                  "--data", "coco", "--print-config"])  # fmt: skip

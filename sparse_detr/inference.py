@@ -178,8 +178,8 @@ class Detector:
                     {
                         "image_id": int(image_id),
                         "category_id": category.id,
-                        "bbox": [round(value, 2) for value in box],
-                        "score": round(score, 5),
+                        "bbox": box,  # unrounded, as evaluation scores them
+                        "score": score,
                         "category_name": category.name,
                         "file_name": str(image.path),
                     }

@@ -145,7 +145,7 @@ def _download(entry: ZooEntry, url: str, destination: Path, progress: bool) -> N
     except (OSError, http.client.HTTPException) as error:  # URLError and HTTPError are OSErrors
         raise CheckpointUnavailableError(
             f"cannot download the zoo checkpoint {entry.name} from {url} ({_short_reason(error)}); "
-            "download the file yourself and pass --checkpoint FILE"
+            "download the file yourself and pass its path instead of the name (--checkpoint FILE, --init FILE)"
         ) from None
 
 

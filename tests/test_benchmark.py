@@ -76,10 +76,24 @@ def test_benchmark_over_dataset_images(tmp_path):
     assert "the first 2 images" in (tmp_path / "report" / "benchmark.md").read_text()
 
 
+def test_config_and_set_change_every_model(tmp_path):
+    config = tmp_path / "small.toml"
+    config.write_text("[model]\nnum_queries = 30\nenc_layers = 2\n")
+    result = runner.invoke(app, ["benchmark", *TINY, "--config", str(config), "--set", "model.enc_layers=1",
+                                 "--no-fps", "--output", str(tmp_path / "report")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    changed = pd.read_csv(tmp_path / "report" / "benchmark.csv")
+    result = runner.invoke(app, ["benchmark", *TINY, "--no-fps", "--output", str(tmp_path / "plain")])
+    plain = pd.read_csv(tmp_path / "plain" / "benchmark.csv")
+    assert (changed["params"] < plain["params"]).all() and (changed["gflops"] < plain["gflops"]).all()
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [
         (["--preset", "nonexistent"], "unknown preset"),
+        (["--preset", "tiny", "--set", "model.enc_layer=1"], "--set unknown config key 'model.enc_layer'"),
+        (["--checkpoint", "sparse-detr-r51-rho0.1"], "checkpoint not found: sparse-detr-r51-rho0.1"),
         (["--input-size", "850by1040"], "HEIGHTxWIDTH"),
         (["--checkpoint", "missing.pth"], "checkpoint not found"),
         (["--preset", "tiny", "--rho", "0,0.3"], "keep ratios must be in (0, 1]"),

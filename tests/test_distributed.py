@@ -1,4 +1,5 @@
-"""Two CPU processes under ``torchrun`` (gloo) train the tiny preset and end with identical weights.
+"""Two CPU processes under ``torchrun`` (gloo) train the tiny preset and end with identical weights, and
+evaluate a checkpoint to the numbers of a single process.
 
 The test runs this file as the ``torchrun`` worker script: ``torchrun ... test_distributed.py DATA OUT``.
 """
@@ -6,22 +7,26 @@ The test runs this file as the ``torchrun`` worker script: ``torchrun ... test_d
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import torch
 
-from sparse_detr.data import make_synthetic_dataset
+from sparse_detr.data import make_synthetic_dataset, synthetic_splits
+from sparse_detr.engine import evaluate_checkpoint
 
 
 def _worker(data_dir: str, out_dir: str) -> None:
-    """One rank: train two iterations, then save this rank's final weights to ``out/rank{R}.pt``."""
+    """One rank: train two iterations, save this rank's final weights to ``out/rank{R}.pt``, then evaluate
+    the checkpoint in batches of 2 into ``out/distributed_eval``."""
     from sparse_detr.config import get_preset
     from sparse_detr.data import synthetic_splits
-    from sparse_detr.engine import TrainConfig, build_datasets, train, trainer
+    from sparse_detr.engine import TrainConfig, build_datasets, evaluate_checkpoint, train, trainer
 
     fit = trainer._Run.fit
 
@@ -43,12 +48,16 @@ def _worker(data_dir: str, out_dir: str) -> None:
         device="cpu",
     )
     train(get_preset("tiny"), config, train_set, val_set)
+    _, _, val_images, val_ann = synthetic_splits(data_dir)
+    checkpoint = Path(out_dir) / "run" / "checkpoint.pth"
+    evaluate_checkpoint(checkpoint, val_images, val_ann, Path(out_dir) / "distributed_eval", batch_size=2,
+                        device="cpu", workers=0)  # fmt: skip
     torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_two_cpu_processes_end_with_identical_weights(tmp_path):
-    data = make_synthetic_dataset(tmp_path / "synth", num_train=4, num_val=2, image_size=96)
+    data = make_synthetic_dataset(tmp_path / "synth", num_train=4, num_val=5, image_size=96)
     out = tmp_path / "out"
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -70,6 +79,23 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path):
     assert [r["step"] for r in records if "loss" in r] == [1, 2]  # rank 0 alone writes
     assert "AP" in json.loads((out / "run" / "metrics_final.json").read_text())
 
+    # 5 images in batches of 2 over 2 processes: blocks of whole batches, so the same images share a batch
+    # (and so the same padding) as in one process, and the detections are the same
+    _, _, val_images, val_ann = synthetic_splits(data)
+    single = evaluate_checkpoint(out / "run" / "checkpoint.pth", val_images, val_ann, out / "single_eval",
+                                 batch_size=2, device="cpu", workers=0)  # fmt: skip
+    distributed = json.loads((out / "distributed_eval" / "eval_checkpoint.json").read_text())
+    distributed = {key: math.nan if distributed[key] is None else distributed[key] for key in single}  # null: n/a
+    assert distributed == pytest.approx(single, nan_ok=True)
+    scores = []
+    for folder in ("single_eval", "distributed_eval"):
+        by_image = defaultdict(list)
+        for detection in json.loads((out / folder / "detections_checkpoint.json").read_text()):
+            by_image[detection["image_id"]].append(detection["score"])
+        scores.append({image: sorted(values) for image, values in by_image.items()})
+    assert scores[0].keys() == scores[1].keys() and len(scores[0]) == 5
+    for image, values in scores[0].items():
+        assert values == pytest.approx(scores[1][image], abs=1e-5), image
 
 if __name__ == "__main__":
     _worker(*sys.argv[1:3])

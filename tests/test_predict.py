@@ -104,8 +104,8 @@ def test_boxes_are_in_original_image_pixels(checkpoint, tmp_path):
         {
             "image_id": 42,
             "category_id": 12,
-            "bbox": [120.0, 60.0, 60.0, 80.0],
-            "score": round(float(torch.sigmoid(torch.tensor(3.0))), 5),
+            "bbox": pytest.approx([120.0, 60.0, 60.0, 80.0], abs=1e-4),
+            "score": pytest.approx(float(torch.sigmoid(torch.tensor(3.0)))),
             "category_name": "square",
             "file_name": str(tmp_path / "wide.png"),
         }

@@ -202,7 +202,7 @@ def test_download_failures_are_one_line_naming_the_link_and_the_alternative(mirr
     message = str(raised.value)
     assert "\n" not in message and isinstance(raised.value, RuntimeError)
     assert message.startswith(f"cannot download the zoo checkpoint {SMALL.name} from {SMALL.url} (")
-    assert reason in message and message.endswith("download the file yourself and pass --checkpoint FILE")
+    assert reason in message and message.endswith("pass its path instead of the name (--checkpoint FILE, --init FILE)")
     assert os.listdir(cache) == []
 
 

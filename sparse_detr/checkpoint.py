@@ -30,8 +30,10 @@ from sparse_detr.config import (
     get_preset,
 )
 from sparse_detr.data.coco_categories import COCO_CATEGORY_NAMES, COCO_NUM_CLASSES
+from sparse_detr.errors import CheckpointError, ConfigError, MissingFileError
 from sparse_detr.models.backbone import swin_from_official
 from sparse_detr.models.detector import DeformableDETR, build_model
+from sparse_detr.utils.device import resolve_device
 from sparse_detr.utils.io import atomic_write
 from sparse_detr.utils.state_dict import format_keys, load_state_dict_strict
 
@@ -77,13 +79,24 @@ def load_model(
         trust_checkpoint: unpickle the file fully. Without it only tensors, containers and the official
             ``argparse.Namespace`` are unpickled, and a file holding anything else is refused.
     """
-    checkpoint = read_checkpoint(path, map_location, trust_checkpoint)
+    return model_from_checkpoint(read_checkpoint(path, trust_checkpoint), path, preset, map_location, overrides)
+
+
+def model_from_checkpoint(
+    checkpoint: Mapping[str, Any],
+    path: str | Path,
+    preset: str | None = None,
+    map_location: str | torch.device = "cpu",
+    overrides: Mapping[str, Any] | None = None,
+) -> DeformableDETR:
+    """:func:`load_model` of a checkpoint already read with :func:`read_checkpoint` (``path`` names it in
+    messages)."""
     config = checkpoint_config(checkpoint, path, preset)
     if overrides:
         config = apply_overrides(config, dict(overrides))
     model = build_model(config)
     load_state_dict_strict(model, model_state(checkpoint, model), f"checkpoint {path}")
-    return model.to(map_location).eval()
+    return model.to(resolve_device(map_location)).eval()
 
 
 def is_official(checkpoint: Mapping[str, Any]) -> bool:
@@ -96,7 +109,10 @@ def checkpoint_config(checkpoint: Mapping[str, Any], path: str | Path, preset: s
     the ``args`` of official ones; ``preset`` replaces the architecture (backbone and classes kept)."""
     if is_official(checkpoint):
         return official_config(checkpoint.get("args"), checkpoint["model"], preset, path)
-    config = config_from_dict(checkpoint["config"])
+    try:
+        config = config_from_dict(checkpoint["config"])
+    except ConfigError as error:
+        raise CheckpointError(f"{path} stores a configuration this version cannot read ({error})") from None
     if preset is not None:
         config = _preset_like(preset, config.model.backbone, config.model.num_classes)
     return config
@@ -125,10 +141,31 @@ def stored_categories(checkpoint: Mapping[str, Any], num_classes: int) -> dict[i
         try:
             return {int(label): Category(int(entry["id"]), str(entry["name"])) for label, entry in stored.items()}
         except (AttributeError, KeyError, TypeError, ValueError):
-            raise ValueError("the checkpoint's 'categories' must map class label -> {'id': int, 'name': str}") from None
+            expected = "class label -> {'id': int, 'name': str}"
+            raise CheckpointError(f"the checkpoint's 'categories' must map {expected}") from None
     if num_classes == COCO_NUM_CLASSES:
         return {category_id: Category(category_id, name) for category_id, name in COCO_CATEGORY_NAMES.items()}
     return None
+
+
+def same_category(first: str, second: str) -> bool:
+    """Category names match regardless of case and spacing (``"Traffic light"`` is ``"traffic  light"``)."""
+    return " ".join(first.lower().split()) == " ".join(second.lower().split())
+
+
+def category_differences(stored: Mapping[int, Category] | None, dataset_names: Mapping[int, str]) -> list[str]:
+    """The dataset's class labels that a checkpoint with ``stored`` categories predicts as another category
+    (``"label 1: 'person' here, 'circle' in the checkpoint"``); empty when they agree or the checkpoint
+    names no categories."""
+    if stored is None:
+        return []
+    differences = []
+    for label, name in sorted(dataset_names.items()):
+        category = stored.get(label)
+        if category is None or not same_category(category.name, name):
+            theirs = repr(category.name) if category is not None else "no class"
+            differences.append(f"label {label}: {name!r} here, {theirs} in the checkpoint")
+    return differences
 
 
 def checkpoint_categories(checkpoint: Mapping[str, Any], num_classes: int) -> dict[int, Category]:
@@ -139,33 +176,39 @@ def checkpoint_categories(checkpoint: Mapping[str, Any], num_classes: int) -> di
     return {label: Category(label, f"class {label}") for label in range(num_classes)}
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", trust_checkpoint: bool = False) -> dict:
-    """The dict stored in ``path``, unpickled with an allow-list (tensors, containers,
-    ``argparse.Namespace``) unless ``trust_checkpoint``. A file that is no checkpoint, or that holds
-    other objects, raises ``ValueError``; a missing file ``FileNotFoundError``."""
+def read_checkpoint(path: str | Path, trust_checkpoint: bool = False) -> dict:
+    """The dict stored in ``path``, its tensors on the CPU, unpickled with an allow-list (tensors,
+    containers, ``argparse.Namespace``) unless ``trust_checkpoint``.
+
+    Raises:
+        CheckpointError: the file is no detector checkpoint, or holds objects that safe loading refuses
+            (named).
+        MissingFileError: there is no such file.
+    """
     if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"checkpoint not found: {path}")
     try:
         if trust_checkpoint:
-            content = torch.load(path, map_location=map_location, weights_only=False)
+            content = torch.load(path, map_location="cpu", weights_only=False)
         else:
             with torch.serialization.safe_globals([argparse.Namespace]):
-                content = torch.load(path, map_location=map_location, weights_only=True)
-    except OSError:
-        raise
+                content = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as error:
+        raise CheckpointError(f"cannot read the checkpoint {path}: {error.strerror or error}") from None
     except pickle.UnpicklingError as error:
-        untrusted = _untrusted_globals(path)
+        untrusted = _untrusted_globals(path, error)
         if untrusted:
-            raise ValueError(
-                f"{path} holds {', '.join(untrusted)} object(s), which safe loading does not unpickle; "
-                "load_model(..., trust_checkpoint=True) unpickles the whole file (only for files you trust)"
+            raise CheckpointError(
+                f"{path} holds {', '.join(untrusted)} object(s), which safe loading refuses (they could run "
+                "code): only for a file you trust, load_model(..., trust_checkpoint=True) unpickles it whole"
             ) from None
-        raise ValueError(f"{path} is not a PyTorch checkpoint: {_first_line(error)}") from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({_first_line(error)})") from None
     except Exception as error:  # torch.load fails in many ways on foreign files
-        raise ValueError(f"{path} is not a PyTorch checkpoint: {type(error).__name__} {_first_line(error)}") from None
+        reason = f"{type(error).__name__}: {_first_line(error)}"
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({reason})") from None
     if not isinstance(content, dict) or not isinstance(content.get("model"), Mapping):
         found = f"keys {format_keys(map(str, content))}" if isinstance(content, dict) else type(content).__name__
-        raise ValueError(f"{path} is not a detector checkpoint: no 'model' state dict ({found})")
+        raise CheckpointError(f"{path} is not a detector checkpoint: no 'model' state dict ({found})")
     return content
 
 
@@ -178,7 +221,8 @@ def official_config(
     if preset is not None:
         return _preset_like(preset, backbone, num_classes)
     if args is None:
-        raise ValueError(f"{path} has no 'args' to tell its architecture; pass preset= (one of {', '.join(PRESETS)})")
+        presets = ", ".join(PRESETS)
+        raise CheckpointError(f"{path} has no 'args' to tell its architecture; pass preset= (one of {presets})")
     defaults = ModelConfig()
     model = ModelConfig(
         backbone=backbone,
@@ -204,7 +248,7 @@ def official_to_model_state(state_dict: Mapping[str, Tensor], model: DeformableD
             aliases[key] = canonical
     for alias, canonical in aliases.items():
         if canonical in converted and not torch.equal(state_dict[alias], converted[canonical]):
-            raise ValueError(
+            raise CheckpointError(
                 f"{alias} should hold the same tensor as {canonical} (the same head registered twice) "
                 "but differs: the file is corrupted or was saved from another architecture"
             )
@@ -249,12 +293,14 @@ def _matching_preset(model: ModelConfig) -> str:
     return "official"
 
 
-def _untrusted_globals(path: str | Path) -> list[str]:
+def _untrusted_globals(path: str | Path, error: pickle.UnpicklingError) -> list[str]:
+    """The objects safe loading refused: listed from a zip checkpoint, else named in torch's message
+    (the legacy format stops at the first one)."""
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # not a zip checkpoint: nothing to list
-        return []
-    return [name for name in found if name != "argparse.Namespace"]
+    except Exception:  # the legacy (non-zip) format
+        found = re.findall(r"GLOBAL ([\w.]+)", str(error))
+    return [name for name in dict.fromkeys(found) if name != "argparse.Namespace"]
 
 
 def _first_line(error: BaseException) -> str:

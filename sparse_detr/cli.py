@@ -1,14 +1,23 @@
-"""The ``sdetr`` command line."""
+"""The ``sdetr`` command line.
+
+Every command reports the project's own errors (:mod:`sparse_detr.errors`: a bad option, file or setting,
+a missing download or device) as one red line and exit code 2 (usage) or 1 (failure); ``--debug`` or
+``SDETR_DEBUG=1`` shows their traceback. Any other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
+import warnings
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+from sparse_detr.errors import SparseDetrError, UsageError
 
 app = typer.Typer(
     help="Sparse DETR and Deformable DETR: train, evaluate, benchmark, ablate and visualize.",
@@ -16,31 +25,47 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
+_debug = {"on": False}
 
 
-@contextlib.contextmanager
-def _one_line_errors(code: int = 2):
-    """Print the project's known errors (bad options, files, configuration, unavailable downloads) as one
-    red line and exit with ``code``; anything else keeps its traceback."""
-    from rich.markup import escape
+@app.callback()
+def _global_options(
+    debug: bool = typer.Option(False, "--debug", envvar="SDETR_DEBUG", help="Show the traceback of errors."),
+) -> None:
+    _debug["on"] = debug
+    warnings.formatwarning = _one_line_warning
 
-    from sparse_detr.config import ConfigError
-    from sparse_detr.models.backbone_weights import WeightsUnavailableError
-    from sparse_detr.zoo import CheckpointUnavailableError
 
-    try:
-        yield
-    except (ConfigError, ValueError, FileNotFoundError, WeightsUnavailableError, CheckpointUnavailableError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=code) from None
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
+def _command(typer_app: typer.Typer, *args, **kwargs):
+    """``typer_app.command(...)`` whose function reports :class:`~sparse_detr.errors.SparseDetrError` as one
+    red line with its exit code (its traceback with --debug)."""
+
+    def register(function):
+        @functools.wraps(function)
+        def run(*call_args, **call_kwargs):
+            try:
+                return function(*call_args, **call_kwargs)
+            except SparseDetrError as error:
+                if _debug["on"]:
+                    raise
+                message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+                raise typer.Exit(code=error.exit_code) from None
+
+        return typer_app.command(*args, **kwargs)(run)
+
+    return register
 
 
 data_app = typer.Typer(help="Datasets: the built-in synthetic dataset.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
-@data_app.command("synth")
+@_command(data_app, "synth")
 def data_synth(
     out: Path = typer.Option(..., help="Folder to write the dataset to (COCO format: PNG + instances JSON)."),
     num_train: int = typer.Option(500, min=1, help="Training images."),
@@ -59,13 +84,12 @@ def data_synth(
     """
     from sparse_detr.data import make_synthetic_dataset
 
-    with _one_line_errors():
-        chosen = _split(classes) if classes is not None else None
-        root = make_synthetic_dataset(out, num_train, num_val, image_size, seed, classes=chosen)
+    chosen = _split(classes) if classes is not None else None
+    root = make_synthetic_dataset(out, num_train, num_val, image_size, seed, classes=chosen)
     console.print(f"wrote the synthetic dataset to {root}")
 
 
-@app.command()
+@_command(app)
 def zoo() -> None:
     """The released checkpoints: names for --checkpoint (eval, predict, visualize, benchmark) and --init."""
     from sparse_detr.zoo import ZOO_NOTE, zoo_dir, zoo_table
@@ -90,7 +114,7 @@ SET_OPTION = typer.Option(
 )
 
 
-@app.command()
+@_command(app)
 def train(
     preset: str | None = typer.Option(
         None, help="Model preset (sparse_detr.config.PRESETS); default: tiny on the built-in dataset, or --init's."
@@ -131,6 +155,9 @@ def train(
     tensorboard: bool | None = typer.Option(
         None, "--tensorboard/--no-tensorboard", help="Also write TensorBoard event files (the tensorboard extra)."
     ),
+    allow_other_categories: bool | None = typer.Option(
+        None, "--allow-other-categories", help="Resume although the data names other categories."
+    ),
     device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
 ) -> None:
     """Train a model; with no data, the tiny preset on the built-in synthetic dataset.
@@ -142,11 +169,14 @@ def train(
     processes with gloo). The run folder gets config.toml, the checkpoint, metrics.jsonl, per-epoch
     evaluations and metrics_final.json; an interrupted run resumes from it.
     """
-    from sparse_detr.engine import NonFiniteLossError, build_datasets, format_metrics
+    from sparse_detr.engine import build_datasets, format_metrics
     from sparse_detr.engine import train as run_training
     from sparse_detr.engine.checkpointing import find_resume_path
     from sparse_detr.engine.initialization import init_model_config, resolve_initial_weights
     from sparse_detr.engine.run_config import merged_settings, resolve_run_config
+    from sparse_detr.engine.trainer import check_input_size
+    from sparse_detr.utils.device import resolve_device
+    from sparse_detr.utils.io import check_writable
 
     options = {
         "preset": preset, "model.backbone": backbone, "model.pretrained_backbone": pretrained_backbone,
@@ -157,28 +187,26 @@ def train(
         "train.amp": amp, "train.grad_accum": grad_accum, "train.seed": seed, "train.workers": workers,
         "train.iters_per_epoch": iters_per_epoch, "train.checkpoint_every_iters": checkpoint_every_iters,
         "train.output_dir": output_dir, "train.resume": resume, "train.tensorboard": tensorboard,
-        "train.device": device,
+        "train.device": device, "train.allow_other_categories": allow_other_categories,
     }  # fmt: skip
-    with _one_line_errors():
-        resolved = merged_settings(config_file, settings or (), _as_strings(options))
-        init_source = resolved.get("train.init")
-        base = init_model_config(init_source) if init_source and "preset" not in resolved else None
-        run = resolve_run_config(resolved, base)
-        if print_config:
-            console.print(run.to_toml(), markup=False, highlight=False, soft_wrap=True)
-            return
-        weights = None
-        single_process = int(os.environ.get("WORLD_SIZE", 1)) == 1
-        if single_process and find_resume_path(run.train.output_dir, run.train.resume, run.train.auto_resume) is None:
-            weights = resolve_initial_weights(run.config, run.train.init)  # before any work
-        if run.data.is_builtin:
-            console.print("no data given: using the built-in synthetic dataset")
-        train_set, val_set = build_datasets(*run.data.splits(), image_size=run.train.image_size)
-    try:
-        metrics = run_training(run.config, run.train, train_set, val_set, weights)
-    except NonFiniteLossError as error:
-        console.print(f"[red]{error}[/red]")
-        raise typer.Exit(code=1) from None
+    resolved = merged_settings(config_file, settings or (), _as_strings(options))
+    init_source = resolved.get("train.init")
+    base = init_model_config(init_source) if init_source and "preset" not in resolved else None
+    run = resolve_run_config(resolved, base)
+    if print_config:
+        console.print(run.to_toml(), markup=False, highlight=False, soft_wrap=True)
+        return
+    resolve_device(run.train.device)
+    check_input_size(run.config, run.train)
+    check_writable(run.train.output_dir)
+    weights = None
+    single_process = int(os.environ.get("WORLD_SIZE", 1)) == 1
+    if single_process and find_resume_path(run.train.output_dir, run.train.resume, run.train.auto_resume) is None:
+        weights = resolve_initial_weights(run.config, run.train.init)  # before any work
+    if run.data.is_builtin:
+        console.print("no data given: using the built-in synthetic dataset")
+    train_set, val_set = build_datasets(*run.data.splits(), image_size=run.train.image_size)
+    metrics = run_training(run.config, run.train, train_set, val_set, weights)
     console.print(format_metrics(metrics))
     console.print(f"run folder: {run.train.output_dir}")
 
@@ -188,7 +216,7 @@ def _as_strings(options: dict) -> dict:
     return {key: str(value) if isinstance(value, Path) else value for key, value in options.items()}
 
 
-@app.command("eval")
+@_command(app, "eval")
 def evaluate(
     checkpoint: str = typer.Option(..., help="Checkpoint file, run folder or zoo name (sdetr zoo)."),
     config_file: Path | None = CONFIG_OPTION,
@@ -202,6 +230,9 @@ def evaluate(
     output_dir: Path | None = typer.Option(None, help="Where the metrics and detections JSON go."),
     device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
     workers: int | None = typer.Option(None, min=0, help="Data loading processes (default 2)."),
+    allow_other_categories: bool = typer.Option(
+        False, "--allow-other-categories", help="Evaluate although the checkpoint names other categories."
+    ),
 ) -> None:
     """Evaluate a checkpoint with COCO AP on a validation split (the built-in one when no data is given).
 
@@ -219,16 +250,16 @@ def evaluate(
         "train.eval_batch_size": batch_size, "train.image_size": image_size, "train.device": device,
         "train.workers": workers,
     }  # fmt: skip
-    with _one_line_errors():
-        resolved = merged_settings(config_file, settings or (), _as_strings(options))
-        train_settings = section(resolved, "train")
-        overrides = {key: value for key, value in resolved.items() if key.startswith(("model.", "loss."))}
-        path = resolve_checkpoint(checkpoint)
-        split = DataSource(**section(resolved, "data")).val_split()
+    resolved = merged_settings(config_file, settings or (), _as_strings(options))
+    train_settings = section(resolved, "train")
+    overrides = {key: value for key, value in resolved.items() if key.startswith(("model.", "loss."))}
+    path = resolve_checkpoint(checkpoint)
+    split = DataSource(**section(resolved, "data")).val_split()
     metrics = evaluate_checkpoint(
         path, *split, output_dir=output_dir, keep_ratio=overrides.pop("model.keep_ratio", None),
         batch_size=train_settings.get("eval_batch_size", 2), image_size=train_settings.get("image_size"),
         device=train_settings.get("device"), workers=train_settings.get("workers", 2), overrides=overrides,
+        allow_other_categories=allow_other_categories,
     )  # fmt: skip
     console.print(format_metrics(metrics))
 
@@ -241,7 +272,7 @@ def _parse_size(size: str) -> tuple[int, int]:
     try:
         height, width = (int(v) for v in size.lower().split("x"))
     except ValueError:
-        raise typer.BadParameter(f"expected HEIGHTxWIDTH such as 800x1066, got {size!r}") from None
+        raise UsageError(f"expected HEIGHTxWIDTH such as 800x1066, got {size!r}") from None
     return height, width
 
 
@@ -260,7 +291,7 @@ def _print_frame(frame, title: str) -> None:
     console.print(table)
 
 
-@app.command()
+@_command(app)
 def benchmark(
     op: bool = typer.Option(False, "--op", help="Time the deformable attention op backends instead of models."),
     train_step: bool = typer.Option(
@@ -330,15 +361,14 @@ def benchmark(
         _benchmark_train_step(preset, backbone, input_size, batch_sizes, iters, warmup, device, threads, output, name)
         return
     import torch
-    from rich.markup import escape
 
     from sparse_detr.analysis import benchmark as bench
 
     if amp is not None and amp not in ("bf16", "fp16"):
-        raise typer.BadParameter(f"--amp must be bf16 or fp16, got {amp!r}")
+        raise UsageError(f"--amp must be bf16 or fp16, got {amp!r}")
     sizes = _numbers(batch_sizes, int, "--batch-sizes")
     if not sizes or min(sizes) < 1:
-        raise typer.BadParameter(f"--batch-sizes needs positive integers, got {batch_sizes!r}")
+        raise UsageError(f"--batch-sizes needs positive integers, got {batch_sizes!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     options = bench.BenchmarkOptions(
         flops=flops, fps=fps, batch_sizes=tuple(sorted(set(sizes))), warmup=warmup, iters=iters, amp=amp,
@@ -348,23 +378,18 @@ def benchmark(
     from sparse_detr.engine.run_config import merged_settings, section
     from sparse_detr.zoo import resolve_checkpoint
 
-    with _one_line_errors():
-        options_given = {"data.root": data, "data.val_images": val_images, "data.val_ann": val_ann,
-                         "train.image_size": image_size}  # fmt: skip
-        resolved = merged_settings(config_file, settings or (), _as_strings(options_given))
-        overrides = {key: value for key, value in resolved.items() if key.startswith(("model.", "loss."))}
-        presets = _split(preset) if preset else ([] if checkpoint else ["deformable-topk-bbr", "sparse-rho0.1"])
-        keep_ratios = _numbers(rho, float, "--rho") if rho else None
-        path = str(resolve_checkpoint(checkpoint)) if checkpoint else None
-        specs = bench.model_specs(presets, keep_ratios, backbone, path, overrides)
-        eval_size = section(resolved, "train").get("image_size", 800)
-        source_data = DataSource(**section(resolved, "data"))
-        inputs, size, source = _benchmark_inputs(input_size, images, source_data, eval_size)
-    try:
-        result = bench.run_benchmark(specs, inputs, options, size, log=lambda text: console.print(f"measuring {text}"))
-    except RuntimeError as error:
-        console.print(f"[red]error:[/red] {escape(str(error).splitlines()[0])}", highlight=False)
-        raise typer.Exit(code=2) from None
+    options_given = {"data.root": data, "data.val_images": val_images, "data.val_ann": val_ann,
+                     "train.image_size": image_size}  # fmt: skip
+    resolved = merged_settings(config_file, settings or (), _as_strings(options_given))
+    overrides = {key: value for key, value in resolved.items() if key.startswith(("model.", "loss."))}
+    presets = _split(preset) if preset else ([] if checkpoint else ["deformable-topk-bbr", "sparse-rho0.1"])
+    keep_ratios = _numbers(rho, float, "--rho") if rho else None
+    path = str(resolve_checkpoint(checkpoint)) if checkpoint else None
+    specs = bench.model_specs(presets, keep_ratios, backbone, path, overrides)
+    eval_size = section(resolved, "train").get("image_size", 800)
+    source_data = DataSource(**section(resolved, "data"))
+    inputs, size, source = _benchmark_inputs(input_size, images, source_data, eval_size)
+    result = bench.run_benchmark(specs, inputs, options, size, log=lambda text: console.print(f"measuring {text}"))
     notes = bench.report_notes(result.table, options, source, result.skipped)
     paths = bench.write_benchmark_report(result, output or Path("reports") / name, notes, f"Benchmark: {source}")
     _print_frame(bench.summary(result.table), f"benchmark on {device}: {source}")
@@ -391,7 +416,7 @@ def _benchmark_train_step(preset, backbone, input_size, batch_sizes, iters, warm
             presets, height, width, sizes, backbone, iters, warmup, device or "cpu", log=console.print
         )
     except ValueError as error:
-        raise typer.BadParameter(str(error)) from None
+        raise UsageError(str(error)) from None
     notes = [
         f"One random {height}×{width} image per batch entry with 7 random boxes; median of {iters} iterations "
         f"after {warmup} warm-up; each iteration is the forward pass, the weighted loss, the backward pass, "
@@ -407,7 +432,7 @@ def _numbers(values: str, kind, option: str) -> list:
     try:
         return [kind(value) for value in _split(values)]
     except ValueError:
-        raise typer.BadParameter(f"{option} expects comma-separated numbers, got {values!r}") from None
+        raise UsageError(f"{option} expects comma-separated numbers, got {values!r}") from None
 
 
 def _benchmark_inputs(input_size, images, data, image_size):
@@ -423,7 +448,7 @@ def _benchmark_inputs(input_size, images, data, image_size):
     return dataset_images(val_images, val_ann, images, image_size), None, description
 
 
-@app.command()
+@_command(app)
 def ablate(
     experiment: Path | None = typer.Argument(None, help="Sweep file (experiments/*.toml); default: the built-in one."),
     criterion: str | None = typer.Option(None, help="Comma-separated token criteria: dam, oam, random."),
@@ -454,7 +479,6 @@ def ablate(
     default ablation (experiments/default.toml: tiny preset on the built-in dataset, about 30 minutes on
     2 CPU cores), or with --preset that preset's own recipe at ρ 0.1...0.5; options change either.
     """
-    from rich.markup import escape
 
     from sparse_detr.analysis.ablation import run_ablation, write_sweep_report
     from sparse_detr.analysis.sweep import SweepError, parse_shard, resolve_sweep
@@ -463,7 +487,7 @@ def ablate(
         try:
             return None if values is None else tuple(float(v) for v in _split(values))
         except ValueError:
-            raise typer.BadParameter(f"expected comma-separated numbers such as 0.1,0.3, got {values!r}") from None
+            raise UsageError(f"expected comma-separated numbers such as 0.1,0.3, got {values!r}") from None
 
     changes = {
         "criteria": tuple(_split(criterion)) if criterion is not None else None, "rho": numbers(rho),
@@ -477,17 +501,13 @@ def ablate(
     def log(text: str) -> None:
         console.print(text, markup=False, highlight=False)  # run names and TOML tables hold brackets
 
-    try:
-        sweep = resolve_sweep(experiment, **changes)
-        if report_only:
-            report = write_sweep_report(sweep, log)
-            if report is None:
-                raise SweepError(f"no finished runs of {sweep.name} in {sweep.run_root}: run the sweep first")
-        else:
-            report = run_ablation(sweep, parse_shard(shard) if shard else (0, 1), log)
-    except (SweepError, FileNotFoundError) as error:
-        console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
-        raise typer.Exit(code=2) from None
+    sweep = resolve_sweep(experiment, **changes)
+    if report_only:
+        report = write_sweep_report(sweep, log)
+        if report is None:
+            raise SweepError(f"no finished runs of {sweep.name} in {sweep.run_root}: run the sweep first")
+    else:
+        report = run_ablation(sweep, parse_shard(shard) if shard else (0, 1), log)
     if report is not None:  # the columns that fit a terminal; the report files have them all
         costs = ["AP", "AP50", "AP75", "gflops", "fps", "dam_coverage"]
         _print_frame(report.table[["run", *costs]], f"ablation {sweep.name} (AP and DAM coverage in %)")
@@ -497,7 +517,7 @@ def ablate(
         console.print(f"report: {sweep.report_dir}")
 
 
-@app.command()
+@_command(app)
 def visualize(
     images: list[str] = typer.Argument(..., help="Image files, folders or glob patterns (quote the globs)."),
     checkpoint: str | None = typer.Option(
@@ -522,48 +542,44 @@ def visualize(
     overlap of the selection with the DAM's top tokens; one row per --rho."""
     from rich.progress import track
 
-    from sparse_detr.data import ImageLoadError
+    from sparse_detr.errors import InputError
     from sparse_detr.inference import expand_image_paths, load_detector
+    from sparse_detr.utils.io import check_writable
     from sparse_detr.viz import FIGURE_FORMATS, existing_outputs, figure_stems, require_saliency, visualize_file
-    from sparse_detr.zoo import CheckpointUnavailableError
 
     try:
         keep_ratios = [float(value) for text in rho or [] for value in _split(text)] or [None]
     except ValueError:
-        raise typer.BadParameter(f"--rho takes numbers in (0, 1] such as 0.1 or 0.1,0.3, got {rho}") from None
+        raise UsageError(f"--rho takes numbers in (0, 1] such as 0.1 or 0.1,0.3, got {rho}") from None
     chosen = _split(formats)
     if not chosen or set(chosen) - set(FIGURE_FORMATS):
-        raise typer.BadParameter(f"--format takes a comma-separated subset of {','.join(FIGURE_FORMATS)}")
-    try:
-        paths = expand_image_paths(images)
-        stems = figure_stems(paths, out)
-        existing = existing_outputs(stems, chosen)
-        if existing and not force:
-            raise FileExistsError(
-                f"{existing[0]} exists ({len(existing)} figure file(s) would be overwritten): "
-                "pass --force to overwrite or choose another --out"
-            )
-        detector = load_detector(checkpoint, device, image_size)
-        for keep_ratio in keep_ratios:
-            require_saliency(detector, keep_ratio)
-    except (OSError, ValueError, CheckpointUnavailableError) as error:
-        console.print(f"[red]{error}[/red]", soft_wrap=True)
-        raise typer.Exit(code=1) from None
-    failed = 0
+        raise UsageError(f"--format takes a comma-separated subset of {','.join(FIGURE_FORMATS)}")
+    paths = expand_image_paths(images)
+    stems = figure_stems(paths, out)
+    existing = existing_outputs(stems, chosen)
+    if existing and not force:
+        raise UsageError(
+            f"{existing[0]} exists ({len(existing)} figure file(s) would be overwritten): "
+            "pass --force to overwrite or choose another --out"
+        )
+    check_writable(out)
+    detector = load_detector(checkpoint, device, image_size)
+    for keep_ratio in keep_ratios:
+        require_saliency(detector, keep_ratio)
+    failed = []
     for path, stem in track(list(zip(paths, stems)), description="drawing", console=console):
         try:
             written = visualize_file(detector, path, stem, keep_ratios, threshold, chosen)
-        except (ImageLoadError, ValueError) as error:
-            console.print(f"[red]{error}[/red]", soft_wrap=True)
-            failed += 1
+        except InputError as error:  # an unreadable image, or one too small for the model
+            console.print(f"[red]{escape(str(error))}[/red]", soft_wrap=True)
+            failed.append(path)
             continue
         console.print(f"wrote {', '.join(map(str, written))}", soft_wrap=True)
     if failed:
-        console.print(f"[red]{failed} of {len(paths)} image(s) could not be drawn[/red]")
-        raise typer.Exit(code=1)
+        raise InputError(f"{len(failed)} of {len(paths)} image(s) could not be drawn (the first: {failed[0]})")
 
 
-@app.command()
+@_command(app)
 def predict(
     images: list[str] = typer.Argument(..., help="Image files, folders or glob patterns (quote the globs)."),
     checkpoint: str | None = typer.Option(
@@ -589,24 +605,21 @@ def predict(
 
     from rich.progress import track
 
+    from sparse_detr.errors import InputError
     from sparse_detr.inference import expand_image_paths, image_ids_from_annotations, load_detector, predict_images
-    from sparse_detr.utils.io import atomic_write_text
-    from sparse_detr.zoo import CheckpointUnavailableError
+    from sparse_detr.utils.io import atomic_write_text, check_writable
 
     shown = 50
-    try:
-        paths = expand_image_paths(images)
-        if out.exists() and not force:
-            raise FileExistsError(f"{out} exists: pass --force to overwrite it or choose another --out")
-        image_ids = image_ids_from_annotations(ann, paths) if ann is not None else None
-        detector = load_detector(checkpoint, device, image_size, keep_ratio=rho)
-        results = predict_images(
-            detector, paths, threshold, image_ids, track=lambda items: track(items, "detecting", console=console)
-        )
-    except (OSError, ValueError, CheckpointUnavailableError) as error:
-        console.print(f"[red]{error}[/red]", soft_wrap=True)
-        raise typer.Exit(code=1) from None
-    atomic_write_text(out, json.dumps(results, indent=1))
+    paths = expand_image_paths(images)
+    if out.exists() and not force:
+        raise UsageError(f"{out} exists: pass --force to overwrite it or choose another --out")
+    check_writable(out.parent)
+    image_ids = image_ids_from_annotations(ann, paths) if ann is not None else None
+    detector = load_detector(checkpoint, device, image_size, keep_ratio=rho)
+    results, failures = predict_images(
+        detector, paths, threshold, image_ids, track=lambda items: track(items, "detecting", console=console)
+    )
+    atomic_write_text(out, json.dumps(results, indent=1))  # what finished, whatever failed
     table = Table(title=f"detections scoring at least {threshold:g}")
     for column in ("image", "class", "score", "x", "y", "w", "h"):
         table.add_column(column, justify="left" if column in ("image", "class") else "right")
@@ -616,10 +629,15 @@ def predict(
         table.add_row(name, result["category_name"], f"{result['score']:.3f}", *(f"{v:.1f}" for v in (x, y, w, h)))
     console.print(table)
     more = f" (the table shows the first {shown})" if len(results) > shown else ""
-    console.print(f"wrote {len(results)} detection(s) of {len(paths)} image(s) to {out}{more}", soft_wrap=True)
+    done = len(paths) - len(failures)
+    console.print(f"wrote {len(results)} detection(s) of {done} image(s) to {out}{more}", soft_wrap=True)
+    for reason in failures.values():
+        console.print(f"[red]{escape(reason)}[/red]", soft_wrap=True)
+    if failures:
+        raise InputError(f"{len(failures)} of {len(paths)} image(s) failed and are not in {out} (listed above)")
 
 
-@app.command()
+@_command(app)
 def doctor() -> None:
     """Print versions, devices and which deformable-attention backends run here (and why not)."""
     from sparse_detr.doctor import environment, op_backends

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sparse_detr.errors import ConfigError
+
 BACKBONES = ("r50", "swin-t")
 SALIENCY_CRITERIA = ("dam", "oam", "random")
 KEEP_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
@@ -66,19 +68,19 @@ class ModelConfig:
         if self.pretrained_backbone is None:  # checkpoints written before "none" was a name
             self.pretrained_backbone = "none"
         if self.saliency_criterion not in SALIENCY_CRITERIA:
-            raise ValueError(f"saliency_criterion must be one of {SALIENCY_CRITERIA}, got {self.saliency_criterion!r}")
+            raise ConfigError(f"saliency_criterion must be one of {SALIENCY_CRITERIA}, got {self.saliency_criterion!r}")
         if self.backbone_norm not in BACKBONE_NORMS:
-            raise ValueError(f"backbone_norm must be one of {BACKBONE_NORMS}, got {self.backbone_norm!r}")
+            raise ConfigError(f"backbone_norm must be one of {BACKBONE_NORMS}, got {self.backbone_norm!r}")
         if not 0 <= self.backbone_frozen_stages <= 5:
-            raise ValueError(f"backbone_frozen_stages must be in 0..5, got {self.backbone_frozen_stages}")
+            raise ConfigError(f"backbone_frozen_stages must be in 0..5, got {self.backbone_frozen_stages}")
         if not 0.0 <= self.keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio must be in [0, 1], got {self.keep_ratio}")
+            raise ConfigError(f"keep_ratio must be in [0, 1], got {self.keep_ratio}")
         if self.hidden_dim % 32 != 0:
-            raise ValueError(f"hidden_dim must be a multiple of 32 (GroupNorm(32)), got {self.hidden_dim}")
+            raise ConfigError(f"hidden_dim must be a multiple of 32 (GroupNorm(32)), got {self.hidden_dim}")
         if self.hidden_dim % self.nheads != 0:
-            raise ValueError(f"hidden_dim ({self.hidden_dim}) must be divisible by nheads ({self.nheads})")
+            raise ConfigError(f"hidden_dim ({self.hidden_dim}) must be divisible by nheads ({self.nheads})")
         if self.num_feature_levels < 3:
-            raise ValueError(f"num_feature_levels must be at least 3, got {self.num_feature_levels}")
+            raise ConfigError(f"num_feature_levels must be at least 3, got {self.num_feature_levels}")
 
 
 @dataclass
@@ -132,7 +134,7 @@ def _preset_model(name: str) -> ModelConfig:
             keep_ratio=0.3,
             use_enc_aux_loss=True,
         )
-    raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
 
 
 def get_preset(name: str, backbone: str | None = None) -> Config:
@@ -147,10 +149,6 @@ def get_preset(name: str, backbone: str | None = None) -> Config:
 def config_to_dict(config: Config) -> dict[str, Any]:
     """Nested plain dict (JSON/YAML-ready)."""
     return dataclasses.asdict(config)
-
-
-class ConfigError(ValueError):
-    """A configuration key or value that is not valid; the message names the key and what to give."""
 
 
 def field_names(cls) -> list[str]:
@@ -222,7 +220,7 @@ def _from_dict(cls, data: dict[str, Any], path: str):
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise KeyError(f"unknown {path or 'config'} field(s) {unknown}; known: {sorted(known)}")
+        raise ConfigError(f"unknown {path or 'config'} field(s) {unknown}; known: {sorted(known)}")
     kwargs = {}
     for key, value in data.items():
         nested = _NESTED.get((cls, key))
@@ -231,7 +229,7 @@ def _from_dict(cls, data: dict[str, Any], path: str):
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    """Inverse of :func:`config_to_dict`; missing fields take their defaults, unknown ones raise KeyError."""
+    """Inverse of :func:`config_to_dict`; missing fields take their defaults, unknown ones raise ConfigError."""
     return _from_dict(Config, data, "")
 
 

@@ -15,10 +15,18 @@ import torch
 from torchvision import tv_tensors
 
 from sparse_detr import zoo
-from sparse_detr.checkpoint import CHECKPOINT_NAME, Category, checkpoint_categories, load_model, read_checkpoint
+from sparse_detr.checkpoint import (
+    CHECKPOINT_NAME,
+    Category,
+    checkpoint_categories,
+    model_from_checkpoint,
+    read_checkpoint,
+)
 from sparse_detr.data import build_transforms, load_coco_annotations, load_rgb_image, scaled_sizes
 from sparse_detr.engine.train_config import train_recipe
+from sparse_detr.errors import InputError, MissingFileError
 from sparse_detr.models import DeformableDETR, pad_images, postprocess
+from sparse_detr.utils.device import resolve_device
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 DEFAULT_IMAGE_SIZE = 800  # COCO's evaluation shorter side, for checkpoints that do not say theirs
@@ -45,7 +53,7 @@ def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
         default = default_checkpoint()
         if default.is_file():
             return default
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no --checkpoint given and no {default} (what `sdetr train` writes) in this folder: "
             "run `sdetr train` first or pass --checkpoint PATH"
         )
@@ -71,17 +79,17 @@ def expand_image_paths(inputs: Iterable[str | Path]) -> list[Path]:
         elif path.is_dir():
             found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                raise FileNotFoundError(f"{text}: the folder holds no image ({' '.join(IMAGE_SUFFIXES)})")
+                raise MissingFileError(f"{text}: the folder holds no image ({' '.join(IMAGE_SUFFIXES)})")
         elif _is_pattern(text):
             matches = (Path(match) for match in glob.glob(text, recursive=True))
             found = sorted(p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                raise FileNotFoundError(f"{text}: no image matches this pattern")
+                raise MissingFileError(f"{text}: no image matches this pattern")
         else:
-            raise FileNotFoundError(f"image not found: {text}")
+            raise MissingFileError(f"image not found: {text}")
         paths.extend(found)
     if not paths:
-        raise FileNotFoundError("no image given: pass image files, folders or glob patterns")
+        raise MissingFileError("no image given: pass image files, folders or glob patterns")
     unique: dict[Path, Path] = {}
     for path in paths:
         unique.setdefault(path.resolve(), path)  # the first spelling of a file wins
@@ -208,11 +216,11 @@ def load_detector(
         keep_ratio: encoder keep ratio ρ instead of the trained one (0: every token, no scoring).
     """
     path = resolve_checkpoint(checkpoint)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     content = read_checkpoint(path, trust_checkpoint=trust_checkpoint)
     if image_size is None:
         image_size = int((content.get("train_config") or {}).get("image_size", DEFAULT_IMAGE_SIZE))
-    model = load_model(path, map_location=device, trust_checkpoint=trust_checkpoint)
+    model = model_from_checkpoint(content, path, map_location=device)
     if keep_ratio is not None:
         model.set_keep_ratio(keep_ratio)
     categories = checkpoint_categories(content, model.config.model.num_classes)
@@ -225,16 +233,16 @@ def image_ids_from_annotations(annotations: str | Path, paths: Sequence[Path]) -
     Raises:
         ValueError: naming an image the file does not list, or a file name it lists twice.
     """
-    coco = load_coco_annotations(annotations)
+    coco = load_coco_annotations(annotations, bad_boxes="keep")  # only its image ids are used
     ids: dict[str, int] = {}
     for image in coco.dataset["images"]:
         name = Path(image["file_name"]).name
         if name in ids:
-            raise ValueError(f"{annotations} lists the file name {name} twice: its image ids are ambiguous")
+            raise InputError(f"{annotations} lists the file name {name} twice: its image ids are ambiguous")
         ids[name] = int(image["id"])
     missing = [path for path in paths if path.name not in ids]
     if missing:
-        raise ValueError(f"{missing[0]} is not listed in {annotations} ({len(missing)} image(s) not listed)")
+        raise InputError(f"{missing[0]} is not listed in {annotations} ({len(missing)} image(s) not listed)")
     return [ids[path.name] for path in paths]
 
 
@@ -244,17 +252,23 @@ def predict_images(
     threshold: float = 0.0,
     image_ids: Sequence[int] | None = None,
     track: Callable[[Iterable], Iterable] = iter,
-) -> list[dict[str, Any]]:
-    """COCO results (see :meth:`Detector.detections`) of every image, one forward pass each.
+) -> tuple[list[dict[str, Any]], dict[Path, str]]:
+    """COCO results (see :meth:`Detector.detections`) of every image, one forward pass each, and the images
+    that failed (unreadable, or too small for the model) with a one-line reason each: one bad image costs
+    that image only.
 
     ``image_ids`` default to 1..N in the order of ``paths``; ``track`` wraps the loop (a progress bar).
     """
     image_ids = list(image_ids) if image_ids is not None else list(range(1, len(paths) + 1))
     if len(image_ids) != len(paths):
         raise ValueError(f"got {len(image_ids)} image ids for {len(paths)} images")
-    results = []
+    results, failures = [], {}
     for path, image_id in track(list(zip(paths, image_ids))):
-        image = detector.read_image(path)
-        outputs, _ = detector.run([image])
+        try:
+            image = detector.read_image(path)
+            outputs, _ = detector.run([image])
+        except InputError as error:
+            failures[path] = str(error) if str(path) in str(error) else f"{path}: {error}"
+            continue
         results.extend(detector.detections(outputs, [image], [image_id], threshold))
-    return results
+    return results, failures

@@ -23,6 +23,7 @@ import torch.hub
 
 from sparse_detr.checkpoint import CHECKPOINT_NAME, load_model
 from sparse_detr.config import KEEP_RATIOS
+from sparse_detr.errors import CheckpointError, MissingFileError, UnavailableError
 from sparse_detr.utils.cache import user_cache_dir
 from sparse_detr.utils.io import atomic_write
 
@@ -38,7 +39,7 @@ ZOO_NOTE = (
 )
 
 
-class CheckpointUnavailableError(RuntimeError):
+class CheckpointUnavailableError(UnavailableError):
     """A zoo checkpoint that is not cached could not be downloaded (offline, HTTP error, …)."""
 
 
@@ -165,9 +166,9 @@ def _check_release(entry: ZooEntry, url: str, path: Path) -> None:
         config = load_model(path).config.model
     except (ValueError, RuntimeError) as error:  # not a checkpoint, or one that does not build or fit
         # the temp file's name means nothing to the reader: it is deleted
-        raise ValueError(f"{refused}: {str(error).replace(str(path), 'the download')}") from None
+        raise CheckpointError(f"{refused}: {str(error).replace(str(path), 'the download')}") from None
     if config.backbone != entry.backbone or not math.isclose(config.keep_ratio, entry.keep_ratio):
-        raise ValueError(
+        raise CheckpointError(
             f"{refused}: it holds a {config.backbone} model with keep ratio {config.keep_ratio}, "
             f"not {entry.backbone} with {entry.keep_ratio}"
         )
@@ -201,7 +202,7 @@ def resolve_checkpoint(spec: str | Path, progress: bool = True, log: Callable[[s
         return path / CHECKPOINT_NAME
     if str(spec) in ZOO:
         return fetch_checkpoint(str(spec), progress=progress, log=log)
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"checkpoint not found: {spec} (not a file, a run folder or a zoo name; `sdetr zoo` lists the names)"
     )
 

@@ -112,6 +112,6 @@ def test_dict_round_trip(name):
 def test_from_dict_rejects_unknown_fields_and_fills_defaults():
     data = config_to_dict(get_preset("tiny"))
     data["model"]["typo"] = 1
-    with pytest.raises(KeyError, match="typo"):
+    with pytest.raises(ConfigError, match="typo"):
         config_from_dict(data)
     assert config_from_dict({"name": "plain"}).model == get_preset("deformable").model

@@ -57,7 +57,6 @@ def small_dataset(tmp_path):
     annotations = [
         box(1, 1, [4, 6, 20, 12]),
         box(2, 1, [0, 0, 40, 30], category_id=3, iscrowd=1),
-        box(3, 1, [10, 10, 0, 5]),  # zero width
         box(4, 2, [30, 20, 20, 20], category_id=3),  # reaches past the border: clamped
     ]
     return write_dataset(tmp_path, images, annotations)
@@ -73,7 +72,7 @@ def test_targets(small_dataset):
     assert image.shape == (3, 30, 40) and image.dtype == torch.float32
     expected_red = (200 / 255 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]
     assert image[0].mean().item() == pytest.approx(expected_red, abs=1e-5)
-    # the crowd box and the zero-width box are gone
+    # the crowd box is gone
     assert target["labels"].tolist() == [1]
     assert target["labels"].dtype == torch.int64
     torch.testing.assert_close(target["boxes"], torch.tensor([[14 / 40, 12 / 30, 20 / 40, 12 / 30]]))
@@ -88,7 +87,7 @@ def test_targets(small_dataset):
     _, negative = dataset[2]  # kept, with no boxes
     assert negative["boxes"].shape == (0, 4) and negative["labels"].shape == (0,)
     # the crowd box is still in the ground truth used for evaluation
-    assert len(dataset.coco.getAnnIds(imgIds=[1])) == 3
+    assert len(dataset.coco.getAnnIds(imgIds=[1])) == 2
 
 
 def test_collate_pads_and_masks(small_dataset):
@@ -162,7 +161,7 @@ def test_missing_paths(tmp_path, small_dataset):
         ),
         (
             json.dumps({"images": [image_entry(1)], "annotations": [box(1, 1, [1, 2, 3])], "categories": CATEGORIES}),
-            "expected \\[x, y, width, height\\]",
+            "bbox \\[1, 2, 3\\] that is not \\[x, y, width, height\\]",
         ),
         (
             json.dumps(
@@ -194,7 +193,7 @@ def test_missing_area_and_ids_are_filled(tmp_path):
 
 def test_annotations_of_unknown_images_are_ignored(tmp_path):
     annotations = [box(1, 1, [1, 1, 5, 5]), box(2, 99, [1, 1, 5, 5])]
-    with pytest.warns(UserWarning, match=r"1 annotations refer to image ids not listed .*99"):
+    with pytest.warns(UserWarning, match=r"dropped 1 of 2 annotations: 1 of image ids not in 'images' \(e\.g\. 99\)"):
         dataset = CocoDetection(*write_dataset(tmp_path, [image_entry(1)], annotations))
     assert len(dataset.coco.anns) == 1
 
@@ -202,20 +201,25 @@ def test_annotations_of_unknown_images_are_ignored(tmp_path):
 def test_missing_image_files(tmp_path):
     images_dir, ann_file = write_dataset(tmp_path, [image_entry(i) for i in (1, 2, 3)], [box(1, 2, [1, 1, 5, 5])])
     (images_dir / "2.png").unlink()
-    with pytest.raises(FileNotFoundError, match=r"1 of 3 listed images are not in .*2\.png"):
+    for train in (True, False):  # one missing image costs that image, in training and in evaluation
+        with pytest.warns(UserWarning, match=r"1 of 3 listed images are not in .*2\.png.*left out"):
+            dataset = CocoDetection(images_dir, ann_file, train=train)
+        assert dataset.ids == [1, 3]
+    for image in ("1.png", "3.png"):
+        (images_dir / image).unlink()
+    with pytest.raises(FileNotFoundError, match=r"3 of 3 listed images are not in"):
         CocoDetection(images_dir, ann_file)
-    with pytest.warns(UserWarning, match="1 of 3 listed images"):
-        dataset = CocoDetection(images_dir, ann_file, train=True)
-    assert dataset.ids == [1, 3]
 
 
 def test_corrupt_image(tmp_path):
     images_dir, ann_file = write_dataset(tmp_path, [image_entry(1), image_entry(2)], [box(1, 2, [1, 1, 5, 5])])
     (images_dir / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     with pytest.raises(ImageLoadError, match=r"1\.png: cannot read image"):
-        CocoDetection(images_dir, ann_file)[0]
+        CocoDetection(images_dir, ann_file).load_image(0)
+    with pytest.warns(UserWarning, match=r"1\.png: cannot read image.*left out of the evaluation"):
+        assert CocoDetection(images_dir, ann_file)[0] is None  # collate leaves it out
     dataset = CocoDetection(images_dir, ann_file, train=True)
-    with pytest.warns(UserWarning, match=r"1\.png: cannot read image.*skipped"):
+    with pytest.warns(UserWarning, match=r"1\.png: cannot read image.*another image is used in its place"):
         _, target = dataset[0]
     assert target["image_id"].item() == 2
     assert dataset.failed_images == {1}
@@ -225,7 +229,7 @@ def test_size_mismatch_names_the_file(tmp_path):
     images_dir, ann_file = write_dataset(tmp_path, [image_entry(1)], [])
     Image.new("RGB", (10, 10)).save(images_dir / "1.png")
     with pytest.raises(ImageLoadError, match=r"1\.png: image is 10x10 but its annotation entry says 40x30"):
-        CocoDetection(images_dir, ann_file)[0]
+        CocoDetection(images_dir, ann_file).load_image(0)
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "I;16", "1"])

@@ -131,7 +131,7 @@ def test_cli_writes_coco_results_that_pycocotools_loads(checkpoint, tmp_path):
     assert "class" in result.output and "score" in result.output  # the table
 
     result = runner.invoke(app, [*args, "--threshold", "0.5"])
-    assert result.exit_code == 1 and "detections.json exists" in result.output and "--force" in result.output
+    assert result.exit_code == 2 and "detections.json exists" in result.output and "--force" in result.output
     result = runner.invoke(app, [*args, "--threshold", "0.5", "--force", "--rho", "0.5"])
     assert result.exit_code == 0, result.output
     results = json.loads(out.read_text())

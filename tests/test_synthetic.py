@@ -17,6 +17,7 @@ from sparse_detr.data import SHAPE_KINDS, SHAPES, CocoDetection, make_synthetic_
 from sparse_detr.data import synthetic as synthetic_module
 from sparse_detr.data.shapes import shape_mask
 from sparse_detr.data.synthetic import render_scene
+from sparse_detr.errors import UsageError
 
 NEW_KINDS = SHAPE_KINDS[len(SHAPES) :]
 
@@ -83,7 +84,7 @@ def test_reuse_replace_refuse(tmp_path):
 
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not a synthetic dataset"):
+    with pytest.raises(UsageError, match="not a synthetic dataset"):
         make_synthetic_dataset(tmp_path / "mine", 2, 1, 48)
     with pytest.raises(ValueError, match="at least one"):
         make_synthetic_dataset(tmp_path / "x", 0, 1, 48)
@@ -144,7 +145,7 @@ def test_bad_classes(tmp_path):
         make_synthetic_dataset(tmp_path / "x", 2, 1, 48, classes=("ring", "star", "ring"))
     with pytest.raises(ValueError, match="at least one"):
         make_synthetic_dataset(tmp_path / "x", 2, 1, 48, classes=())
-    with pytest.raises(TypeError, match="not the string"):
+    with pytest.raises(ValueError, match="not the string"):
         make_synthetic_dataset(tmp_path / "x", 2, 1, 48, classes="hexagon")
     assert not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="unknown shape 'blob'"):

@@ -175,7 +175,7 @@ def test_cli_draws_a_folder_of_odd_images(checkpoint, tmp_path):
     (out / "gray_tokens.png").write_bytes(b"old")
 
     result = runner.invoke(app, ["visualize", str(images), "--checkpoint", str(checkpoint), "--out", str(out)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a usage error: --force is missing
     assert "gray_tokens.png exists" in result.output and "--force" in result.output
     assert (out / "gray_tokens.png").read_bytes() == b"old"
 
@@ -218,11 +218,11 @@ def test_cli_errors_are_one_clear_line(checkpoint, scene, tmp_path, monkeypatch)
     assert result.exit_code == 1 and "broken.png: cannot read image" in result.output
 
     result = runner.invoke(app, ["visualize", str(scene), "--checkpoint", str(checkpoint), "--rho", "1.5"])
-    assert result.exit_code == 1 and "rho must be in (0, 1]" in result.output
+    assert result.exit_code == 2 and "rho must be in (0, 1]" in result.output  # a usage error
 
     dense = save_tiny_checkpoint(tmp_path / "dense.pth", keep_ratio=0.0)
     result = runner.invoke(app, ["visualize", str(scene), "--checkpoint", str(dense)])
-    assert result.exit_code == 1 and "no scoring network" in result.output
+    assert result.exit_code == 2 and "no scoring network" in result.output
     assert not (tmp_path / "visualizations").exists()
 
 

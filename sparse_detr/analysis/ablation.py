@@ -188,7 +188,7 @@ def execute_run(sweep: Sweep, run: Run, data: _SweepData, stored: dict[str, Any]
     from sparse_detr.analysis.fps import device_name
     from sparse_detr.checkpoint import load_model
     from sparse_detr.engine.checkpointing import CHECKPOINT_NAME
-    from sparse_detr.engine.distributed import resolve_device
+    from sparse_detr.utils.device import resolve_device
 
     model_config, train_config = run_model_config(sweep, run), run_train_config(sweep, run)
     train_set, val_set = data.datasets(train_config.image_size)

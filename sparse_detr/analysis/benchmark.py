@@ -19,6 +19,7 @@ from sparse_detr.analysis.reference_figures import (
     reference_preset,
     reference_published_params,
 )
+from sparse_detr.errors import MissingFileError, UsageError
 
 BENCHMARK_STEM = "benchmark"
 PARTS_STEM = "gflops_by_part"
@@ -65,19 +66,19 @@ def model_specs(
     overrides = dict(overrides or {})
     if checkpoint is not None:
         if len(presets) > 1:
-            raise ValueError("with a checkpoint give at most one preset (the architecture for its weights)")
+            raise UsageError("with a checkpoint give at most one preset (the architecture for its weights)")
         if not Path(checkpoint).is_file():
-            raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+            raise MissingFileError(f"checkpoint not found: {checkpoint}")
         base = ModelSpec(presets[0] if presets else None, None, str(checkpoint), overrides=overrides)
         bases = [(base, base.build().keep_ratio > 0)]  # the file says whether the model can sparsify
     elif not presets:
-        raise ValueError("name at least one preset")
+        raise UsageError("name at least one preset")
     else:
         specs = [ModelSpec(name, backbone, overrides=overrides) for name in presets]
         bases = [(spec, spec.config().model.keep_ratio > 0) for spec in specs]
     for keep_ratio in keep_ratios or []:
         if not 0 < keep_ratio <= 1:
-            raise ValueError(f"keep ratios must be in (0, 1], got {keep_ratio}")
+            raise UsageError(f"keep ratios must be in (0, 1] (--rho), got {keep_ratio}")
     specs = []
     for base, sparse in bases:
         for keep_ratio in keep_ratios if (keep_ratios and sparse) else [None]:
@@ -344,7 +345,7 @@ def synthetic_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
     """One (3, height, width) standard-normal image (the reference's quick mode: FLOPs do not depend on the
     pixels, and a normalized image has about this distribution)."""
     if height < 1 or width < 1:
-        raise ValueError(f"the input size must be positive, got {height}x{width}")
+        raise UsageError(f"the input size must be positive, got {height}x{width}")
     return torch.randn(3, height, width, generator=torch.Generator().manual_seed(seed))
 
 
@@ -355,5 +356,5 @@ def dataset_images(images_dir: str | Path, annotations: str | Path, count: int, 
 
     dataset = CocoDetection(images_dir, annotations, build_transforms(False, **scaled_sizes(image_size)._asdict()))
     if count > len(dataset):
-        raise ValueError(f"--images {count} asks for more than the {len(dataset)} images of {images_dir}")
+        raise UsageError(f"--images {count} asks for more than the {len(dataset)} images of {images_dir}")
     return [dataset[index][0] for index in range(count)]

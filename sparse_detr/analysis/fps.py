@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sparse_detr.errors import UsageError
 from sparse_detr.models.detector import pad_images
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -140,7 +141,7 @@ def measure_fps(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if amp is not None and amp not in AMP_DTYPES:
-        raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)} or None, got {amp!r}")
+        raise UsageError(f"amp must be one of {', '.join(AMP_DTYPES)} or None, got {amp!r}")
     parameter = next(model.parameters())
     device = parameter.device
     warmup = DEFAULT_WARMUP.get(device.type, 1) if warmup is None else warmup

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from sparse_detr.analysis.fps import FpsResult, measure_fps
+from sparse_detr.errors import SparseDetrError
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def measure_fps_isolated(
         )
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines() or ["no error output"]
-        raise RuntimeError(f"FPS measurement of {model} in a fresh process failed: {lines[-1]}")
+        raise SparseDetrError(f"FPS measurement of {model} in a fresh process failed: {lines[-1]}")
     return [FpsResult(**fields) for fields in json.loads(result.stdout.strip().splitlines()[-1])]
 
 

@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 
 from sparse_detr.analysis.fps import Timer
+from sparse_detr.errors import UsageError
 from sparse_detr.ops import load_backend, ms_deform_attn
 
 # Feature maps of an 800x1066 input at strides 8, 16, 32, 64.
@@ -112,7 +113,7 @@ def run_op_benchmark(
 ) -> pd.DataFrame:
     """Time every available backend; speed-ups are against ``"pytorch"`` on the same device."""
     if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+        raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
     devices = []
     for kernel in ("cpu", "cuda"):
         if kernel not in backends and not (kernel == "cpu" and "pytorch" in backends):

@@ -5,12 +5,16 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import warnings
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from pycocotools.coco import COCO
+
+from sparse_detr.errors import InputError, MissingFileError
 
 _REQUIRED = {
     "images": ("id", "file_name"),
@@ -19,7 +23,10 @@ _REQUIRED = {
 }
 
 
-class AnnotationFileError(ValueError):
+BAD_BOX_RULES = ("error", "drop", "keep")
+
+
+class AnnotationFileError(InputError):
     """An annotations file that is not a usable COCO instances file."""
 
 
@@ -35,6 +42,37 @@ def _check_entries(path: Path, section: str, entries: list[Any]) -> None:
         )
 
 
+def _is_id(value: Any) -> bool:
+    """COCO ids are integers; other files use strings. Floats, booleans, lists and null are no ids."""
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_types(path: Path, data: dict[str, Any]) -> None:
+    """Ids are integers or strings, names and file names strings, image sizes positive integers."""
+    checks = [
+        ("images", "id", _is_id, "an integer id"),
+        ("images", "file_name", lambda v: isinstance(v, str) and v, "a file name"),
+        ("images", "width", lambda v: v is None or (_is_number(v) and v > 0), "a positive width"),
+        ("images", "height", lambda v: v is None or (_is_number(v) and v > 0), "a positive height"),
+        ("categories", "id", _is_id, "an integer id"),
+        ("categories", "name", lambda v: isinstance(v, str), "a string name"),
+        ("annotations", "image_id", _is_id, "an integer image_id"),
+        ("annotations", "category_id", _is_id, "an integer category_id"),
+        ("annotations", "id", lambda v: v is None or _is_id(v), "an integer id"),
+        ("annotations", "iscrowd", lambda v: v is None or v in (0, 1), "iscrowd 0 or 1"),
+    ]
+    for section, key, valid, expected in checks:
+        for index, entry in enumerate(data[section]):
+            if not valid(entry.get(key)):
+                raise AnnotationFileError(
+                    f"{path}: '{section}' entry #{index} has {key} {entry.get(key)!r}; each needs {expected}"
+                )
+
+
 def _check_ids_unique(path: Path, section: str, entries: list[dict]) -> None:
     seen: set = set()
     for entry in entries:
@@ -43,24 +81,62 @@ def _check_ids_unique(path: Path, section: str, entries: list[dict]) -> None:
         seen.add(entry["id"])
 
 
-def _check_boxes(path: Path, annotations: list[dict]) -> None:
-    for i, ann in enumerate(annotations):
-        box = ann["bbox"]
-        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
-            raise AnnotationFileError(f"{path}: annotation #{i} has bbox {box!r}; expected [x, y, width, height]")
+NOT_A_BOX = "that is not [x, y, width, height]"
 
 
-def load_coco_annotations(path: str | Path) -> COCO:
+def _box_problem(box: Any) -> str | None:
+    """Why ``box`` is no usable ``[x, y, width, height]`` (None if it is one)."""
+    if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
+        return NOT_A_BOX
+    if not all(math.isfinite(v) for v in box):
+        return "with non-finite values"
+    if box[2] <= 0 or box[3] <= 0:
+        return "with a width or height that is not positive"
+    return None
+
+
+def _checked_boxes(path: Path, annotations: list[dict], bad_boxes: str) -> tuple[list[dict], Counter]:
+    """The annotations to keep, and the count of the dropped ones by reason (with a first example).
+
+    A box that is no list of four numbers is always an error (the file is broken); a box with non-finite
+    numbers or a width or height that is not positive is an error with ``bad_boxes="error"``, dropped with
+    ``"drop"``, kept with ``"keep"``.
+    """
+    kept, dropped, examples = [], Counter(), {}
+    for index, annotation in enumerate(annotations):
+        problem = _box_problem(annotation["bbox"])
+        name = f"id {annotation['id']!r}" if "id" in annotation else f"#{index}"
+        if problem == NOT_A_BOX or (problem and bad_boxes == "error"):
+            count = sum(_box_problem(other["bbox"]) is not None for other in annotations)
+            raise AnnotationFileError(
+                f"{path}: annotation {name} has a bbox {annotation['bbox']!r} {problem} ({count} bad box(es) in the "
+                "file); boxes must be [x, y, width, height] with finite numbers and a positive width and "
+                "height: fix or remove them, or AP on this file would be wrong"
+            )
+        if problem and bad_boxes == "drop":
+            examples.setdefault(problem, name)
+            dropped[problem] += 1
+            continue
+        kept.append(annotation)
+    return kept, Counter({f"{problem} (e.g. annotation {examples[problem]})": n for problem, n in dropped.items()})
+
+
+def load_coco_annotations(path: str | Path, bad_boxes: str = "error") -> COCO:
     """Parse and check a COCO instances file; returns the pycocotools index.
 
-    Missing ``area`` is filled with the box area and missing annotation ``id`` with a running number
-    (COCOeval needs both). Annotations of image ids that ``images`` does not list are dropped with a
-    warning. Anything else wrong raises :class:`AnnotationFileError` (or ``FileNotFoundError``) naming
-    the file.
+    Checked: the required keys, id and name types, unique ids, known category ids, and boxes: four finite
+    numbers with positive width and height. ``bad_boxes`` says what a box that fails the last check does:
+    ``"error"`` (evaluation data, where it would make AP wrong), ``"drop"`` (training data: dropped, counted
+    in one warning) or ``"keep"`` (files read only for their images). Annotations of image ids that
+    ``images`` does not list are dropped with the same warning. Missing ``area`` is filled with the box
+    area and missing annotation ``id`` with a running number (COCOeval needs both). Anything else wrong
+    raises :class:`AnnotationFileError` (or :class:`~sparse_detr.errors.MissingFileError`) naming the file.
     """
+    if bad_boxes not in BAD_BOX_RULES:
+        raise ValueError(f"bad_boxes must be one of {BAD_BOX_RULES}, got {bad_boxes!r}")
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"annotations file {path} does not exist")
+        raise MissingFileError(f"annotations file {path} does not exist")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -77,24 +153,25 @@ def load_coco_annotations(path: str | Path) -> COCO:
         _check_entries(path, section, data[section])
     if not data["categories"]:
         raise AnnotationFileError(f"{path}: 'categories' is empty")
+    _check_types(path, data)
     _check_ids_unique(path, "images", data["images"])
     _check_ids_unique(path, "categories", data["categories"])
-    _check_boxes(path, data["annotations"])
 
     category_ids = {c["id"] for c in data["categories"]}
     unknown = sorted({a["category_id"] for a in data["annotations"]} - category_ids, key=repr)
     if unknown:
         raise AnnotationFileError(f"{path}: annotations use category ids {unknown[:5]} not listed in 'categories'")
 
+    total = len(data["annotations"])
+    data["annotations"], dropped = _checked_boxes(path, data["annotations"], bad_boxes)
     image_ids = {image["id"] for image in data["images"]}
     orphans = [a for a in data["annotations"] if a["image_id"] not in image_ids]
     if orphans:
-        warnings.warn(
-            f"{path}: {len(orphans)} annotations refer to image ids not listed in 'images' "
-            f"(e.g. {orphans[0]['image_id']!r}); they are ignored",
-            stacklevel=2,
-        )
+        dropped[f"of image ids not in 'images' (e.g. {orphans[0]['image_id']!r})"] = len(orphans)
         data["annotations"] = [a for a in data["annotations"] if a["image_id"] in image_ids]
+    if dropped:
+        reasons = "; ".join(f"{count} {reason}" for reason, count in dropped.items())
+        warnings.warn(f"{path}: dropped {sum(dropped.values())} of {total} annotations: {reasons}", stacklevel=2)
 
     used_ids = {a["id"] for a in data["annotations"] if "id" in a}
     next_id = max((i for i in used_ids if isinstance(i, int)), default=0) + 1

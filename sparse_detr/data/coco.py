@@ -15,6 +15,7 @@ from torchvision.transforms.v2 import functional as F
 from sparse_detr.data.annotations import category_label_map, load_coco_annotations
 from sparse_detr.data.image_io import ImageLoadError, load_rgb_image
 from sparse_detr.data.transforms import to_model_input
+from sparse_detr.errors import MissingFileError
 
 
 class CocoDetection(Dataset):
@@ -24,16 +25,19 @@ class CocoDetection(Dataset):
     target ``labels`` (T,) int64, ``boxes`` (T, 4) float32 normalized cxcywh in the transformed image,
     ``image_id`` () int64, ``orig_size`` (2,) int64 (h, w) of the file, ``size`` (2,) int64 (h, w) after
     ``transforms``. Crowd boxes are left out of the targets (as in the reference, they stay in ``coco``
-    for evaluation), zero-area boxes are dropped, images without boxes are kept as negatives.
+    for evaluation), boxes left empty by clamping to the image are dropped, images without boxes are kept
+    as negatives.
 
     ``transforms(image, {"boxes": BoundingBoxes XYXY, "labels"})`` must return a normalized tensor
     image, like :func:`~sparse_detr.data.transforms.build_transforms`; by default the image is only
     normalized.
 
-    Bad files: missing image files are counted when the dataset is built; with ``train`` they are
-    skipped with one warning, otherwise it is an error (evaluation on a subset would print wrong
-    numbers). An image that fails to load later is, with ``train``, replaced by the next image with a
-    warning naming it, and an error otherwise.
+    Bad input costs what it touches, with a warning that counts and names it: the annotation file is
+    checked when the dataset is built (:func:`~sparse_detr.data.annotations.load_coco_annotations`; with
+    ``train`` bad boxes are dropped, otherwise they are an error, as AP would be wrong), and missing image
+    files are left out. An image that fails to load later is, with ``train``, replaced by the next image;
+    otherwise ``dataset[i]`` is None (:func:`~sparse_detr.data.collate.collate` leaves it out, and
+    evaluation scores the images it saw).
 
     Attributes:
         coco: the pycocotools index of the annotations file (ground truth for COCOeval).
@@ -52,9 +56,9 @@ class CocoDetection(Dataset):
     ) -> None:
         self.images_dir = Path(images_dir)
         if not self.images_dir.is_dir():
-            raise FileNotFoundError(f"images folder {self.images_dir} does not exist")
+            raise MissingFileError(f"images folder {self.images_dir} does not exist")
         self.annotations_file = Path(annotations_file)
-        self.coco = load_coco_annotations(self.annotations_file)
+        self.coco = load_coco_annotations(self.annotations_file, bad_boxes="drop" if train else "error")
         self.transforms = transforms if transforms is not None else to_model_input()
         self.train = train
 
@@ -76,13 +80,11 @@ class CocoDetection(Dataset):
             f"{self.annotations_file}: {len(missing)} of {len(ids)} listed images are not in {self.images_dir} "
             f"(e.g. {example})"
         )
-        if not self.train:
-            raise FileNotFoundError(message)
-        warnings.warn(f"{message}; training without them", stacklevel=3)
         absent = set(missing)
         kept = [i for i in ids if i not in absent]
         if not kept:
-            raise FileNotFoundError(message)
+            raise MissingFileError(message)
+        warnings.warn(f"{message}; left out", stacklevel=3)
         return kept
 
     def __len__(self) -> int:
@@ -112,17 +114,18 @@ class CocoDetection(Dataset):
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         return boxes[keep], torch.as_tensor(labels, dtype=torch.int64).reshape(-1)[keep]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
         for attempt in range(len(self)):
             current = (index + attempt) % len(self)
             try:
                 image = self.load_image(current)
             except ImageLoadError as error:
-                if not self.train:
-                    raise
                 if self.ids[current] not in self.failed_images:
-                    warnings.warn(f"{error}; skipped (another image is used in its place)", stacklevel=2)
+                    instead = "another image is used in its place" if self.train else "left out of the evaluation"
+                    warnings.warn(f"{error}; {instead}", stacklevel=2)
                     self.failed_images.add(self.ids[current])
+                if not self.train:
+                    return None
                 continue
             return self._sample(current, image)
         raise ImageLoadError(f"{self.images_dir}: none of the {len(self)} images could be read")
@@ -155,7 +158,7 @@ def resolve_coco_root(path: str | Path) -> tuple[Path, Path, Path, Path]:
     what is missing."""
     root = Path(path)
     if not root.is_dir():
-        raise FileNotFoundError(f"COCO folder {root} does not exist")
+        raise MissingFileError(f"dataset folder {root} does not exist")
     parts = (
         root / "train2017",
         root / "annotations" / "instances_train2017.json",
@@ -164,7 +167,7 @@ def resolve_coco_root(path: str | Path) -> tuple[Path, Path, Path, Path]:
     )
     missing = [str(p.relative_to(root)) for p in parts if not p.exists()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{root} is not a COCO 2017 folder: missing {', '.join(missing)} "
             f"(or give --train-images/--train-ann/--val-images/--val-ann)"
         )

@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from sparse_detr.errors import InputError
 
-class ImageLoadError(OSError):
+
+class ImageLoadError(InputError, OSError):
     """An image that cannot be used: unreadable, corrupt, or not the size its annotations say."""
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from sparse_detr.data.shapes import SHAPE_KINDS, SHAPES, background, fill, random_color, shape_mask
+from sparse_detr.errors import ConfigError, UsageError
 from sparse_detr.utils.cache import user_cache_dir
 
 GENERATOR_VERSION = 1
@@ -70,16 +71,16 @@ def check_classes(classes: Sequence[str] | None) -> tuple[str, ...]:
     if classes is None:
         return SHAPES
     if isinstance(classes, str):
-        raise TypeError(f"classes must be a sequence of shape names, not the string {classes!r}")
+        raise ConfigError(f"classes must be a sequence of shape names, not the string {classes!r}")
     classes = tuple(classes)
     if not classes:
-        raise ValueError(f"classes must name at least one shape; shapes: {', '.join(SHAPE_KINDS)}")
+        raise ConfigError(f"classes must name at least one shape; shapes: {', '.join(SHAPE_KINDS)}")
     unknown = [name for name in classes if name not in SHAPE_KINDS]
     if unknown:
-        raise ValueError(f"unknown shape classes {unknown}; known shapes: {', '.join(SHAPE_KINDS)}")
+        raise ConfigError(f"unknown shape classes {unknown}; known shapes: {', '.join(SHAPE_KINDS)}")
     repeated = sorted({name for name in classes if classes.count(name) > 1})
     if repeated:
-        raise ValueError(f"shape classes named more than once: {repeated}")
+        raise ConfigError(f"shape classes named more than once: {repeated}")
     return classes
 
 
@@ -174,9 +175,9 @@ def make_synthetic_dataset(
     folder and renamed into place, so concurrent callers (one per process) never see half a dataset.
     """
     if num_train < 1 or num_val < 1:
-        raise ValueError(f"need at least one train and one val image, got {num_train} and {num_val}")
+        raise ConfigError(f"need at least one train and one val image, got {num_train} and {num_val}")
     if image_size < 32:
-        raise ValueError(f"image_size must be at least 32 pixels, got {image_size}")
+        raise ConfigError(f"image_size must be at least 32 pixels, got {image_size}")
     classes = check_classes(classes)
     out = Path(out_dir) if out_dir is not None else default_dataset_dir()
     wanted = {
@@ -190,7 +191,7 @@ def make_synthetic_dataset(
     if _manifest(out) == wanted:
         return out
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and _manifest(out) is None)):
-        raise FileExistsError(f"{out} exists and is not a synthetic dataset folder; choose another --out")
+        raise UsageError(f"{out} exists and is not a synthetic dataset folder; choose another --out")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -17,6 +17,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from sparse_detr.errors import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 COCO_SCALES = tuple(range(480, 801, 32))
@@ -46,7 +48,7 @@ def scaled_sizes(eval_size: int) -> TransformSizes:
     """The COCO recipe (shorter side 480..800, eval 800, max 1333, crops 384..600) scaled by
     ``eval_size / 800``, e.g. ``scaled_sizes(160)`` trains at 96..160 px and evaluates at 160."""
     if eval_size < 16:
-        raise ValueError(f"eval_size must be at least 16 pixels, got {eval_size}")
+        raise ConfigError(f"the image size must be at least 16 pixels, got {eval_size}")
     factor = eval_size / COCO_EVAL_SIZE
 
     def scale(size: int) -> int:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from sparse_detr.checkpoint import CHECKPOINT_NAME
+from sparse_detr.errors import MissingFileError
 
 
 @dataclass
@@ -61,7 +62,7 @@ def find_resume_path(output_dir: str | Path, resume: str | None, auto_resume: bo
         if path.is_dir():
             path = path / CHECKPOINT_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"--resume {resume}: no checkpoint there")
+            raise MissingFileError(f"--resume {resume}: no checkpoint there")
         return path
     latest = Path(output_dir) / CHECKPOINT_NAME
     return latest if auto_resume and latest.is_file() else None

@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from sparse_detr.utils.device import resolve_device
+
 T = TypeVar("T")
 
 
@@ -44,16 +46,6 @@ def get_rank() -> int:
 
 def get_world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
-
-
-def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
-    """``device``, or the process's GPU (``cuda:LOCAL_RANK``) when CUDA is available, else the CPU."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    return device
 
 
 def init_distributed(device: str | None = None) -> DistInfo:

@@ -7,6 +7,7 @@ import copy
 import io
 import json
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,9 @@ from torch import nn
 
 from sparse_detr.engine import distributed
 from sparse_detr.engine.sampling import BlockBatchSampler
+from sparse_detr.errors import InputError, UsageError
 from sparse_detr.models import postprocess
-from sparse_detr.utils.io import atomic_write_text
+from sparse_detr.utils.io import atomic_write_text, check_writable
 
 # COCOeval.stats, in order
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -48,29 +50,60 @@ def predict(
     top_k: int = 100,
 ) -> tuple[list[dict[str, Any]], list[int]]:
     """This process's detections in COCO results format (``bbox`` xywh in original-image pixels) and
-    the ids of the images it saw. Labels without a category (unused slots) are left out."""
+    the ids of the images it saw. Labels without a category (unused slots) are left out.
+
+    Batches the data set could not fill (None: unreadable images) are passed over; a batch the model
+    cannot take (an image too small for its queries) is retried image by image, and an image that still
+    fails is left out with a warning.
+    """
     model.eval()
     detections, image_ids = [], []
-    for images, mask, targets in data_loader:
-        outputs = model(images.to(device), mask.to(device))
-        sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
-        pairs = outputs["pred_logits"].shape[1] * outputs["pred_logits"].shape[2]
-        for target, result in zip(targets, postprocess(outputs, sizes, top_k=min(top_k, pairs))):
-            image_id = int(target["image_id"])
-            image_ids.append(image_id)
-            boxes = result["boxes"].float().cpu()
-            boxes[:, 2:] -= boxes[:, :2]
-            for score, label, box in zip(result["scores"].tolist(), result["labels"].tolist(), boxes.tolist()):
-                if label in label_to_category_id:
-                    detections.append(
-                        {
-                            "image_id": image_id,
-                            "category_id": int(label_to_category_id[label]),
-                            "bbox": box,  # unrounded: COCOeval scores the numbers the model gave
-                            "score": score,
-                        }
-                    )
+    for batch in data_loader:
+        if batch is None:
+            continue
+        for targets, outputs in _forward(model, *batch, device):
+            sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
+            image_ids += [int(target["image_id"]) for target in targets]
+            detections += _coco_results(outputs, targets, sizes, label_to_category_id, top_k)
     return detections, image_ids
+
+
+def _forward(model: nn.Module, images, mask, targets, device) -> list[tuple[list, dict]]:
+    """``[(targets, outputs)]`` of the batch, or of each image alone when the batch fails on one image."""
+    try:
+        return [(targets, model(images.to(device), mask.to(device)))]
+    except InputError as error:
+        if len(targets) == 1:
+            image_id = int(targets[0]["image_id"])
+            warnings.warn(f"image id {image_id}: {error}; left out of the evaluation", stacklevel=3)
+            return []
+    alone = []
+    for index, target in enumerate(targets):
+        height, width = target["size"].tolist()
+        image, image_mask = images[index : index + 1, :, :height, :width], mask[index : index + 1, :height, :width]
+        alone += _forward(model, image, image_mask, [target], device)
+    return alone
+
+
+def _coco_results(outputs, targets, sizes, label_to_category_id, top_k: int) -> list[dict[str, Any]]:
+    """COCO results of one batch: at most ``top_k`` detections per image, best first."""
+    detections = []
+    pairs = outputs["pred_logits"].shape[1] * outputs["pred_logits"].shape[2]
+    for target, result in zip(targets, postprocess(outputs, sizes, top_k=min(top_k, pairs))):
+        image_id = int(target["image_id"])
+        boxes = result["boxes"].float().cpu()
+        boxes[:, 2:] -= boxes[:, :2]
+        for score, label, box in zip(result["scores"].tolist(), result["labels"].tolist(), boxes.tolist()):
+            if label in label_to_category_id:
+                detections.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": int(label_to_category_id[label]),
+                        "bbox": box,  # unrounded: COCOeval scores the numbers the model gave
+                        "score": score,
+                    }
+                )
+    return detections
 
 
 def coco_metrics(
@@ -80,7 +113,7 @@ def coco_metrics(
     box of that size) and pycocotools' summary text."""
     image_ids = sorted(set(image_ids))
     if not image_ids:
-        raise ValueError("no images were evaluated: the evaluation data loader is empty")
+        raise InputError("no images were evaluated: the validation images are all missing or unreadable")
     with contextlib.redirect_stdout(io.StringIO()) as text:
         coco_dt = coco_gt.loadRes(copy.deepcopy(detections)) if detections else _empty_results(coco_gt)
         evaluator = COCOeval(coco_gt, coco_dt, "bbox")
@@ -115,9 +148,10 @@ def evaluate(
     """COCO box metrics of ``model`` on ``data_loader`` (batches of ``collate``: images, mask, targets with
     ``image_id`` and ``orig_size``).
 
-    Distributed: each process predicts its block of batches (:func:`build_eval_loader`), rank 0 merges
-    them, scores them and writes ``detections_file`` (COCO results JSON); every process returns the same
-    dict ``{AP, AP50, ..., ARl}``.
+    Images the data set or the model could not take are left out, with a warning that counts them: the
+    metrics are those of the images evaluated. Distributed: each process predicts its block of batches
+    (:func:`build_eval_loader`), rank 0 merges them, scores them and writes ``detections_file`` (COCO
+    results JSON); every process returns the same dict ``{AP, AP50, ..., ARl}``.
     """
     detections, image_ids = predict(model, data_loader, label_to_category_id, device)
     gathered = distributed.gather_to_main((detections, image_ids))
@@ -125,6 +159,13 @@ def evaluate(
     if gathered is not None:
         merged = [detection for shard_detections, _ in gathered for detection in shard_detections]
         seen = {image_id for _, shard_ids in gathered for image_id in shard_ids}
+        total = len(getattr(data_loader, "dataset", seen))
+        if 0 < len(seen) < total:
+            warnings.warn(
+                f"{total - len(seen)} of {total} images could not be evaluated (see the warnings above): "
+                f"the metrics are those of the other {len(seen)}",
+                stacklevel=2,
+            )
         if detections_file is not None:
             atomic_write_text(detections_file, json.dumps(merged))
         metrics, _ = coco_metrics(coco_gt, merged, seen)
@@ -168,6 +209,7 @@ def evaluate_checkpoint(
     workers: int = 2,
     trust_checkpoint: bool = False,
     overrides: Mapping[str, Any] | None = None,
+    allow_other_categories: bool = False,
 ) -> dict[str, float]:
     """Evaluate a checkpoint file (this project's or a released one) on a COCO-format split.
 
@@ -179,32 +221,42 @@ def evaluate_checkpoint(
             (its ``train_config.image_size``), else 800 as in COCO.
         output_dir: where ``eval_<name>.json`` (the metrics) and ``detections_<name>.json`` (COCO
             results) go, ``<name>`` being the checkpoint's stem plus ``_rho<R>`` when overridden;
-            default the checkpoint's folder.
+            default the checkpoint's folder. Checked to be writable before the evaluation starts.
+        allow_other_categories: evaluate although the checkpoint names other categories for the
+            dataset's labels than the dataset does (otherwise a :class:`~sparse_detr.errors.UsageError`).
 
     Returns:
         ``{AP, AP50, ..., ARl}`` on every process.
     """
-    from sparse_detr.checkpoint import load_model, read_checkpoint
+    from sparse_detr.checkpoint import category_differences, model_from_checkpoint, read_checkpoint, stored_categories
     from sparse_detr.data import CocoDetection, build_transforms, scaled_sizes
 
     info = distributed.init_distributed(device)
     checkpoint = Path(checkpoint)
+    out = check_writable(output_dir if output_dir is not None else checkpoint.parent)
+    content = read_checkpoint(checkpoint, trust_checkpoint=trust_checkpoint)
     if image_size is None:
-        stored = read_checkpoint(checkpoint, trust_checkpoint=trust_checkpoint).get("train_config") or {}
-        image_size = int(stored.get("image_size", 800))
-    model = load_model(checkpoint, map_location=info.device, trust_checkpoint=trust_checkpoint, overrides=overrides)
+        image_size = int((content.get("train_config") or {}).get("image_size", 800))
+    dataset = CocoDetection(val_images, val_ann, build_transforms(False, **scaled_sizes(image_size)._asdict()))
+    model = model_from_checkpoint(content, checkpoint, map_location=info.device, overrides=overrides)
+    num_classes = model.config.model.num_classes
+    if dataset.num_classes > num_classes:
+        raise UsageError(
+            f"{val_ann} has class labels up to {dataset.num_classes - 1} but {checkpoint} predicts "
+            f"{num_classes} classes: evaluate it on the dataset it was trained for"
+        )
+    differences = category_differences(stored_categories(content, num_classes), dataset.category_names)
+    if differences and not allow_other_categories:
+        raise UsageError(
+            f"{checkpoint} was trained on other categories than {val_ann} ({len(differences)} differ; "
+            f"{differences[0]}): its AP here would mean nothing; evaluate it on its own data, fine-tune it "
+            "(sdetr train --init), or pass --allow-other-categories"
+        )
     if keep_ratio == model.keep_ratio:
         keep_ratio = None  # the trained keep ratio: the plain file names
     if keep_ratio is not None:
         model.set_keep_ratio(keep_ratio)
-    dataset = CocoDetection(val_images, val_ann, build_transforms(False, **scaled_sizes(image_size)._asdict()))
-    if dataset.num_classes > model.config.model.num_classes:
-        raise ValueError(
-            f"{val_ann} has class labels up to {dataset.num_classes - 1} but {checkpoint} predicts "
-            f"{model.config.model.num_classes} classes: evaluate it on the dataset it was trained for"
-        )
     name = checkpoint.stem + (f"_rho{keep_ratio:g}" if keep_ratio is not None else "")
-    out = Path(output_dir) if output_dir is not None else checkpoint.parent
     loader = build_eval_loader(dataset, batch_size, workers)
     metrics = evaluate(
         model, loader, dataset.coco, dataset.label_to_category_id, info.device, out / f"detections_{name}.json"

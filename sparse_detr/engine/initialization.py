@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from sparse_detr.checkpoint import checkpoint_config, model_state, read_checkpoint, stored_categories
+from sparse_detr.checkpoint import checkpoint_config, model_state, read_checkpoint, same_category, stored_categories
 from sparse_detr.config import Config
 from sparse_detr.models import DeformableDETR
 from sparse_detr.models.backbone_weights import BackboneWeights, check_backbone_trainable, resolve_backbone_weights
@@ -159,9 +159,9 @@ def _class_rows(old: Mapping[int, Any] | None, new: Mapping[int, str] | None) ->
     old_names = {label: category.name for label, category in old.items()}
     if old_names == dict(new):
         return None
-    by_name = {_normalized(name): label for label, name in old_names.items()}
-    return {label: by_name[_normalized(name)] for label, name in new.items() if _normalized(name) in by_name}
-
-
-def _normalized(name: str) -> str:
-    return " ".join(name.lower().split())
+    rows = {}
+    for label, name in new.items():
+        match = next((old_label for old_label, old_name in old_names.items() if same_category(old_name, name)), None)
+        if match is not None:
+            rows[label] = match
+    return rows

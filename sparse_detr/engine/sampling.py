@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
+from sparse_detr.errors import ConfigError
+
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The augmentation seed of sample ``index`` in ``epoch``."""
@@ -47,7 +49,7 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
             batches = min(batches, max_batches)
         self.num_batches = batches // multiple_of * multiple_of
         if self.num_batches == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"the training set ({len(dataset)} images over {world_size} process(es)) does not fill "
                 f"{multiple_of} batch(es) of {batch_size}: lower --batch-size or --grad-accum, or add images"
             )

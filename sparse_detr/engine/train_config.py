@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from sparse_detr.errors import ConfigError
+
 AMP_MODES = (None, "bf16", "fp16")
 
 
@@ -26,7 +28,8 @@ class TrainConfig:
 
     ``init`` starts a new run from the weights of a checkpoint (a file, run folder or zoo name: fine-tuning,
     see :mod:`sparse_detr.engine.finetune`) instead of the backbone's pretrained weights; ``resume``
-    continues a run. ``tensorboard`` mirrors ``metrics.jsonl`` to TensorBoard event files.
+    continues a run (on the categories it started with, unless ``allow_other_categories``).
+    ``tensorboard`` mirrors ``metrics.jsonl`` to TensorBoard event files.
     """
 
     epochs: int = 50
@@ -56,6 +59,7 @@ class TrainConfig:
     device: str | None = None
     log_every: int = 20
     tensorboard: bool = False
+    allow_other_categories: bool = False
     find_unused_parameters: bool = True
 
     def __post_init__(self) -> None:
@@ -67,20 +71,20 @@ class TrainConfig:
         if self.init is not None:
             self.init = str(self.init)
             if self.resume is not None:
-                raise ValueError(
+                raise ConfigError(
                     "init starts a new run from a checkpoint's weights and resume continues a run: give one"
                 )
         if self.amp not in AMP_MODES:
-            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+            raise ConfigError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         positive = ("epochs", "lr_drop", "batch_size", "grad_accum", "image_size", "eval_every_epochs", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("workers", "checkpoint_every_iters"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be at least 0, got {getattr(self, name)}")
         if self.iters_per_epoch is not None and self.iters_per_epoch < self.grad_accum:
-            raise ValueError(
+            raise ConfigError(
                 f"iters_per_epoch ({self.iters_per_epoch}) must be at least grad_accum ({self.grad_accum})"
             )
 

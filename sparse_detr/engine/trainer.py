@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import time
@@ -22,8 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import clip_grad_norm_
 from torch.utils.data import DataLoader
 
-from sparse_detr.checkpoint import read_checkpoint, save_checkpoint
-from sparse_detr.config import Config, config_to_dict
+from sparse_detr.checkpoint import category_differences, read_checkpoint, save_checkpoint, stored_categories
+from sparse_detr.config import Config, config_from_dict, config_to_dict
 from sparse_detr.data.source import DataSource
 from sparse_detr.engine import distributed
 from sparse_detr.engine.checkpointing import CHECKPOINT_NAME, Position, find_resume_path, rng_state, set_rng_state
@@ -34,13 +35,14 @@ from sparse_detr.engine.optim import build_optimizer, build_scheduler
 from sparse_detr.engine.run_config import CONFIG_FILE_NAME, RunConfig
 from sparse_detr.engine.sampling import EpochBatchSampler, SeededSamples
 from sparse_detr.engine.train_config import TrainConfig, train_config_to_dict
+from sparse_detr.errors import ConfigError, NonFiniteError, UsageError
 from sparse_detr.models import build_criterion, build_model
-from sparse_detr.utils.io import atomic_write_text
+from sparse_detr.utils.io import atomic_write_text, check_writable, remove_temporaries
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(NonFiniteError):
     """The loss became NaN or infinite; the run stopped without overwriting its last checkpoint."""
 
 
@@ -78,6 +80,9 @@ def train(
     progress = Progress(info.is_main, train_config.log_every)
     if train_config.tensorboard:
         require_tensorboard()
+    check_input_size(model_config, train_config)
+    if info.is_main:
+        check_writable(train_config.output_dir)
     if model_config.model.num_classes != train_set.num_classes:
         progress.message(f"num_classes: {train_set.num_classes} (from the training set's categories)")
         model_config = dataclasses.replace(
@@ -118,9 +123,11 @@ class _Run:
             label: {"id": int(cid), "name": train_set.category_names[label]}
             for label, cid in train_set.label_to_category_id.items()
         }
-        checkpoint = read_checkpoint(resume_path, map_location="cpu") if resume_path else None
+        checkpoint = read_checkpoint(resume_path) if resume_path else None
         if checkpoint is not None:
             _check_same_model(checkpoint["config"], model_config, resume_path)
+            if not config.allow_other_categories:
+                _check_same_categories(checkpoint, train_set.category_names, resume_path)
             self.initial_weights = checkpoint.get("initial_weights")
         else:
             self.initial_weights = initial_weights.to_dict()
@@ -169,6 +176,9 @@ class _Run:
             generator=torch.Generator().manual_seed(config.seed),
         )
         self.val_loader = build_eval_loader(val_set, config.batch_size_eval, config.workers)
+        if info.is_main:
+            for leftover in remove_temporaries(self.output_dir):  # from writes a killed run left halfway
+                progress.message(f"removed {leftover}, a file a killed write left")
         self.log = MetricsLog(self.output_dir, info.is_main, config.tensorboard)
         if info.is_main:
             run_config = RunConfig(model_config, config, _data_source(train_set, val_set))
@@ -177,8 +187,10 @@ class _Run:
 
     def _restore(self, checkpoint: dict[str, Any], path: Path) -> None:
         self.model.load_state_dict(checkpoint["model"])
+        configured = [group["lr"] for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        self._adopt_learning_rates(configured)
         self.scaler.load_state_dict(checkpoint["scaler"])
         self.position = Position(checkpoint["epoch"], checkpoint["iteration"], checkpoint["step"])
         states = checkpoint.get("rng") or []
@@ -190,6 +202,19 @@ class _Run:
             f"resumed from {path}: epoch {self.position.epoch + 1}, batch {self.position.iteration}, "
             f"step {self.position.step}"
         )
+
+    def _adopt_learning_rates(self, configured: list[float]) -> None:
+        """Resumed with other learning rates (say, lower ones after a divergence): each group starts again
+        from its configured rate, at the point of the schedule the run had reached."""
+        changed = []
+        for group, rate in zip(self.optimizer.param_groups, configured):
+            if not math.isclose(group["initial_lr"], rate):
+                changed.append(f"{group['name']} {group['initial_lr']:.3g} -> {rate:.3g}")
+                group["lr"] *= rate / group["initial_lr"]
+                group["initial_lr"] = rate
+        if changed:
+            self.scheduler.base_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]
+            self.progress.message(f"learning rates changed on resume: {', '.join(changed)}")
 
     @property
     def train_model(self) -> nn.Module:
@@ -280,12 +305,19 @@ class _Run:
         """
         amp = self.config.amp
         with torch.autocast(self.device.type, dtype=AMP_DTYPES.get(amp, torch.float32), enabled=amp is not None):
-            outputs = self.train_model(images, mask)
-        losses = self.criterion(_to_float32(outputs), targets, num_boxes, batch_share=1 / self.config.grad_accum)
-        weights = self.criterion.weight_dict
-        loss = sum(weights[k] * losses[k] for k in weights)
-        if distributed.any_process(not bool(torch.isfinite(loss)), self.device):
-            self._stop_non_finite(losses, epoch, iteration)
+            outputs = _to_float32(self.train_model(images, mask))
+        problem, losses, loss = None, {}, None
+        if not all(bool(torch.isfinite(outputs[key]).all()) for key in ("pred_logits", "pred_boxes")):
+            problem = "the model's predictions"  # the matcher cannot match them
+        else:
+            losses = self.criterion(outputs, targets, num_boxes, batch_share=1 / self.config.grad_accum)
+            weights = self.criterion.weight_dict
+            loss = sum(weights[k] * losses[k] for k in weights)
+            if not bool(torch.isfinite(loss)):
+                bad = sorted(k for k, v in losses.items() if not bool(torch.isfinite(v).all()))
+                problem = f"the loss ({', '.join(bad) or 'the weighted sum'})"
+        if distributed.any_process(problem is not None, self.device):
+            self._stop(problem or "another process's batch", f"epoch {epoch + 1}, batch {iteration + 1}")
         # gradients are averaged across processes only on the batch that steps
         sync = self.ddp.no_sync() if self.ddp is not None and not steps_now else contextlib.nullcontext()
         with sync:
@@ -293,33 +325,33 @@ class _Run:
         return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
 
     def _optimizer_step(self) -> float:
-        """Unscale, clip (``clip_max_norm``; 0 = no clipping), step; returns the gradient norm."""
+        """Unscale, clip (``clip_max_norm``; 0 = no clipping), step; returns the gradient norm. Stops the
+        run on non-finite gradients (fp16's scaler skips those steps itself) and on weights the step made
+        non-finite, before anything is saved."""
         self.scaler.unscale_(self.optimizer)
         max_norm = self.config.clip_max_norm if self.config.clip_max_norm > 0 else math.inf
         grad_norm = clip_grad_norm_(self.model.parameters(), max_norm)
-        if not self.scaler.is_enabled() and not bool(torch.isfinite(grad_norm)):
-            # fp16's scaler skips such steps itself; otherwise the weights would turn NaN
-            raise NonFiniteLossError(
-                f"non-finite gradient norm at step {self.position.step + 1}; training stopped and "
-                f"{self._kept_checkpoint()}. Lower the learning rate or check the annotations."
-            )
+        where = f"step {self.position.step + 1}"
+        if distributed.any_process(not self.scaler.is_enabled() and not bool(torch.isfinite(grad_norm)), self.device):
+            self._stop("the gradients", where)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if distributed.any_process(not _finite_parameters(self.model), self.device):
+            self._stop("the weights after the optimizer step", where)
         return float(grad_norm)
 
-    def _stop_non_finite(self, losses: dict[str, torch.Tensor], epoch: int, iteration: int) -> None:
-        bad = sorted(k for k, v in losses.items() if not bool(torch.isfinite(v).all()))
-        raise NonFiniteLossError(
-            f"non-finite loss at epoch {epoch + 1}, batch {iteration + 1} (step {self.position.step}) "
-            f"in {', '.join(bad) or 'the weighted sum'}; training stopped and {self._kept_checkpoint()}. "
-            "Lower the learning rate, use --amp bf16 instead of fp16, or check the annotations."
-        )
-
-    def _kept_checkpoint(self) -> str:
+    def _stop(self, what: str, where: str) -> None:
+        """Raise :class:`NonFiniteLossError`: ``what`` became NaN or infinite at ``where``; the last
+        checkpoint, written before, is good and stays the one ``--resume`` takes."""
         if self.checkpoint_path.is_file():
-            return f"the last good checkpoint {self.checkpoint_path} is kept"
-        return "no checkpoint had been written yet"
+            kept = f"the last good checkpoint {self.checkpoint_path} (step {self.position.step}) is kept"
+        else:
+            kept = "no checkpoint had been written yet"
+        raise NonFiniteLossError(
+            f"{what} became NaN or infinite at {where} (after step {self.position.step}); training stopped "
+            f"and {kept}. Resume with a lower --lr (or --amp bf16 instead of fp16), or check the annotations."
+        )
 
     def _log_window(self, window: dict[str, float], steps: int, elapsed: float) -> None:
         means = {k: v / steps for k, v in window.items()}
@@ -332,7 +364,10 @@ class _Run:
         self.log.write(record, self.position.step)
 
     def _save(self) -> None:
-        """Checkpoint (rank 0 writes; every process's generator states are gathered into it)."""
+        """Checkpoint (rank 0 writes; every process's generator states are gathered into it); weights that
+        are not finite are never written over the last good checkpoint."""
+        if not _finite_parameters(self.model):
+            self._stop("the weights", f"the checkpoint of step {self.position.step}")
         states = distributed.gather_to_main(rng_state(self.device))
         if self.info.is_main:
             save_checkpoint(
@@ -409,6 +444,48 @@ def _accumulated_num_boxes(step_targets: list[list[dict[str, torch.Tensor]]], de
     return max(distributed.all_reduce_mean({"boxes": float(count)}, device)["boxes"], 1.0)
 
 
+def _finite_parameters(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(parameter).all()) for parameter in model.parameters())
+
+
+def check_input_size(model_config: Config, train_config: TrainConfig) -> None:
+    """Two-stage models take their queries from the encoder tokens: refuse, before any work, an image size
+    whose smallest training scale gives fewer tokens than queries.
+
+    Raises:
+        ConfigError: naming the image size to use instead.
+    """
+    from sparse_detr.data import scaled_sizes
+
+    model = model_config.model
+    if not model.two_stage:
+        return
+
+    def tokens(image_size: int) -> int:
+        side = min(scaled_sizes(image_size).scales)  # every training image's shorter side is at least this
+        return sum(math.ceil(side / 2 ** (3 + level)) ** 2 for level in range(model.num_feature_levels))
+
+    if tokens(train_config.image_size) < model.num_queries:
+        enough = next(size for size in itertools.count(train_config.image_size) if tokens(size) >= model.num_queries)
+        raise ConfigError(
+            f"image size {train_config.image_size} gives as few as {tokens(train_config.image_size)} encoder "
+            f"tokens at the smallest training scale, fewer than the {model.num_queries} queries: use "
+            f"--image-size {enough} or more, or fewer queries (model.num_queries)"
+        )
+
+
+def _check_same_categories(checkpoint: dict[str, Any], names: dict[int, str], path: Path) -> None:
+    """A resumed run must train on the categories it started with."""
+    stored = stored_categories(checkpoint, config_from_dict(checkpoint["config"]).model.num_classes)
+    differences = category_differences(stored, names)
+    if differences:
+        raise UsageError(
+            f"{path} was trained on other categories ({len(differences)} differ; {differences[0]}): "
+            "resume on the data it started with, fine-tune it on this data with --init, or pass "
+            "--allow-other-categories"
+        )
+
+
 def _to_float32(outputs):
     """Half-precision tensors of the model outputs in float32 (the losses and matching run in float32)."""
     if isinstance(outputs, torch.Tensor):
@@ -430,7 +507,7 @@ def _check_same_model(stored: dict[str, Any], model_config: Config, path: Path) 
         if key != "pretrained_backbone" and stored.get(section, {}).get(key) != current[section][key]
     ]
     if different:
-        raise ValueError(
+        raise UsageError(
             f"{path} was trained with another configuration ({', '.join(different)} differ); "
             "resume with the same preset and options, or use a new --output-dir"
         )

@@ -30,6 +30,7 @@ from timm.models.swin_transformer import (
 from torch import Tensor, nn
 
 from sparse_detr.config import ModelConfig
+from sparse_detr.errors import CheckpointError, ConfigError
 from sparse_detr.utils.state_dict import load_state_dict_strict
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ def timm_model_name(backbone: str) -> str:
         return TIMM_NAMES[backbone]
     if backbone.startswith("resnet"):
         return backbone
-    raise ValueError(f"unknown backbone {backbone!r}: use 'r50', 'swin-t' or a timm ResNet name")
+    raise ConfigError(f"unknown backbone {backbone!r}: use 'r50', 'swin-t' or a timm ResNet name")
 
 
 class ResNetBackbone(nn.Module):
@@ -237,7 +238,7 @@ def swin_from_official(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if key.endswith("relative_position_index"):
             window = round(value.shape[0] ** 0.5)
             if not torch.equal(value, get_relative_position_index(window, window)):
-                raise ValueError(f"{key} is not the relative position index of a {window}x{window} window")
+                raise CheckpointError(f"{key} is not the relative position index of a {window}x{window} window")
             continue
         key = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m[1]) + 1}.downsample.", key)
         converted[key] = value
@@ -254,7 +255,7 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
         if isinstance(content, dict) and isinstance(content.get(wrapper), dict):
             content = content[wrapper]
     if not isinstance(content, dict):
-        raise ValueError(f"{path} holds a {type(content).__name__}, not a state dict")
+        raise CheckpointError(f"{path} holds a {type(content).__name__}, not a state dict")
     return content
 
 

@@ -25,6 +25,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from huggingface_hub.utils import silent_tqdm
 
 from sparse_detr.config import ModelConfig
+from sparse_detr.errors import ConfigError, UnavailableError
 from sparse_detr.models.backbone import SWIN_T, timm_model_name
 from sparse_detr.utils.io import file_sha256
 
@@ -52,7 +53,7 @@ class BackboneWeights:
         return {"source": self.source, "file": str(self.file), "sha256": self.sha256}
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(UnavailableError):
     """The configured backbone weights are neither on disk nor downloadable; the message (one line) names
     the file needed and how to pass it."""
 
@@ -96,7 +97,7 @@ def check_backbone_trainable(model_config: ModelConfig) -> None:
         frozen.append(f"backbone_frozen_stages={model_config.backbone_frozen_stages}")
         fixes.append("--set model.backbone_frozen_stages=0")
     if frozen:
-        raise ValueError(
+        raise ConfigError(
             f"pretrained_backbone=none with {' and '.join(frozen)} cannot learn: frozen statistics and weights "
             "of a random init never change (and as timm zero-inits each block's last BN, frozen BN keeps every "
             f"residual branch off); train them with {' '.join(fixes)}, or pass {PASS_FILE} imagenet|FILE"

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_detr.config import Config
+from sparse_detr.errors import ConfigError
 from sparse_detr.models.backbone import build_backbone
 from sparse_detr.models.heads import build_heads
 from sparse_detr.models.position_encoding import sine_position_encoding
@@ -96,9 +97,9 @@ class DeformableDETR(nn.Module):
     def set_keep_ratio(self, keep_ratio: float) -> None:
         """Encode ``int(valid_tokens * keep_ratio) + 1`` tokens per image from now on (0: all, no scoring)."""
         if not 0.0 <= keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio must be in [0, 1], got {keep_ratio}")
+            raise ConfigError(f"keep_ratio (--rho) must be in [0, 1], got {keep_ratio}")
         if keep_ratio > 0 and not self.transformer.can_sparsify:
-            raise ValueError("this model has no token scorer; it was built with keep_ratio 0")
+            raise ConfigError(f"keep ratio {keep_ratio} needs a token scorer; this model was built without one (ρ 0)")
         self.transformer.keep_ratio = keep_ratio
 
     @property

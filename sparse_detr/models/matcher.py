@@ -7,6 +7,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou
 
+from sparse_detr.errors import NonFiniteError
+
 
 class HungarianMatcher(nn.Module):
     """One-to-one assignment of queries to targets minimizing a focal class + L1 + GIoU cost.
@@ -73,6 +75,8 @@ class HungarianMatcher(nn.Module):
             - self.cost_giou * giou
         )
         cost = cost.view(n, num_queries, -1).cpu()
+        if not bool(torch.isfinite(cost).all()):
+            raise NonFiniteError("non-finite matching costs: the predictions hold NaN or infinite values")
 
         sizes = [len(t["boxes"]) for t in targets]
         indices = []

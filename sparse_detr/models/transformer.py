@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from sparse_detr.config import ModelConfig
+from sparse_detr.errors import ConfigError, InputError
 from sparse_detr.models.decoder import Decoder, DecoderLayer
 from sparse_detr.models.deformable_attention import MSDeformAttn
 from sparse_detr.models.encoder import EncoderLayer, SparseEncoder
@@ -165,7 +166,7 @@ class DeformableTransformer(nn.Module):
     ):
         """Rank every token as a detection and turn the top ``num_queries`` into decoder queries."""
         if memory.shape[1] < self.num_queries:
-            raise ValueError(
+            raise InputError(
                 f"the image gives {memory.shape[1]} tokens, fewer than the {self.num_queries} queries "
                 "that two-stage selection takes: use a larger input image"
             )
@@ -228,7 +229,7 @@ class DeformableTransformer(nn.Module):
         selected = counts = None
         if keep_ratio > 0:
             if not self.can_sparsify:
-                raise ValueError(
+                raise ConfigError(
                     f"keep_ratio {keep_ratio} needs token scores, but this model was built without a "
                     f"{self.saliency_criterion!r} scorer (config keep_ratio 0)"
                 )

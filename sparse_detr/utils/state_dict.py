@@ -7,6 +7,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from sparse_detr.errors import CheckpointError
+
 
 def format_keys(keys: Iterable[str], limit: int = 8) -> str:
     """``a, b, c`` for short lists, the first ``limit`` names and a count of the others for long ones."""
@@ -34,5 +36,5 @@ def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, torch.Ten
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatch(es) (file vs model): {format_keys(mismatched)}")
     if problems:
-        raise ValueError(f"{source} does not fit the model: " + "; ".join(problems))
+        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems))
     module.load_state_dict(state_dict, strict=True)

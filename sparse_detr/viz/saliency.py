@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sparse_detr.errors import UsageError
 from sparse_detr.inference import Detector, InputImage
 from sparse_detr.models import DeformableDETR, attention_coverage, decoder_attention_map, fill_padded_tokens
 
@@ -164,17 +165,17 @@ def require_saliency(detector: Detector, keep_ratio: float | None = None) -> flo
     """The keep ratio a saliency view of ``detector`` runs at (``keep_ratio`` or the trained one).
 
     Raises:
-        ValueError: when the model has no scoring network or the ratio is not in (0, 1].
+        UsageError: when the model has no scoring network or the ratio is not in (0, 1].
     """
     model = detector.model
     if not model.transformer.can_sparsify:
-        raise ValueError(
+        raise UsageError(
             f"{detector.checkpoint} has no scoring network (trained with keep_ratio 0), so there is no "
             "saliency to draw; `sdetr predict` gives its detections"
         )
     keep_ratio = model.keep_ratio if keep_ratio is None else keep_ratio
     if not 0 < keep_ratio <= 1:
-        raise ValueError(f"rho must be in (0, 1] to select tokens, got {keep_ratio:g}")
+        raise UsageError(f"--rho must be in (0, 1] to select tokens, got {keep_ratio:g}")
     return keep_ratio
 
 

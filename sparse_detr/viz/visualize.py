@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from sparse_detr.errors import UsageError
 from sparse_detr.inference import Detector
 from sparse_detr.viz.figures import draw_explanation, save_explanation
 from sparse_detr.viz.saliency import explain_image
@@ -21,7 +22,7 @@ def figure_stems(paths: Sequence[Path], out_dir: str | Path) -> list[Path]:
     seen: dict[str, Path] = {}
     for path in paths:
         if path.stem in seen:
-            raise ValueError(f"{seen[path.stem]} and {path} would write the same figure: rename one of them")
+            raise UsageError(f"{seen[path.stem]} and {path} would write the same figure: rename one of them")
         seen[path.stem] = path
     return [Path(out_dir) / f"{path.stem}{FIGURE_SUFFIX}" for path in paths]
 

@@ -299,7 +299,7 @@ def _untrusted_globals(path: str | Path, error: pickle.UnpicklingError) -> list[
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # the legacy (non-zip) format
-        found = re.findall(r"GLOBAL ([\w.]+)", str(error))
+        found = re.findall(r"GLOBAL ([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)", str(error))  # module.name
     return [name for name in dict.fromkeys(found) if name != "argparse.Namespace"]
 
 

@@ -376,6 +376,7 @@ def benchmark(
     )  # fmt: skip
     from sparse_detr.data.source import DataSource
     from sparse_detr.engine.run_config import merged_settings, section
+    from sparse_detr.utils.io import check_writable
     from sparse_detr.zoo import resolve_checkpoint
 
     options_given = {"data.root": data, "data.val_images": val_images, "data.val_ann": val_ann,
@@ -389,6 +390,7 @@ def benchmark(
     eval_size = section(resolved, "train").get("image_size", 800)
     source_data = DataSource(**section(resolved, "data"))
     inputs, size, source = _benchmark_inputs(input_size, images, source_data, eval_size)
+    check_writable(output or Path("reports") / name)
     result = bench.run_benchmark(specs, inputs, options, size, log=lambda text: console.print(f"measuring {text}"))
     notes = bench.report_notes(result.table, options, source, result.skipped)
     paths = bench.write_benchmark_report(result, output or Path("reports") / name, notes, f"Benchmark: {source}")

@@ -10,7 +10,6 @@ import pytest
 from sparse_detr.config import (
     PRESETS,
     Config,
-    ConfigError,
     ModelConfig,
     apply_overrides,
     check_field,
@@ -18,6 +17,7 @@ from sparse_detr.config import (
     config_to_dict,
     get_preset,
 )
+from sparse_detr.errors import ConfigError
 
 
 @pytest.mark.parametrize("backbone", ["r50", "swin-t"])

@@ -374,8 +374,8 @@ def test_tensorboard_mirrors_the_metrics(datasets, tmp_path):
 
 
 def test_tensorboard_missing_is_one_line(monkeypatch, tmp_path):
-    from sparse_detr.config import ConfigError
     from sparse_detr.engine.logging import MetricsLog
+    from sparse_detr.errors import ConfigError
 
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import fails
     with pytest.raises(ConfigError, match=r"^--tensorboard needs the tensorboard package: pip install"):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sparse_detr.config import ConfigError, get_preset
+from sparse_detr.config import get_preset
 from sparse_detr.data.source import DataSource
 from sparse_detr.engine import train_recipe
 from sparse_detr.engine.run_config import (
@@ -16,6 +16,7 @@ from sparse_detr.engine.run_config import (
     read_config_file,
     resolve_run_config,
 )
+from sparse_detr.errors import ConfigError
 
 
 def write(tmp_path, text: str, name: str = "run.toml"):

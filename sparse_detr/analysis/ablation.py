@@ -29,7 +29,7 @@ from sparse_detr import engine
 from sparse_detr.analysis.ablation_report import RESULT_NAME, write_report
 from sparse_detr.analysis.sweep import DATA_FIELDS, Run, Sweep, SweepError, shard_runs
 from sparse_detr.config import Config, apply_overrides, config_to_dict, get_preset
-from sparse_detr.utils.io import atomic_write_text
+from sparse_detr.utils.io import atomic_write_text, check_writable
 
 BUILTIN_DATA = "built-in synthetic dataset"
 # training settings that do not change the trained model
@@ -262,6 +262,8 @@ def run_ablation(sweep: Sweep, shard: tuple[int, int] = (0, 1), log: Log = print
         The :class:`~sparse_detr.analysis.ablation_report.AblationReport` written to ``sweep.report_dir``.
     """
     _refuse_torchrun()
+    check_writable(sweep.run_root)
+    check_writable(sweep.report_dir)
     runs = shard_runs(sweep.runs(), *shard)
     data = _SweepData(sweep)
     shard_text = f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""

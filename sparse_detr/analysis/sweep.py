@@ -19,7 +19,6 @@ from typing import Any
 from sparse_detr.config import (
     PRESETS,
     SALIENCY_CRITERIA,
-    ConfigError,
     ModelConfig,
     apply_overrides,
     check_field,
@@ -27,6 +26,7 @@ from sparse_detr.config import (
     get_preset,
     load_toml,
 )
+from sparse_detr.errors import ConfigError
 
 # set by each run, so a sweep may not fix them for all runs
 RUN_MODEL_FIELDS = ("keep_ratio", "saliency_criterion", "use_enc_aux_loss")

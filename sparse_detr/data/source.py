@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from sparse_detr.config import ConfigError
+from sparse_detr.errors import ConfigError
 
 
 class DataSplits(NamedTuple):

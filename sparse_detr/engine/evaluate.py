@@ -52,37 +52,31 @@ def predict(
     """This process's detections in COCO results format (``bbox`` xywh in original-image pixels) and
     the ids of the images it saw. Labels without a category (unused slots) are left out.
 
-    Batches the data set could not fill (None: unreadable images) are passed over; a batch the model
-    cannot take (an image too small for its queries) is retried image by image, and an image that still
-    fails is left out with a warning.
+    Batches the data set could not fill (None: unreadable images) are passed over, and so are batches the
+    model cannot take (images too small for its queries), with a warning.
     """
     model.eval()
     detections, image_ids = [], []
     for batch in data_loader:
-        if batch is None:
+        outputs = None if batch is None else _forward(model, *batch, device)
+        if outputs is None:
             continue
-        for targets, outputs in _forward(model, *batch, device):
-            sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
-            image_ids += [int(target["image_id"]) for target in targets]
-            detections += _coco_results(outputs, targets, sizes, label_to_category_id, top_k)
+        targets = batch[2]
+        sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
+        image_ids += [int(target["image_id"]) for target in targets]
+        detections += _coco_results(outputs, targets, sizes, label_to_category_id, top_k)
     return detections, image_ids
 
 
-def _forward(model: nn.Module, images, mask, targets, device) -> list[tuple[list, dict]]:
-    """``[(targets, outputs)]`` of the batch, or of each image alone when the batch fails on one image."""
+def _forward(model: nn.Module, images, mask, targets, device) -> dict | None:
+    """The outputs of a batch, or None with a warning when the model cannot take it (the padded batch is
+    too small for its queries: then each of its images is too)."""
     try:
-        return [(targets, model(images.to(device), mask.to(device)))]
+        return model(images.to(device), mask.to(device))
     except InputError as error:
-        if len(targets) == 1:
-            image_id = int(targets[0]["image_id"])
-            warnings.warn(f"image id {image_id}: {error}; left out of the evaluation", stacklevel=3)
-            return []
-    alone = []
-    for index, target in enumerate(targets):
-        height, width = target["size"].tolist()
-        image, image_mask = images[index : index + 1, :, :height, :width], mask[index : index + 1, :height, :width]
-        alone += _forward(model, image, image_mask, [target], device)
-    return alone
+        image_ids = ", ".join(str(int(target["image_id"])) for target in targets)
+        warnings.warn(f"image id {image_ids}: {error}; left out of the evaluation", stacklevel=3)
+        return None
 
 
 def _coco_results(outputs, targets, sizes, label_to_category_id, top_k: int) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from sparse_detr.config import ConfigError
+from sparse_detr.errors import ConfigError
 
 
 def require_tensorboard() -> None:

@@ -20,7 +20,6 @@ from typing import Any
 from sparse_detr.config import (
     PRESETS,
     Config,
-    ConfigError,
     LossConfig,
     ModelConfig,
     apply_overrides,
@@ -31,6 +30,7 @@ from sparse_detr.config import (
 )
 from sparse_detr.data.source import DataSource
 from sparse_detr.engine.train_config import TrainConfig, train_config_to_dict, train_recipe
+from sparse_detr.errors import ConfigError
 
 SECTIONS: dict[str, type] = {"data": DataSource, "model": ModelConfig, "loss": LossConfig, "train": TrainConfig}
 DEFAULT_PRESET = "tiny"  # what a bare `sdetr train` trains, on the built-in dataset only

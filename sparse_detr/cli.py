@@ -227,7 +227,9 @@ def evaluate(
     rho: float | None = typer.Option(None, help="Keep ratio at inference instead of the trained one."),
     batch_size: int | None = typer.Option(None, min=1, help="Images per forward pass (default 2, as the reference)."),
     image_size: int | None = typer.Option(None, help="Shorter side (default: the run's, else 800)."),
-    output_dir: Path | None = typer.Option(None, help="Where the metrics and detections JSON go."),
+    output_dir: Path | None = typer.Option(
+        None, help="Where the metrics and detections JSON go (default: the checkpoint's folder; runs/eval/NAME)."
+    ),
     device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
     workers: int | None = typer.Option(None, min=0, help="Data loading processes (default 2)."),
     allow_other_categories: bool = typer.Option(
@@ -243,7 +245,7 @@ def evaluate(
     from sparse_detr.data.source import DataSource
     from sparse_detr.engine import evaluate_checkpoint, format_metrics
     from sparse_detr.engine.run_config import merged_settings, section
-    from sparse_detr.zoo import resolve_checkpoint
+    from sparse_detr.zoo import ZOO, resolve_checkpoint
 
     options = {
         "data.root": data, "data.val_images": val_images, "data.val_ann": val_ann, "model.keep_ratio": rho,
@@ -254,6 +256,8 @@ def evaluate(
     train_settings = section(resolved, "train")
     overrides = {key: value for key, value in resolved.items() if key.startswith(("model.", "loss."))}
     path = resolve_checkpoint(checkpoint)
+    if output_dir is None and checkpoint in ZOO and not Path(checkpoint).exists():
+        output_dir = Path("runs") / "eval" / checkpoint  # not into the download cache
     split = DataSource(**section(resolved, "data")).val_split()
     metrics = evaluate_checkpoint(
         path, *split, output_dir=output_dir, keep_ratio=overrides.pop("model.keep_ratio", None),

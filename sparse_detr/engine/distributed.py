@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from sparse_detr.errors import SparseDetrError
 from sparse_detr.utils.device import resolve_device
 
 T = TypeVar("T")
@@ -66,13 +67,18 @@ def barrier() -> None:
 
 
 def main_first(work: Callable[[], T]) -> T:
-    """``work()`` on rank 0 first, then on the others (which then find what rank 0 downloaded or built)."""
-    if get_rank() != 0:
-        barrier()
-    result = work()
+    """``work()`` on rank 0 first, then on the others (which then find what rank 0 downloaded or built).
+    When it fails on rank 0 with the project's own error, every process raises it (none waits forever)."""
+    failure = None
     if get_rank() == 0:
-        barrier()
-    return result
+        try:
+            result = work()
+        except SparseDetrError as error:
+            failure = error
+    failure = broadcast_from_main(failure)  # also the barrier that holds the others back
+    if failure is not None:
+        raise failure
+    return result if get_rank() == 0 else work()
 
 
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:

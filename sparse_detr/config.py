@@ -17,7 +17,7 @@ from typing import Any
 from sparse_detr.errors import ConfigError
 
 BACKBONES = ("r50", "swin-t")
-SALIENCY_CRITERIA = ("dam", "oam", "random")
+TOKEN_RANKINGS = ("dam", "oam", "random")
 KEEP_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
 BACKBONE_NORMS = ("frozen_bn", "batch_norm")
 PRESETS = ["deformable", "deformable-topk-bbr", *(f"sparse-rho{r}" for r in KEEP_RATIOS), "tiny"]
@@ -33,8 +33,9 @@ class ModelConfig:
     ``"timm"`` (timm's default weights for the backbone), a local weights file, or ``"none"`` (random;
     the backbone must then train its norm layers and every stage). ``build_model`` alone never loads
     them: see :mod:`sparse_detr.models.backbone_weights`.
-    ``keep_ratio`` is the share ρ of encoder tokens that are encoded (0 = every token, no scoring).
-    ``saliency_criterion`` picks how tokens are ranked when ρ > 0: ``"dam"`` (scoring network trained on
+    ``keep_ratio`` is the share ρ of encoder tokens that are encoded (0 = every token, no scoring:
+    :attr:`is_sparse` is False).
+    ``token_ranking`` picks how tokens are ranked when ρ > 0: ``"dam"`` (scoring network trained on
     the decoder attention map), ``"oam"`` (objectness of a detection head) or ``"random"``.
     ``backbone_norm`` (ResNets only) is ``"frozen_bn"`` as in the reference, which needs pretrained
     statistics, or ``"batch_norm"`` (trained, for backbones learned from scratch); the first
@@ -61,14 +62,14 @@ class ModelConfig:
     with_box_refine: bool = False
     keep_ratio: float = 0.0
     use_enc_aux_loss: bool = False
-    saliency_criterion: str = "dam"
+    token_ranking: str = "dam"
     aux_loss: bool = True
 
     def __post_init__(self) -> None:
         if self.pretrained_backbone is None:  # checkpoints written before "none" was a name
             self.pretrained_backbone = "none"
-        if self.saliency_criterion not in SALIENCY_CRITERIA:
-            raise ConfigError(f"saliency_criterion must be one of {SALIENCY_CRITERIA}, got {self.saliency_criterion!r}")
+        if self.token_ranking not in TOKEN_RANKINGS:
+            raise ConfigError(f"token_ranking must be one of {TOKEN_RANKINGS}, got {self.token_ranking!r}")
         if self.backbone_norm not in BACKBONE_NORMS:
             raise ConfigError(f"backbone_norm must be one of {BACKBONE_NORMS}, got {self.backbone_norm!r}")
         if not 0 <= self.backbone_frozen_stages <= 5:
@@ -81,6 +82,11 @@ class ModelConfig:
             raise ConfigError(f"hidden_dim ({self.hidden_dim}) must be divisible by nheads ({self.nheads})")
         if self.num_feature_levels < 3:
             raise ConfigError(f"num_feature_levels must be at least 3, got {self.num_feature_levels}")
+
+    @property
+    def is_sparse(self) -> bool:
+        """Whether the encoder ranks tokens and encodes only the top ρ (Sparse DETR)."""
+        return self.keep_ratio > 0
 
 
 @dataclass
@@ -216,7 +222,12 @@ def _describe(kind: Any) -> str:
 _NESTED = {(Config, "model"): ModelConfig, (Config, "loss"): LossConfig}
 
 
+# fields renamed since checkpoints were first written: old name -> new name
+_RENAMED = {(ModelConfig, "saliency_criterion"): "token_ranking"}
+
+
 def _from_dict(cls, data: dict[str, Any], path: str):
+    data = {_RENAMED.get((cls, key), key): value for key, value in data.items()}
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:

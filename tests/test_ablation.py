@@ -52,7 +52,7 @@ def test_runs_are_expanded_with_readable_names():
     assert runs[-1].eval_rho == (0.2, 0.5) and all(not run.eval_rho for run in runs[:-1])
     assert runs[0].model_overrides() == {"model.keep_ratio": 0.0, "model.use_enc_aux_loss": False}
     assert runs[5].model_overrides() == {
-        "model.keep_ratio": 0.1, "model.use_enc_aux_loss": False, "model.saliency_criterion": "dam"
+        "model.keep_ratio": 0.1, "model.use_enc_aux_loss": False, "model.token_ranking": "dam"
     }  # fmt: skip
     # the inference-time model is an existing run when one matches: it is not trained twice
     same = Sweep(rho=(0.1, 0.3), eval_rho=(0.5,)).runs()

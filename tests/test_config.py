@@ -34,7 +34,7 @@ def test_published_presets_follow_spec_table(name, backbone):
     else:
         assert model.two_stage and model.with_box_refine and model.use_enc_aux_loss
         assert model.keep_ratio == float(name.removeprefix("sparse-rho"))
-        assert model.saliency_criterion == "dam"
+        assert model.token_ranking == "dam"
 
 
 def test_sparse_presets_cover_rho_01_to_05():
@@ -58,9 +58,9 @@ def test_overrides_return_a_changed_copy():
     config = get_preset("sparse-rho0.1")
     changed = apply_overrides(
         config,
-        {"model.keep_ratio": 0.3, "model.saliency_criterion": "oam", "loss.cls_loss_coef": 1.0, "name": "x"},
+        {"model.keep_ratio": 0.3, "model.token_ranking": "oam", "loss.cls_loss_coef": 1.0, "name": "x"},
     )
-    assert (changed.model.keep_ratio, changed.model.saliency_criterion) == (0.3, "oam")
+    assert (changed.model.keep_ratio, changed.model.token_ranking) == (0.3, "oam")
     assert changed.loss.cls_loss_coef == 1.0 and changed.name == "x"
     assert config.model.keep_ratio == 0.1 and config.name == "sparse-rho0.1"
 
@@ -94,7 +94,7 @@ def test_check_field_converts_and_names_the_source():
 
 @pytest.mark.parametrize(
     "key, value",
-    [("model.saliency_criterion", "objectness"), ("model.keep_ratio", 1.5), ("model.hidden_dim", 100)],
+    [("model.token_ranking", "objectness"), ("model.keep_ratio", 1.5), ("model.hidden_dim", 100)],
 )
 def test_invalid_values_are_rejected(key, value):
     with pytest.raises(ValueError, match=key.split(".")[1]):
@@ -115,3 +115,9 @@ def test_from_dict_rejects_unknown_fields_and_fills_defaults():
     with pytest.raises(ConfigError, match="typo"):
         config_from_dict(data)
     assert config_from_dict({"name": "plain"}).model == get_preset("deformable").model
+
+
+def test_checkpoints_with_the_old_field_name_still_read():
+    data = config_to_dict(get_preset("sparse-rho0.1"))
+    data["model"]["saliency_criterion"] = data["model"].pop("token_ranking")  # written before the rename
+    assert config_from_dict(data) == get_preset("sparse-rho0.1")

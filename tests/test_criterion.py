@@ -75,8 +75,8 @@ TARGETS = [
 ]
 
 
-def make_criterion(saliency_criterion: str = "dam") -> SetCriterion:
-    return SetCriterion(HungarianMatcher(), weight_dict={}, saliency_criterion=saliency_criterion)
+def make_criterion(token_ranking: str = "dam") -> SetCriterion:
+    return SetCriterion(HungarianMatcher(), weight_dict={}, token_ranking=token_ranking)
 
 
 # ---------------------------------------------------------------- matcher
@@ -182,12 +182,12 @@ COVERAGE_METRICS = {"class_error", "dam_coverage", "dam_coverage_level0", "dam_c
 
 
 @pytest.mark.parametrize(
-    ("saliency_criterion", "oam_outputs", "mask_prediction"),
+    ("token_ranking", "oam_outputs", "mask_prediction"),
     [("dam", False, True), ("oam", True, False), ("random", False, False)],
 )
-def test_loss_names_for_sparse_outputs(saliency_criterion, oam_outputs, mask_prediction):
+def test_loss_names_for_sparse_outputs(token_ranking, oam_outputs, mask_prediction):
     outputs = sparse_like_outputs(dec_layers=6, enc_layers=6, oam=oam_outputs)
-    losses = make_criterion(saliency_criterion)(outputs, TARGETS)
+    losses = make_criterion(token_ranking)(outputs, TARGETS)
     assert set(losses) == expected_names(6, 6, oam_outputs, mask_prediction) | COVERAGE_METRICS
 
 
@@ -230,8 +230,8 @@ def suffixed(*suffixes: str) -> set[str]:
         ("deformable", {"model.aux_loss": False}, suffixed("")),
         ("deformable-topk-bbr", {}, suffixed("", "_0", "_1", "_2", "_3", "_4", "_enc")),
         ("sparse-rho0.1", {}, expected_names(6, 6, backbone=False, mask_prediction=True)),
-        ("sparse-rho0.3", {"model.saliency_criterion": "oam"}, expected_names(6, 6, True, False)),
-        ("sparse-rho0.5", {"model.saliency_criterion": "random"}, expected_names(6, 6, False, False)),
+        ("sparse-rho0.3", {"model.token_ranking": "oam"}, expected_names(6, 6, True, False)),
+        ("sparse-rho0.5", {"model.token_ranking": "random"}, expected_names(6, 6, False, False)),
         ("tiny", {}, expected_names(3, 3, backbone=False, mask_prediction=True)),
     ],
 )
@@ -241,7 +241,7 @@ def test_build_criterion_weights_exactly_the_losses_of_the_config(preset, overri
     assert set(criterion.weight_dict) == expected
     for name, weight in criterion.weight_dict.items():
         assert weight == next(w for base, w in WEIGHTS.items() if name.startswith(base))
-    assert criterion.saliency_criterion == config.model.saliency_criterion
+    assert criterion.token_ranking == config.model.token_ranking
 
 
 def test_build_criterion_takes_coefficients_from_the_loss_config():

@@ -200,7 +200,7 @@ def test_scoring_network_is_trained_only_by_the_scoring_loss(padded_batch):
 @pytest.mark.parametrize("criterion", ["oam", "random"])
 def test_other_saliency_criteria_select_tokens(padded_batch, criterion):
     torch.manual_seed(0)
-    config = apply_overrides(get_preset("tiny"), {"model.saliency_criterion": criterion})
+    config = apply_overrides(get_preset("tiny"), {"model.token_ranking": criterion})
     model = build_model(config).train()
     assert not hasattr(model.transformer, "enc_mask_predictor")
     out, src, memory = encode(model, *padded_batch)

@@ -14,10 +14,10 @@ TARGETS = [
 ]
 
 
-@pytest.mark.parametrize("saliency_criterion", ["dam", "oam", "random"])
-def test_one_training_step(saliency_criterion):
+@pytest.mark.parametrize("token_ranking", ["dam", "oam", "random"])
+def test_one_training_step(token_ranking):
     torch.manual_seed(0)
-    config = apply_overrides(get_preset("tiny"), {"model.saliency_criterion": saliency_criterion})
+    config = apply_overrides(get_preset("tiny"), {"model.token_ranking": token_ranking})
     model = build_model(config).train()
     criterion = build_criterion(config)
     generator = torch.Generator().manual_seed(0)
@@ -27,12 +27,12 @@ def test_one_training_step(saliency_criterion):
 
     losses = criterion(model(images, mask), TARGETS)
     assert set(criterion.weight_dict) <= set(losses)
-    assert any(k.endswith("_backbone") for k in losses) == (saliency_criterion == "oam")
-    assert ("loss_mask_prediction" in losses) == (saliency_criterion == "dam")
+    assert any(k.endswith("_backbone") for k in losses) == (token_ranking == "oam")
+    assert ("loss_mask_prediction" in losses) == (token_ranking == "dam")
     total = sum(criterion.weight_dict[k] * losses[k] for k in criterion.weight_dict)
     assert torch.isfinite(total)
 
-    trained = model.transformer.oam_class_embed if saliency_criterion == "oam" else model.class_embed[0]
+    trained = model.transformer.oam_class_embed if token_ranking == "oam" else model.class_embed[0]
     before = [p.detach().clone() for p in trained.parameters()]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     total.backward()

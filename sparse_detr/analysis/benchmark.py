@@ -75,7 +75,7 @@ def model_specs(
         raise UsageError("name at least one preset")
     else:
         specs = [ModelSpec(name, backbone, overrides=overrides) for name in presets]
-        bases = [(spec, spec.config().model.keep_ratio > 0) for spec in specs]
+        bases = [(spec, spec.config().model.is_sparse) for spec in specs]
     for keep_ratio in keep_ratios or []:
         if not 0 < keep_ratio <= 1:
             raise UsageError(f"keep ratios must be in (0, 1] (--rho), got {keep_ratio}")

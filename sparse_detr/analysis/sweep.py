@@ -18,7 +18,7 @@ from typing import Any
 
 from sparse_detr.config import (
     PRESETS,
-    SALIENCY_CRITERIA,
+    TOKEN_RANKINGS,
     ModelConfig,
     apply_overrides,
     check_field,
@@ -29,7 +29,7 @@ from sparse_detr.config import (
 from sparse_detr.errors import ConfigError
 
 # set by each run, so a sweep may not fix them for all runs
-RUN_MODEL_FIELDS = ("keep_ratio", "saliency_criterion", "use_enc_aux_loss")
+RUN_MODEL_FIELDS = ("keep_ratio", "token_ranking", "use_enc_aux_loss")
 # where each run's files go is decided by the sweep
 RUN_TRAIN_FIELDS = ("output_dir", "resume", "auto_resume")
 DATA_FIELDS = ("data", "train_images", "train_ann", "val_images", "val_ann")
@@ -84,7 +84,7 @@ class Run:
         return {
             "model.keep_ratio": self.rho,
             "model.use_enc_aux_loss": self.enc_aux_loss,
-            **({"model.saliency_criterion": self.criterion} if sparse else {}),
+            **({"model.token_ranking": self.criterion} if sparse else {}),
         }
 
 
@@ -141,8 +141,8 @@ class Sweep:
         if self.preset not in PRESETS:
             raise SweepError(f"unknown preset {self.preset!r}; presets: {', '.join(PRESETS)}")
         for criterion in (*self.criteria, *([self.eval_criterion] if self.eval_criterion else [])):
-            if criterion not in SALIENCY_CRITERIA:
-                raise SweepError(f"unknown criterion {criterion!r}; criteria: {', '.join(SALIENCY_CRITERIA)}")
+            if criterion not in TOKEN_RANKINGS:
+                raise SweepError(f"unknown criterion {criterion!r}; criteria: {', '.join(TOKEN_RANKINGS)}")
         for key, values in (("rho", self.rho), ("eval_rho", self.eval_rho)):
             bad = [v for v in values if not 0 < v <= 1]
             if bad:

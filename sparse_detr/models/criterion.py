@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
-from sparse_detr.config import SALIENCY_CRITERIA, Config, LossConfig, ModelConfig
+from sparse_detr.config import TOKEN_RANKINGS, Config, LossConfig, ModelConfig
 from sparse_detr.models.attention_map import attention_coverage, decoder_attention_map, fill_padded_tokens
 from sparse_detr.models.matcher import HungarianMatcher
 
@@ -30,7 +30,7 @@ class SetCriterion(nn.Module):
     - ``enc_aux_outputs`` (sparse encoder aux heads): suffix ``_enc_0``, ``_enc_1``, ...;
     - ``backbone_outputs`` (OAM objectness head): suffix ``_backbone``.
 
-    All of them are matched with the real class labels. With ``saliency_criterion="dam"`` and
+    All of them are matched with the real class labels. With ``token_ranking="dam"`` and
     ``token_scores`` in the outputs, ``loss_mask_prediction`` trains the scoring network to predict
     the tokens the decoder attends to most. Metrics: ``class_error`` (last layer, in %) and, when
     tokens were selected, ``dam_coverage`` and ``dam_coverage_level{l}``.
@@ -41,15 +41,15 @@ class SetCriterion(nn.Module):
         matcher: HungarianMatcher,
         weight_dict: dict[str, float],
         focal_alpha: float = 0.25,
-        saliency_criterion: str = "dam",
+        token_ranking: str = "dam",
     ):
         super().__init__()
-        if saliency_criterion not in SALIENCY_CRITERIA:
-            raise ValueError(f"saliency_criterion must be one of {SALIENCY_CRITERIA}, got {saliency_criterion!r}")
+        if token_ranking not in TOKEN_RANKINGS:
+            raise ValueError(f"token_ranking must be one of {TOKEN_RANKINGS}, got {token_ranking!r}")
         self.matcher = matcher
         self.weight_dict = weight_dict
         self.focal_alpha = focal_alpha
-        self.saliency_criterion = saliency_criterion
+        self.token_ranking = token_ranking
 
     def loss_labels(
         self, outputs: dict[str, torch.Tensor], targets: Targets, indices: Indices, num_boxes: float
@@ -142,7 +142,7 @@ class SetCriterion(nn.Module):
 
     def token_losses(self, outputs: dict) -> dict[str, torch.Tensor]:
         """``loss_mask_prediction`` (DAM criterion) and the DAM coverage of the selected tokens."""
-        trains_scores = self.saliency_criterion == "dam" and "token_scores" in outputs
+        trains_scores = self.token_ranking == "dam" and "token_scores" in outputs
         if not trains_scores and "selected_tokens" not in outputs:
             return {}
         missing = [key for key in _DAM_INPUTS if key not in outputs]
@@ -210,7 +210,7 @@ def build_weight_dict(model_config: ModelConfig, loss_config: LossConfig) -> dic
         "loss_bbox": loss_config.bbox_loss_coef,
         "loss_giou": loss_config.giou_loss_coef,
     }
-    sparse = model_config.keep_ratio > 0
+    sparse = model_config.is_sparse
     suffixes = [""]
     if model_config.aux_loss:
         suffixes += [f"_{i}" for i in range(model_config.dec_layers - 1)]
@@ -218,10 +218,10 @@ def build_weight_dict(model_config: ModelConfig, loss_config: LossConfig) -> dic
         suffixes.append("_enc")
     if model_config.use_enc_aux_loss:
         suffixes += [f"_enc_{i}" for i in range(model_config.enc_layers - 1)]
-    if sparse and model_config.saliency_criterion == "oam":
+    if sparse and model_config.token_ranking == "oam":
         suffixes.append("_backbone")
     weight_dict = {name + suffix: weight for suffix in suffixes for name, weight in base.items()}
-    if sparse and model_config.saliency_criterion == "dam":
+    if sparse and model_config.token_ranking == "dam":
         weight_dict["loss_mask_prediction"] = loss_config.mask_prediction_coef
     return weight_dict
 
@@ -239,5 +239,5 @@ def build_criterion(config: Config) -> SetCriterion:
         matcher,
         build_weight_dict(config.model, loss),
         focal_alpha=loss.focal_alpha,
-        saliency_criterion=config.model.saliency_criterion,
+        token_ranking=config.model.token_ranking,
     )

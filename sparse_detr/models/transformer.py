@@ -74,14 +74,14 @@ class DeformableTransformer(nn.Module):
         self.two_stage = config.two_stage
         self.refine_boxes = config.with_box_refine
         self.num_queries = config.num_queries
-        self.saliency_criterion = config.saliency_criterion
+        self.token_ranking = config.token_ranking
         self.keep_ratio = config.keep_ratio
         self.use_enc_aux_loss = config.use_enc_aux_loss
         levels, heads = config.num_feature_levels, config.nheads
         ffn, dropout = config.dim_feedforward, config.dropout
 
-        sparse = config.keep_ratio > 0
-        if sparse and config.saliency_criterion == "dam":
+        sparse = config.is_sparse
+        if sparse and config.token_ranking == "dam":
             self.enc_mask_predictor = ScoringNetwork(d_model)
         self.encoder = SparseEncoder(
             lambda: EncoderLayer(d_model, ffn, dropout, levels, heads, config.enc_n_points), config.enc_layers
@@ -100,7 +100,7 @@ class DeformableTransformer(nn.Module):
         else:
             self.reference_points = nn.Linear(d_model, 2)
         self._reset_parameters()
-        if sparse and config.saliency_criterion == "oam":
+        if sparse and config.token_ranking == "oam":
             self.oam_class_embed = class_head(d_model, config.num_classes)
             self.oam_bbox_embed = box_head(d_model)
 
@@ -124,9 +124,9 @@ class DeformableTransformer(nn.Module):
     @property
     def can_sparsify(self) -> bool:
         """Whether this transformer has what its saliency criterion needs to rank tokens."""
-        if self.saliency_criterion == "dam":
+        if self.token_ranking == "dam":
             return hasattr(self, "enc_mask_predictor")
-        if self.saliency_criterion == "oam":
+        if self.token_ranking == "oam":
             return hasattr(self, "oam_class_embed")
         return True
 
@@ -140,12 +140,12 @@ class DeformableTransformer(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         """Saliency (N, S) of ``tokens`` = src + pos (N, S, C) by the configured criterion, padded
         tokens filled with the batch minimum; plus the OAM head's detections when ``with_aux``."""
-        if self.saliency_criterion == "random":
+        if self.token_ranking == "random":
             scores = torch.rand(mask_flatten.shape, dtype=tokens.dtype, device=tokens.device)
             return fill_padded_scores(scores, mask_flatten), None
         scoring_input = self._project(tokens, mask_flatten, proposals_valid)
         head_outputs = None
-        if self.saliency_criterion == "dam":
+        if self.token_ranking == "dam":
             scores = self.enc_mask_predictor(scoring_input)
         else:
             logits = self.oam_class_embed(scoring_input)  # (N, S, C')
@@ -231,7 +231,7 @@ class DeformableTransformer(nn.Module):
             if not self.can_sparsify:
                 raise ConfigError(
                     f"keep_ratio {keep_ratio} needs token scores, but this model was built without a "
-                    f"{self.saliency_criterion!r} scorer (config keep_ratio 0)"
+                    f"{self.token_ranking!r} scorer (config keep_ratio 0)"
                 )
             scores, head_outputs = self._score_tokens(
                 src + pos, mask_flatten, proposals, proposals_valid, with_aux

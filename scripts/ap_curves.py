@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from sparse_detr.analysis.report import save_figure, write_table  # noqa: E402
+from sparse_detr.utils.report import save_figure, write_table  # noqa: E402
 
 
 def ap_curve(run: Path) -> pd.DataFrame:

@@ -13,7 +13,7 @@ python3 -m sparse_detr.cli doctor 2>&1 | tee "$out/doctor.txt"
 python3 -m pytest -q -p no:cacheprovider tests/test_ops_cuda.py tests/test_ops.py tests/test_deformable_attention.py \
     2>&1 | tee "$out/tests.txt"
 for dtype in float32 bfloat16; do
-    python3 -m sparse_detr.cli benchmark --op --repeats 20 --dtype "$dtype" --output "$out/op_benchmark_$dtype.csv" \
+    python3 -m sparse_detr.cli benchmark-op --repeats 20 --dtype "$dtype" --output "$out/op_benchmark_$dtype.csv" \
         2>&1 | tee "$out/op_benchmark_$dtype.txt"
 done
 # Model benchmark (FPS at batch 1 and 4, float32 and bf16 autocast): sparse-rho0.1 against deformable-topk-bbr at

@@ -51,6 +51,19 @@ OFFICIAL_ARGS = (
 )
 
 
+def checkpoint_file(path: str | Path, what: str = "checkpoint") -> Path:
+    """``path`` when it is a file, the ``checkpoint.pth`` of a run folder otherwise.
+
+    Raises:
+        MissingFileError: neither is there; the message starts with ``what``.
+    """
+    path = Path(path)
+    found = path / CHECKPOINT_NAME if path.is_dir() else path
+    if not found.is_file():
+        raise MissingFileError(f"{what}: no checkpoint file or run folder with {CHECKPOINT_NAME} at {path}")
+    return found
+
+
 def save_checkpoint(path: str | Path, model: DeformableDETR, **extra: Any) -> Path:
     """Write ``model`` (config and state dict) and ``extra`` entries (optimizer, epoch, …) atomically."""
     content = {
@@ -237,8 +250,8 @@ def official_to_model_state(state_dict: Mapping[str, Tensor], model: DeformableD
     """Official state dict -> this model's names: aliases checked against their canonical tensors and
     dropped, the Swin-T body converted to timm's layout. Unknown keys stay, for the strict load to report."""
     own_keys = model.state_dict().keys()
-    # heads are ordered: decoder layers, encoder output, encoder aux layers
-    encoder_head_offset = model.config.model.dec_layers + 1
+    # the reference's transformer.encoder.*_embed.{i} are the encoder aux heads
+    encoder_head_offset = model.head_slots.encoder_aux_heads.start
     converted, aliases = {}, {}
     for key, value in state_dict.items():
         canonical = None if key in own_keys else _alias_target(key, own_keys, encoder_head_offset)

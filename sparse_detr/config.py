@@ -1,7 +1,10 @@
 """Typed configuration and the named presets of SPEC §1.
 
-A :class:`Config` is plain data: build one with :func:`get_preset`, change fields with
-:func:`apply_overrides` (dotted keys such as ``"model.keep_ratio"``), and store it with
+A :class:`Config` (model and loss) and a :class:`TrainConfig` (the training run) are plain data. The presets
+are a registry: one function per preset (:func:`register_preset`) returns its model, loss and training recipe
+together (:class:`Preset`); :func:`list_presets` names them, :func:`get_preset` gives a model and loss,
+:func:`train_recipe` a recipe with overrides. Change fields with :func:`apply_overrides` (dotted keys such
+as ``"model.keep_ratio"``) or the config files of :mod:`sparse_detr.engine.run_config`, and store them with
 :func:`config_to_dict` / :func:`config_from_dict`.
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +24,6 @@ BACKBONES = ("r50", "swin-t")
 TOKEN_RANKINGS = ("dam", "oam", "random")
 KEEP_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
 BACKBONE_NORMS = ("frozen_bn", "batch_norm")
-PRESETS = ["deformable", "deformable-topk-bbr", *(f"sparse-rho{r}" for r in KEEP_RATIOS), "tiny"]
 
 
 @dataclass
@@ -112,44 +115,215 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
 
 
-def _preset_model(name: str) -> ModelConfig:
-    if name == "deformable":
-        return ModelConfig()
-    if name == "deformable-topk-bbr":
-        return ModelConfig(two_stage=True, with_box_refine=True)
-    if name.startswith("sparse-rho") and name in PRESETS:
-        keep_ratio = float(name.removeprefix("sparse-rho"))
-        return ModelConfig(two_stage=True, with_box_refine=True, keep_ratio=keep_ratio, use_enc_aux_loss=True)
-    if name == "tiny":
-        # the sparse code path at CPU scale: only the numbers differ. It learns from scratch (nothing can be
-        # downloaded), so its backbone trains with BatchNorm; no dropout for a short schedule.
-        return ModelConfig(
-            backbone="resnet10t",
-            pretrained_backbone="none",
-            backbone_norm="batch_norm",
-            backbone_frozen_stages=0,
-            hidden_dim=64,
-            nheads=4,
-            enc_layers=3,
-            dec_layers=3,
-            dim_feedforward=128,
-            dropout=0.0,
-            num_queries=50,
-            two_stage=True,
-            with_box_refine=True,
-            keep_ratio=0.3,
-            use_enc_aux_loss=True,
-        )
-    raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+AMP_MODES = (None, "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Optimizer, schedule, batching, precision, checkpointing and output of one run.
+
+    Learning rates are given for a total batch of 16 images; with ``scale_lr`` the run multiplies ``lr``
+    and ``lr_backbone`` by sqrt(total / 16), total = ``batch_size`` x processes x ``grad_accum``.
+    Parameters whose name contains one of ``linear_proj_names`` train at ``lr x lr_linear_proj_mult``,
+    those containing one of ``backbone_names`` at ``lr_backbone``.
+
+    The learning rates drop x0.1 once, after epoch ``lr_drop`` (never when ``lr_drop >= epochs``).
+    ``image_size`` is the evaluation shorter side; training sizes follow the COCO recipe scaled by
+    ``image_size / 800`` (see :func:`sparse_detr.data.scaled_sizes`). ``checkpoint_every_iters`` counts
+    optimizer steps (0: only at the end of each epoch). ``iters_per_epoch`` caps the batches of an epoch
+    (None: the whole training set), for quick runs and tests.
+
+    ``init`` starts a new run from the weights of a checkpoint (a file, run folder or zoo name: fine-tuning,
+    see :mod:`sparse_detr.engine.finetune`) instead of the backbone's pretrained weights; ``resume``
+    continues a run (on the categories it started with, unless ``allow_other_categories``).
+    ``tensorboard`` mirrors ``metrics.jsonl`` to TensorBoard event files.
+    """
+
+    epochs: int = 50
+    lr_drop: int = 40
+    batch_size: int = 2
+    lr: float = 2e-4
+    lr_backbone: float = 2e-5
+    lr_linear_proj_mult: float = 0.1
+    backbone_names: tuple[str, ...] = ("backbone.0",)
+    linear_proj_names: tuple[str, ...] = ("sampling_offsets", "reference_points")
+    weight_decay: float = 1e-4
+    clip_max_norm: float = 0.1
+    scale_lr: bool = True
+    amp: str | None = None
+    grad_accum: int = 1
+    seed: int = 42
+    workers: int = 2
+    image_size: int = 800
+    iters_per_epoch: int | None = None
+    init: str | None = None
+    checkpoint_every_iters: int = 0
+    eval_every_epochs: int = 1
+    eval_batch_size: int | None = None
+    output_dir: str = "runs/default"
+    resume: str | None = None
+    auto_resume: bool = True
+    device: str | None = None
+    log_every: int = 20
+    tensorboard: bool = False
+    allow_other_categories: bool = False
+    find_unused_parameters: bool = True
+
+    def __post_init__(self) -> None:
+        self.backbone_names = tuple(self.backbone_names)
+        self.linear_proj_names = tuple(self.linear_proj_names)
+        self.output_dir = str(self.output_dir)
+        if self.resume is not None:
+            self.resume = str(self.resume)
+        if self.init is not None:
+            self.init = str(self.init)
+            if self.resume is not None:
+                raise ConfigError(
+                    "init starts a new run from a checkpoint's weights and resume continues a run: give one"
+                )
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        positive = ("epochs", "lr_drop", "batch_size", "grad_accum", "image_size", "eval_every_epochs", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("workers", "checkpoint_every_iters"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be at least 0, got {getattr(self, name)}")
+        if self.iters_per_epoch is not None and self.iters_per_epoch < self.grad_accum:
+            raise ConfigError(
+                f"iters_per_epoch ({self.iters_per_epoch}) must be at least grad_accum ({self.grad_accum})"
+            )
+
+    @property
+    def batch_size_eval(self) -> int:
+        return self.eval_batch_size or self.batch_size
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named model (with its loss) and the recipe that trains it."""
+
+    config: Config
+    train: TrainConfig
+
+
+_REGISTRY: dict[str, Callable[[], Preset]] = {}
+
+
+def register_preset(name: str) -> Callable[[Callable[[], Preset]], Callable[[], Preset]]:
+    """Register a function that returns a :class:`Preset` under ``name`` (as timm registers its models)."""
+
+    def register(function: Callable[[], Preset]) -> Callable[[], Preset]:
+        _REGISTRY[name] = function
+        return function
+
+    return register
+
+
+def _paper_preset(name: str, model: ModelConfig) -> Preset:
+    """The paper's presets train with SPEC §6: the TrainConfig defaults."""
+    return Preset(Config(name, model), TrainConfig(output_dir=f"runs/{name}"))
+
+
+@register_preset("deformable")
+def deformable() -> Preset:
+    """Deformable DETR: learned queries, no box refinement, every encoder token encoded."""
+    return _paper_preset("deformable", ModelConfig())
+
+
+@register_preset("deformable-topk-bbr")
+def deformable_topk_bbr() -> Preset:
+    """Dense baseline (top-k & BBR): Deformable DETR with two-stage top-k queries and box refinement."""
+    return _paper_preset("deformable-topk-bbr", ModelConfig(two_stage=True, with_box_refine=True))
+
+
+def _register_sparse(keep_ratio: float) -> None:
+    name = f"sparse-rho{keep_ratio}"
+
+    @register_preset(name)
+    def sparse() -> Preset:
+        """Sparse DETR: the top-ρ tokens of the DAM scoring network encoded, with encoder aux heads."""
+        model = ModelConfig(two_stage=True, with_box_refine=True, keep_ratio=keep_ratio, use_enc_aux_loss=True)
+        return _paper_preset(name, model)
+
+
+for _keep_ratio in KEEP_RATIOS:
+    _register_sparse(_keep_ratio)
+
+
+@register_preset("tiny")
+def tiny() -> Preset:
+    """Sparse DETR at CPU scale: the same code path, only the numbers differ. Its ResNet-10-T learns from scratch
+    (nothing is downloaded), so the backbone trains with BatchNorm, every stage, at the full learning rate,
+    with a larger clip norm, on 128-pixel images; no dropout for a short schedule."""
+    model = ModelConfig(
+        backbone="resnet10t",
+        pretrained_backbone="none",
+        backbone_norm="batch_norm",
+        backbone_frozen_stages=0,
+        hidden_dim=64,
+        nheads=4,
+        enc_layers=3,
+        dec_layers=3,
+        dim_feedforward=128,
+        dropout=0.0,
+        num_queries=50,
+        two_stage=True,
+        with_box_refine=True,
+        keep_ratio=0.3,
+        use_enc_aux_loss=True,
+    )
+    recipe = TrainConfig(
+        epochs=18, lr_drop=15, batch_size=4, lr=1e-3, lr_backbone=1e-3, clip_max_norm=1.0, image_size=128,
+        workers=1, output_dir="runs/tiny",
+    )  # fmt: skip
+    return Preset(Config("tiny", model), recipe)
+
+
+def list_presets() -> list[str]:
+    """The registered preset names, in registration order."""
+    return list(_REGISTRY)
+
+
+def preset_description(name: str) -> str:
+    """The first sentence of the preset function's docstring."""
+    doc = (_REGISTRY[name].__doc__ or "").strip()
+    return " ".join(doc.split(":")[0].split()) if doc else ""
+
+
+PRESETS = list_presets()
+
+
+def create_preset(name: str, backbone: str | None = None) -> Preset:
+    """The preset ``name`` (see :func:`list_presets`); ``backbone`` replaces its backbone (``r50``, ``swin-t``,
+    a timm ResNet) when given.
+
+    Raises:
+        ConfigError: no preset of that name.
+    """
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(_REGISTRY)}")
+    preset = _REGISTRY[name]()
+    if backbone is not None:
+        preset.config.model.backbone = backbone
+    return preset
 
 
 def get_preset(name: str, backbone: str | None = None) -> Config:
-    """The preset ``name`` (see ``PRESETS``); ``backbone`` replaces the preset's (``r50`` or ``tiny``'s
-    ``resnet10t``) when given."""
-    model = _preset_model(name)
-    if backbone is not None:
-        model.backbone = backbone
-    return Config(name=name, model=model)
+    """The model and loss of the preset ``name`` (see :func:`create_preset`)."""
+    return create_preset(name, backbone).config
+
+
+def train_recipe(preset: str, **overrides: Any) -> TrainConfig:
+    """The training recipe of ``preset`` (a registered name; other names, such as a released checkpoint's
+    ``"official"``, train with SPEC §6) with ``overrides`` (TrainConfig fields) applied. Overriding
+    ``epochs`` but not ``lr_drop`` moves the drop to the same fraction of the run."""
+    recipe = create_preset(preset).train if preset in _REGISTRY else TrainConfig(output_dir=f"runs/{preset}")
+    changes = dict(overrides)
+    if "epochs" in changes and "lr_drop" not in changes:
+        changes["lr_drop"] = max(1, round(recipe.lr_drop * changes["epochs"] / recipe.epochs))
+    return dataclasses.replace(recipe, **changes)
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:
@@ -281,3 +455,18 @@ def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
             raise ConfigError(f"{key!r} is a section: set its fields, such as {key}.{example}")
         node[leaf] = check_field(cls, leaf, value, key)
     return config_from_dict(data)
+
+
+def train_config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    """Plain dict (JSON-ready; tuples become lists)."""
+    data = dataclasses.asdict(config)
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in data.items()}
+
+
+def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Inverse of :func:`train_config_to_dict`; unknown keys raise KeyError naming the known ones."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise KeyError(f"unknown train config field(s) {unknown}; known: {sorted(known)}")
+    return TrainConfig(**data)

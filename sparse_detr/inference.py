@@ -4,6 +4,7 @@ and COCO-style results in original-image pixels."""
 from __future__ import annotations
 
 import glob
+import json
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -22,16 +23,17 @@ from sparse_detr.checkpoint import (
     model_from_checkpoint,
     read_checkpoint,
 )
-from sparse_detr.data import build_transforms, load_coco_annotations, load_rgb_image, scaled_sizes
-from sparse_detr.engine.train_config import train_recipe
+from sparse_detr.config import train_recipe
+from sparse_detr.data import eval_transform, load_coco_annotations, load_rgb_image
+from sparse_detr.engine.evaluate import coco_results
 from sparse_detr.errors import InputError, MissingFileError
-from sparse_detr.models import DeformableDETR, pad_images, postprocess
+from sparse_detr.models import DeformableDETR, pad_images
 from sparse_detr.utils.device import resolve_device
+from sparse_detr.utils.io import atomic_write_text, check_writable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 DEFAULT_IMAGE_SIZE = 800  # COCO's evaluation shorter side, for checkpoints that do not say theirs
 DEFAULT_PRESET = "tiny"  # what a bare `sdetr train` trains
-MAX_DETECTIONS = 100  # per image, as in COCO evaluation
 
 
 def default_checkpoint() -> Path:
@@ -117,7 +119,7 @@ class InputImage:
 
 
 @dataclass
-class Detector:
+class Predictor:
     """A checkpoint ready for inference at shorter side ``image_size``."""
 
     model: DeformableDETR
@@ -129,7 +131,7 @@ class Detector:
     warmed_up: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
-        self.transform = build_transforms(False, **scaled_sizes(self.image_size)._asdict())
+        self.transform = eval_transform(self.image_size)
 
     def read_image(self, path: str | Path) -> InputImage:
         """Load ``path`` (any PIL mode, EXIF orientation applied) and resize it as in evaluation.
@@ -152,7 +154,7 @@ class Detector:
         self, images: Sequence[InputImage], keep_ratio: float | None = None, warm_up: bool = False
     ) -> tuple[dict, float]:
         """Model outputs for the padded batch of ``images`` (see ``DeformableDETR.forward``) and the
-        seconds the forward pass took (device synchronized). With ``warm_up``, the detector's first run
+        seconds the forward pass took (device synchronized). With ``warm_up``, the predictor's first run
         does one untimed pass before (lazy CUDA and allocator set-up would count otherwise)."""
         batch, mask = pad_images([image.tensor for image in images])
         batch, mask = batch.to(self.device), mask.to(self.device)
@@ -171,28 +173,15 @@ class Detector:
         """COCO results of a batch: ``image_id``, ``category_id``, ``bbox`` [x, y, w, h] in original-image
         pixels, ``score``, plus ``category_name`` and ``file_name``; best first per image, at most 100
         per image, those scoring below ``threshold`` and labels without a category left out."""
-        logits = outputs["pred_logits"]
-        top_k = min(MAX_DETECTIONS, logits.shape[1] * logits.shape[2])
         sizes = torch.tensor([image.original_size for image in images])
-        results = []
-        for image, image_id, found in zip(images, image_ids, postprocess(outputs, sizes, top_k=top_k)):
-            boxes = found["boxes"].float().cpu()
-            boxes[:, 2:] -= boxes[:, :2]
-            for score, label, box in zip(found["scores"].tolist(), found["labels"].tolist(), boxes.tolist()):
-                category = self.categories.get(label)
-                if category is None or score < threshold:
-                    continue
-                results.append(
-                    {
-                        "image_id": int(image_id),
-                        "category_id": category.id,
-                        "bbox": box,  # unrounded, as evaluation scores them
-                        "score": score,
-                        "category_name": category.name,
-                        "file_name": str(image.path),
-                    }
-                )
-        return results
+        label_to_category_id = {label: category.id for label, category in self.categories.items()}
+        names = {category.id: category.name for category in self.categories.values()}
+        paths = dict(zip(image_ids, (str(image.path) for image in images)))
+        results = coco_results(outputs, image_ids, sizes, label_to_category_id, threshold=threshold)
+        return [
+            {**result, "category_name": names[result["category_id"]], "file_name": paths[result["image_id"]]}
+            for result in results
+        ]
 
 
 def _synchronize(device: torch.device) -> None:
@@ -200,13 +189,13 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def load_detector(
+def load_predictor(
     checkpoint: str | Path | None = None,
     device: str | torch.device | None = None,
     image_size: int | None = None,
     keep_ratio: float | None = None,
     trust_checkpoint: bool = False,
-) -> Detector:
+) -> Predictor:
     """The model of ``checkpoint`` (see :func:`resolve_checkpoint`) on ``device`` (default cuda when
     available) in eval mode, with its class names.
 
@@ -224,7 +213,7 @@ def load_detector(
     if keep_ratio is not None:
         model.set_keep_ratio(keep_ratio)
     categories = checkpoint_categories(content, model.config.model.num_classes)
-    return Detector(model, categories, image_size, device, path)
+    return Predictor(model, categories, image_size, device, path)
 
 
 def image_ids_from_annotations(annotations: str | Path, paths: Sequence[Path]) -> list[int]:
@@ -247,13 +236,13 @@ def image_ids_from_annotations(annotations: str | Path, paths: Sequence[Path]) -
 
 
 def predict_images(
-    detector: Detector,
+    predictor: Predictor,
     paths: Sequence[Path],
     threshold: float = 0.0,
     image_ids: Sequence[int] | None = None,
     track: Callable[[Iterable], Iterable] = iter,
 ) -> tuple[list[dict[str, Any]], dict[Path, str]]:
-    """COCO results (see :meth:`Detector.detections`) of every image, one forward pass each, and the images
+    """COCO results (see :meth:`Predictor.detections`) of every image, one forward pass each, and the images
     that failed (unreadable, or too small for the model) with a one-line reason each: one bad image costs
     that image only.
 
@@ -265,10 +254,38 @@ def predict_images(
     results, failures = [], {}
     for path, image_id in track(list(zip(paths, image_ids))):
         try:
-            image = detector.read_image(path)
-            outputs, _ = detector.run([image])
+            image = predictor.read_image(path)
+            outputs, _ = predictor.run([image])
         except InputError as error:
             failures[path] = str(error) if str(path) in str(error) else f"{path}: {error}"
             continue
-        results.extend(detector.detections(outputs, [image], [image_id], threshold))
+        results.extend(predictor.detections(outputs, [image], [image_id], threshold))
     return results, failures
+
+
+def predict_files(
+    inputs: Sequence[str],
+    checkpoint: str | Path | None,
+    out: str | Path,
+    threshold: float = 0.3,
+    annotations: str | Path | None = None,
+    keep_ratio: float | None = None,
+    device: str | None = None,
+    image_size: int | None = None,
+    track: Callable[[Iterable], Iterable] = iter,
+) -> tuple[list[dict[str, Any]], dict[Path, str], list[Path]]:
+    """``sdetr predict``: detect objects in the image files, folders or glob patterns ``inputs`` with
+    ``checkpoint`` (see :func:`load_predictor`) and write the COCO results JSON ``out`` (what finished, even
+    when some images fail). Image ids come from the instances file ``annotations`` (matched by file name),
+    else 1..N.
+
+    Returns:
+        the results, the images that failed with their reason, and the image paths.
+    """
+    paths = expand_image_paths(inputs)
+    check_writable(Path(out).parent)
+    image_ids = image_ids_from_annotations(annotations, paths) if annotations is not None else None
+    predictor = load_predictor(checkpoint, device, image_size, keep_ratio=keep_ratio)
+    results, failures = predict_images(predictor, paths, threshold, image_ids, track)
+    atomic_write_text(out, json.dumps(results, indent=1))
+    return results, failures, paths

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch.hub
 
-from sparse_detr.checkpoint import CHECKPOINT_NAME, load_model
+from sparse_detr.checkpoint import CHECKPOINT_NAME, checkpoint_file, load_model
 from sparse_detr.config import KEEP_RATIOS
 from sparse_detr.errors import CheckpointError, MissingFileError, UnavailableError
 from sparse_detr.utils.cache import user_cache_dir
@@ -196,10 +196,8 @@ def resolve_checkpoint(spec: str | Path, progress: bool = True, log: Callable[[s
         CheckpointUnavailableError, ValueError: as :func:`fetch_checkpoint`.
     """
     path = Path(spec)
-    if path.is_file():
-        return path
-    if (path / CHECKPOINT_NAME).is_file():
-        return path / CHECKPOINT_NAME
+    if path.is_file() or (path / CHECKPOINT_NAME).is_file():
+        return checkpoint_file(path)
     if str(spec) in ZOO:
         return fetch_checkpoint(str(spec), progress=progress, log=log)
     raise MissingFileError(

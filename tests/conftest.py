@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sparse_detr.models.token_layout import TokenLayout
+
 
 def make_op_inputs(
     batch: int,
@@ -28,6 +30,11 @@ def make_op_inputs(
     locations = (locations - 0.5) * spread + 0.5
     weights = torch.rand(batch, num_queries, heads, num_levels, points, generator=generator, dtype=dtype)
     return value, spatial_shapes, level_start_index, locations, weights
+
+
+def unpadded_layout(level_shapes: list[tuple[int, int]], batch: int = 1) -> TokenLayout:
+    """The layout of ``batch`` images that fill levels of these (H_l, W_l) shapes (no padding)."""
+    return TokenLayout.of([torch.zeros(batch, height, width, dtype=torch.bool) for height, width in level_shapes])
 
 
 @pytest.fixture(name="make_op_inputs")

@@ -13,9 +13,10 @@ import torch
 from typer.testing import CliRunner
 
 from sparse_detr import engine
-from sparse_detr.analysis import ablation
-from sparse_detr.analysis.ablation_report import COLUMNS, INFERENCE_COLUMNS
-from sparse_detr.analysis.sweep import (
+from sparse_detr.ablation import runner as ablation
+from sparse_detr.ablation.report import COLUMNS, INFERENCE_COLUMNS
+from sparse_detr.ablation.sweep import (
+    DEFAULT_SWEEP_FILE,
     Sweep,
     SweepError,
     default_sweep,
@@ -42,33 +43,35 @@ def one_thread():
 
 
 def test_runs_are_expanded_with_readable_names():
-    sweep = Sweep(criteria=("dam", "oam"), rho=(0.1, 0.3), random=True, no_enc_aux=True, eval_rho=(0.2, 0.5),
-                  eval_train_rho=0.5)  # fmt: skip
+    sweep = Sweep(rankings=("dam", "oam"), keep_ratios=(0.1, 0.3), random=True, no_enc_aux=True,
+                  eval_keep_ratios=(0.2, 0.5), eval_train_keep_ratio=0.5)  # fmt: skip
     runs = sweep.runs()
     assert [run.name for run in runs] == [
         "baseline", "dam-rho0.1", "dam-rho0.3", "oam-rho0.1", "oam-rho0.3", "dam-rho0.1-noaux", "dam-rho0.3-noaux",
         "oam-rho0.1-noaux", "oam-rho0.3-noaux", "random-rho0.1", "random-rho0.3", "dam-rho0.5",
     ]  # fmt: skip
-    assert runs[-1].eval_rho == (0.2, 0.5) and all(not run.eval_rho for run in runs[:-1])
+    assert runs[-1].eval_keep_ratios == (0.2, 0.5) and all(not run.eval_keep_ratios for run in runs[:-1])
     assert runs[0].model_overrides() == {"model.keep_ratio": 0.0, "model.use_enc_aux_loss": False}
     assert runs[5].model_overrides() == {
         "model.keep_ratio": 0.1, "model.use_enc_aux_loss": False, "model.token_ranking": "dam"
     }  # fmt: skip
     # the inference-time model is an existing run when one matches: it is not trained twice
-    same = Sweep(rho=(0.1, 0.3), eval_rho=(0.5,)).runs()
-    assert [(run.name, run.eval_rho) for run in same] == [("baseline", ()), ("dam-rho0.1", (0.5,)), ("dam-rho0.3", ())]
+    same = Sweep(keep_ratios=(0.1, 0.3), eval_keep_ratios=(0.5,)).runs()
+    expected = [("baseline", ()), ("dam-rho0.1", (0.5,)), ("dam-rho0.3", ())]
+    assert [(run.name, run.eval_keep_ratios) for run in same] == expected
 
 
 def test_sweep_file_round_trip(tmp_path):
     path = tmp_path / "my_sweep.toml"
     path.write_text(
-        'preset = "sparse-rho0.2"\nbackbone = "swin-t"\ncriteria = ["oam"]\nrho = [0.2, 0.4]\nbaseline = false\n'
-        'data = "coco"\neval_rho = [0.1]\neval_train_rho = 0.2\n[train]\nepochs = 3\n'
+        'preset = "sparse-rho0.2"\nbackbone = "swin-t"\nrankings = ["oam"]\nkeep_ratios = [0.2, 0.4]\n'
+        "baseline = false\n"
+        'data = "coco"\neval_keep_ratios = [0.1]\neval_train_keep_ratio = 0.2\n[train]\nepochs = 3\n'
         '[model]\npretrained_backbone = "timm"\n[benchmark]\nimages = 2\ncoverage_images = 10\n'
     )
     sweep = load_sweep(path)
     assert sweep.name == "my_sweep"  # the file's stem
-    assert (sweep.preset, sweep.backbone, sweep.criteria, sweep.rho) == (
+    assert (sweep.preset, sweep.backbone, sweep.rankings, sweep.keep_ratios) == (
         "sparse-rho0.2",
         "swin-t",
         ("oam",),
@@ -78,7 +81,7 @@ def test_sweep_file_round_trip(tmp_path):
     assert (sweep.benchmark.images, sweep.benchmark.coverage_images) == (2, 10)
     assert sweep.report_dir == Path("reports/my_sweep") and sweep.run_root == Path("runs/ablate/my_sweep")
     assert [run.name for run in sweep.runs()] == ["oam-rho0.2", "oam-rho0.4"]
-    assert sweep.runs()[0].eval_rho == (0.1,)
+    assert sweep.runs()[0].eval_keep_ratios == (0.1,)
 
 
 @pytest.mark.parametrize(
@@ -89,14 +92,14 @@ def test_sweep_file_round_trip(tmp_path):
         ("[train]\noutput_dir = 'x'", "[train] output_dir is set by each run"),
         ("[model]\nkeep_ratio = 0.2", "[model] keep_ratio is set by each run"),
         ("[benchmark]\nimage = 2", "unknown key [benchmark] 'image'"),
-        ("rho = 0.1", "rho must be a list of numbers"),
-        ("rho = [1.5]", "rho values must be in (0, 1]"),
-        ("criteria = ['dam', 'xyz']", "unknown criterion 'xyz'"),
+        ("keep_ratios = 0.1", "keep_ratios must be a list of numbers"),
+        ("keep_ratios = [1.5]", "keep_ratios values must be in (0, 1]"),
+        ("rankings = ['dam', 'xyz']", "unknown ranking 'xyz'"),
         ("preset = 'big'", "unknown preset 'big'"),
         ("baseline = 'yes'", "baseline must be true or false"),
-        ("rho = []\nbaseline = false", "the sweep has no runs"),
+        ("keep_ratios = []\nbaseline = false", "the sweep has no runs"),
         ("data = 'coco'\nval_ann = 'a.json'", "give either data"),
-        ("rho = [0.1", "is not valid TOML"),
+        ("keep_ratios = [0.1", "is not valid TOML"),
         ("[train]\nepochs = 0", "[train]: epochs must be at least 1"),
         ("[model]\nbackbone_norm = 'group'", "[model]: backbone_norm must be one of"),
     ],
@@ -111,32 +114,32 @@ def test_sweep_file_errors_name_the_file_and_key(tmp_path, text, message):
 
 
 def test_shipped_experiments_load_and_the_default_is_built_in():
-    names = {path.stem: load_sweep(path) for path in EXPERIMENTS.glob("*.toml")}
+    names = {path.stem: load_sweep(path) for path in [*EXPERIMENTS.glob("*.toml"), DEFAULT_SWEEP_FILE]}
     assert {"default", "rho_sweep", "oam_vs_dam", "enc_aux_loss", "inference_rho"} <= set(names)
     assert names["default"] == default_sweep() == resolve_sweep()
-    assert names["default"].uses_builtin_data and names["default"].preset == "tiny"
+    assert names["default"].data_source.is_builtin and names["default"].preset == "tiny"
     for name in ("rho_sweep", "oam_vs_dam", "enc_aux_loss", "inference_rho"):
         assert names[name].data is not None and names[name].backbone is None and names[name].preset != "tiny"
     assert "oam-rho0.3" in [run.name for run in names["oam_vs_dam"].runs()]
     assert "dam-rho0.5-noaux" in [run.name for run in names["enc_aux_loss"].runs()]
-    assert names["inference_rho"].runs()[0].eval_rho == (0.1, 0.2, 0.3, 0.4, 0.5, 1.0)
+    assert names["inference_rho"].runs()[0].eval_keep_ratios == (0.1, 0.2, 0.3, 0.4, 0.5, 1.0)
 
 
 def test_options_override_the_file():
-    sweep = resolve_sweep(EXPERIMENTS / "rho_sweep.toml", rho=(0.2,), epochs=3, workers=0, data="/data/coco2017",
+    sweep = resolve_sweep(EXPERIMENTS / "rho_sweep.toml",keep_ratios=(0.2,), epochs=3, workers=0, data="/data/coco2017",
                           random=True, name="quick")  # fmt: skip
-    assert sweep.rho == (0.2,) and sweep.random and sweep.name == "quick"
+    assert sweep.keep_ratios == (0.2,) and sweep.random and sweep.name == "quick"
     assert sweep.train["epochs"] == 3 and sweep.train["workers"] == 0 and sweep.train["grad_accum"] == 8
     assert sweep.data == "/data/coco2017" and sweep.report_dir == Path("reports/quick")
     # no file: another preset trains with its own recipe, not the default ablation's shortened one
-    other = resolve_sweep(preset="sparse-rho0.3", criteria=("oam",))
-    assert other.train == {} and other.criteria == ("oam",) and other.name == "sparse-rho0.3"
-    with pytest.raises(SweepError, match="unknown criterion"):
-        resolve_sweep(criteria=("objectness",))
+    other = resolve_sweep(preset="sparse-rho0.3", rankings=("oam",))
+    assert other.train == {} and other.rankings == ("oam",) and other.name == "sparse-rho0.3"
+    with pytest.raises(SweepError, match="unknown ranking"):
+        resolve_sweep(rankings=("objectness",))
 
 
 def test_shards_split_the_runs_disjointly():
-    runs = Sweep(criteria=("dam", "oam"), rho=(0.1, 0.2, 0.3)).runs()
+    runs = Sweep(rankings=("dam", "oam"),keep_ratios=(0.1, 0.2, 0.3)).runs()
     shards = [shard_runs(runs, *parse_shard(f"{index}/3")) for index in range(3)]
     names = [run.name for shard in shards for run in shard]
     assert sorted(names) == sorted(run.name for run in runs) and len(set(names)) == len(runs)
@@ -167,7 +170,7 @@ def mini(tmp_path_factory):
     paths = dict(zip(("train_images", "train_ann", "val_images", "val_ann"), (str(p) for p in splits)))
     path = root / "mini.toml"
     path.write_text(
-        'preset = "tiny"\ncriteria = ["dam"]\nrho = [0.3]\nbaseline = true\neval_rho = [0.2, 0.3]\n'
+        'preset = "tiny"\nrankings = ["dam"]\nkeep_ratios = [0.3]\nbaseline = true\neval_keep_ratios = [0.2, 0.3]\n'
         + "".join(f'{key} = "{value}"\n' for key, value in paths.items())
         + f'output = "{root / "report"}"\nruns_dir = "{root / "runs"}"\ndevice = "cpu"\n'
         "[train]\nepochs = 1\niters_per_epoch = 2\nbatch_size = 1\nworkers = 0\nimage_size = 96\n"
@@ -209,7 +212,7 @@ def test_mini_ablation_writes_the_tables_and_plots(mini):
     result = json.loads((sweep.run_root / "dam-rho0.3" / "result.json").read_text())
     final = json.loads((sweep.run_root / "dam-rho0.3" / "metrics_final.json").read_text())
     assert result["metrics"]["AP"] == final["AP"] and result["settings"]["train"]["epochs"] == 1
-    assert "| criterion" in (report / "ablation.md").read_text()
+    assert "| ranking" in (report / "ablation.md").read_text()
 
 
 @pytest.mark.slow
@@ -244,12 +247,12 @@ def test_interrupted_run_resumes_from_its_checkpoint(mini, monkeypatch):
     stored = json.loads(result_file.read_text())
     result_file.unlink()  # as if killed after training, before its result was written
     # its checkpoint is finished: the run resumes with no training step, and the baseline is skipped
-    monkeypatch.setattr(trainer._Run, "_train_epoch", _forbid("a training epoch"))
+    monkeypatch.setattr(trainer, "train_one_epoch", _forbid("a training epoch"))
     logs = []
     report = ablation.run_ablation(sweep, log=logs.append)
     assert "[1/2] baseline: finished, skipped" in logs and "[2/2] dam-rho0.3" in logs
     assert "  training in " + str(sweep.run_root / "dam-rho0.3") + " (resuming from its checkpoint)" in logs
     resumed = json.loads(result_file.read_text())
     assert resumed["metrics"] == stored["metrics"] and resumed["settings"] == stored["settings"]
-    assert [e["eval_rho"] for e in resumed["evaluations"]] == [0.2, 0.3]
+    assert [e["keep_ratio"] for e in resumed["evaluations"]] == [0.2, 0.3]
     assert list(report.table["run"]) == ["baseline", "dam-rho0.3"]

@@ -158,7 +158,8 @@ def test_evaluation_refuses_a_checkpoint_of_other_categories(run_folder, synth, 
     data = copy_dataset(synth, tmp_path)
     val_ann = data / "annotations" / "instances_val.json"
     edit_annotations(val_ann, lambda d: d["categories"][0].update(name="person"))
-    arguments = ["eval", "--checkpoint", str(run_folder), "--data", str(data), "--workers", "0", "--output-dir", "e"]
+    arguments = ["eval", "--checkpoint", str(run_folder), "--data", str(data), "--workers", "0", "--output-dir",
+                 str(tmp_path / "eval")]
     result = runner.invoke(app, arguments)
     one_line(result, 2, "was trained on other categories", "label 1: 'person' here, 'circle' in the checkpoint",
              "--allow-other-categories")  # fmt: skip

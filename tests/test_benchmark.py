@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from sparse_detr.analysis.benchmark import model_specs, parameter_counts
 from sparse_detr.analysis.fps import measure_fps
-from sparse_detr.analysis.latency import ModelSpec, measure_fps_isolated
+from sparse_detr.analysis.latency import ModelSpec, Timing, measure_fps_isolated
 from sparse_detr.analysis.reference_figures import REFERENCE_PUBLISHED_PARAMS, reference_preset
 from sparse_detr.cli import app
 from sparse_detr.config import get_preset
@@ -143,7 +143,8 @@ def test_measure_fps_cycles_distinct_images_and_restores_the_mode():
 
 @pytest.mark.slow
 def test_fps_in_a_fresh_process():
-    results = measure_fps_isolated(ModelSpec("tiny"), [torch.randn(3, 64, 80)], (2, 1), warmup=0, iters=1, threads=1)
+    timing = Timing((2, 1), warmup=0, iters=1, threads=1)
+    results = measure_fps_isolated(ModelSpec("tiny"), [torch.randn(3, 64, 80)], timing)
     assert [result.batch_size for result in results] == [1, 2]
     assert all(result.fps > 0 and result.peak_memory_mib > 0 for result in results)
 
@@ -151,7 +152,7 @@ def test_fps_in_a_fresh_process():
 def test_training_step_benchmark(tmp_path):
     result = runner.invoke(
         app,
-        ["benchmark", "--train", "--preset", "tiny,tiny", "--input-size", "96x128", "--batch-sizes", "1,2",
+        ["benchmark-train", "--preset", "tiny,tiny", "--input-size", "96x128", "--batch-sizes", "1,2",
          "--iters", "1", "--warmup", "0", "--output", str(tmp_path)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output

@@ -155,10 +155,11 @@ def test_official_checkpoint_loads_and_runs(official_file):
     assert ((outputs["pred_boxes"] >= 0) & (outputs["pred_boxes"] <= 1)).all()
     if config.two_stage:
         assert torch.isfinite(outputs["enc_outputs"]["pred_logits"]).all()
-    if config.keep_ratio > 0:
-        tokens = outputs["mask_flatten"].shape[1]
+    if config.is_sparse:
+        tokens = outputs["layout"].num_tokens
+        selection = outputs["selection"]
         assert outputs["token_scores"].shape == (2, tokens)
-        assert outputs["selected_tokens"].shape == (2, int(outputs["keep_counts"].max()))
+        assert selection.indices.shape == (2, int(selection.counts.max()))
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from sparse_detr.config import apply_overrides, get_preset
 from sparse_detr.models.attention_map import decoder_attention_map
 from sparse_detr.models.criterion import DETECTION_LOSSES, SetCriterion, build_criterion
 from sparse_detr.models.matcher import HungarianMatcher
+from sparse_detr.models.token_layout import TokenLayout, TokenSelection
 
 NUM_CLASSES = 5
 
@@ -38,31 +39,28 @@ def sparse_like_outputs(
     """A hand-made output dict with every key a sparse preset returns in training (2 images, 2 levels)."""
     generator = torch.Generator().manual_seed(seed)
     n, num_queries, heads, points = 2, 4, 2, 2
-    spatial_shapes = torch.tensor([[4, 6], [2, 3]])
-    level_start_index = torch.tensor([0, 24])
+    level_masks = [torch.zeros(n, 4, 6, dtype=torch.bool), torch.zeros(n, 2, 3, dtype=torch.bool)]
+    level_masks[0][1, -1] = level_masks[1][1, -1] = True  # image 1: the last row of each level padded
+    layout = TokenLayout.of(level_masks)
     num_tokens = 30
-    mask_flatten = torch.zeros(n, num_tokens, dtype=torch.bool)
-    mask_flatten[1, 18:24] = True  # image 1: last row of level 0 ...
-    mask_flatten[1, 27:30] = True  # ... and of level 1 padded
-    keep_counts = torch.tensor([4, 3])
+    assert layout.padding_mask[1, 18:24].all() and layout.padding_mask[1, 27:30].all()
+    assert layout.padding_mask.sum() == 9
     scores = torch.randn(n, num_tokens, generator=generator, dtype=torch.float64)
+    best_valid = scores.masked_fill(layout.padding_mask, -math.inf).topk(4, dim=1).indices
     outputs = random_output_set(n, num_queries, generator, requires_grad)
     outputs |= {
         "aux_outputs": [random_output_set(n, num_queries, generator, requires_grad) for _ in range(dec_layers - 1)],
         "enc_outputs": random_output_set(n, num_tokens, generator, requires_grad),
         "enc_aux_outputs": [random_output_set(n, 4, generator, requires_grad) for _ in range(enc_layers - 1)],
         "token_scores": scores.requires_grad_(requires_grad),
-        "selected_tokens": scores.masked_fill(mask_flatten, -math.inf).topk(4, dim=1).indices,
-        "keep_counts": keep_counts,
+        "selection": TokenSelection(best_valid, torch.tensor([4, 3])),
         "sampling_locations": torch.rand(
             n, dec_layers, num_queries, heads, 2, points, 2, generator=generator, dtype=torch.float64
         ).requires_grad_(requires_grad),
         "attention_weights": torch.rand(
             n, dec_layers, num_queries, heads, 2, points, generator=generator, dtype=torch.float64
         ).requires_grad_(requires_grad),
-        "spatial_shapes": spatial_shapes,
-        "level_start_index": level_start_index,
-        "mask_flatten": mask_flatten,
+        "layout": layout,
     }
     if oam:
         outputs["backbone_outputs"] = random_output_set(n, num_tokens, generator, requires_grad)
@@ -193,7 +191,7 @@ def test_loss_names_for_sparse_outputs(token_ranking, oam_outputs, mask_predicti
 
 def test_no_mask_prediction_loss_without_token_scores():
     outputs = sparse_like_outputs()
-    for key in ("token_scores", "selected_tokens"):
+    for key in ("token_scores", "selection"):
         del outputs[key]
     losses = make_criterion("dam")(outputs, TARGETS)
     assert set(losses) == expected_names(3, 3, backbone=False, mask_prediction=False) | {"class_error"}
@@ -265,15 +263,10 @@ def test_weight_dict_covers_every_loss_produced():
 def test_mask_prediction_loss_matches_a_hand_computation():
     outputs = sparse_like_outputs()
     losses = make_criterion()(outputs, TARGETS)
-    dam = decoder_attention_map(
-        outputs["sampling_locations"],
-        outputs["attention_weights"],
-        outputs["spatial_shapes"],
-        outputs["level_start_index"],
-    )
-    dam = dam.masked_fill(outputs["mask_flatten"], dam.min() - 1)
+    dam = decoder_attention_map(outputs["sampling_locations"], outputs["attention_weights"], outputs["layout"])
+    dam = dam.masked_fill(outputs["layout"].padding_mask, dam.min() - 1)
     expected = 0.0
-    for i, count in enumerate(outputs["keep_counts"].tolist()):
+    for i, count in enumerate(outputs["selection"].counts.tolist()):
         top = set(dam[i].argsort(descending=True)[:count].tolist())
         for token, score in enumerate(outputs["token_scores"][i].tolist()):
             p = 1 / (1 + math.exp(-score))
@@ -301,15 +294,10 @@ def test_detection_losses_do_not_reach_the_token_scores():
 def test_dam_coverage_matches_a_hand_computation():
     outputs = sparse_like_outputs()
     losses = make_criterion()(outputs, TARGETS)
-    dam = decoder_attention_map(
-        outputs["sampling_locations"],
-        outputs["attention_weights"],
-        outputs["spatial_shapes"],
-        outputs["level_start_index"],
-    )
+    dam = decoder_attention_map(outputs["sampling_locations"], outputs["attention_weights"], outputs["layout"])
     overall, level0, level1 = [], [], []
-    for i, count in enumerate(outputs["keep_counts"].tolist()):
-        kept = outputs["selected_tokens"][i, :count]
+    for i, count in enumerate(outputs["selection"].counts.tolist()):
+        kept = outputs["selection"].indices[i, :count]
         on_kept = torch.zeros(30, dtype=torch.bool)
         on_kept[kept] = True
         overall.append(dam[i, on_kept].sum() / dam[i].sum())
@@ -322,8 +310,7 @@ def test_dam_coverage_matches_a_hand_computation():
 
 def test_dam_coverage_is_one_when_every_token_is_selected():
     outputs = sparse_like_outputs()
-    outputs["selected_tokens"] = torch.stack([torch.randperm(30), torch.randperm(30)])
-    outputs["keep_counts"] = torch.tensor([30, 30])
+    outputs["selection"] = TokenSelection(torch.stack([torch.randperm(30), torch.randperm(30)]), torch.tensor([30, 30]))
     losses = make_criterion("random")(outputs, TARGETS)
     for name in ("dam_coverage", "dam_coverage_level0", "dam_coverage_level1"):
         assert losses[name].item() == pytest.approx(1.0, rel=1e-12)

@@ -28,14 +28,14 @@ def _worker(data_dir: str, out_dir: str) -> None:
     from sparse_detr.data import synthetic_splits
     from sparse_detr.engine import TrainConfig, build_datasets, evaluate_checkpoint, train, trainer
 
-    fit = trainer._Run.fit
+    fit = trainer.fit
 
     def fit_and_dump(run):
         metrics = fit(run)
         torch.save(run.model.state_dict(), Path(out_dir) / f"rank{run.info.rank}.pt")
         return metrics
 
-    trainer._Run.fit = fit_and_dump
+    trainer.fit = fit_and_dump
     train_set, val_set = build_datasets(*synthetic_splits(data_dir), image_size=96)
     config = TrainConfig(
         epochs=1,

@@ -31,11 +31,11 @@ from sparse_detr.engine import (
     train_recipe,
 )
 from sparse_detr.engine import trainer as trainer_module
-from sparse_detr.engine.checkpointing import find_resume_path, rng_state, set_rng_state
 from sparse_detr.engine.initialization import InitialWeights
 from sparse_detr.engine.logging import Progress
 from sparse_detr.engine.run_config import read_config_file, resolve_run_config
 from sparse_detr.engine.sampling import BlockBatchSampler, EpochBatchSampler, SeededSamples
+from sparse_detr.engine.state import find_resume_path, rng_state, set_rng_state
 from sparse_detr.models import build_model
 
 IMAGE_SIZE = 96  # the smallest training scale still gives the tiny preset more tokens than queries
@@ -327,7 +327,7 @@ def _first_step_gradients(tmp_path, monkeypatch, batch_size: int, grad_accum: in
         captured.update({name: p.grad.clone() for name, p in run.model.named_parameters() if p.grad is not None})
         raise _FirstStep
 
-    monkeypatch.setattr(trainer_module._Run, "_optimizer_step", capture)
+    monkeypatch.setattr(trainer_module, "_optimizer_step", capture)
     config = apply_overrides(get_preset("tiny"), {"model.backbone_norm": "frozen_bn"})
     train_config = tiny_train_config(tmp_path / f"b{batch_size}x{grad_accum}", batch_size=batch_size,
                                      grad_accum=grad_accum, iters_per_epoch=grad_accum)  # fmt: skip

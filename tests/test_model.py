@@ -47,30 +47,31 @@ def test_sparse_forward_outputs(padded_batch):
     model = tiny().train()
     m = model.config.model
     out = model(*padded_batch)
-    num_tokens = out["mask_flatten"].shape[1]
+    layout, selection = out["layout"], out["selection"]
+    num_tokens = layout.num_tokens
     n = 2
     assert_detections(out, n, m.num_queries, m.num_classes)
     assert len(out["aux_outputs"]) == m.dec_layers - 1
     for aux in out["aux_outputs"]:
         assert_detections(aux, n, m.num_queries, m.num_classes)
     assert_detections(out["enc_outputs"], n, num_tokens, m.num_classes)
-    k = out["selected_tokens"].shape[1]
-    assert out["selected_tokens"].dtype == torch.int64 and k == int(out["keep_counts"].max())
+    k = selection.indices.shape[1]
+    assert selection.indices.dtype == torch.int64 and k == int(selection.counts.max())
     assert len(out["enc_aux_outputs"]) == m.enc_layers - 1
     for aux in out["enc_aux_outputs"]:
         assert_detections(aux, n, k, m.num_classes)
     assert out["token_scores"].shape == (n, num_tokens)
-    assert out["keep_counts"].dtype == torch.int64 and out["keep_counts"].shape == (n,)
+    assert selection.counts.dtype == torch.int64 and selection.counts.shape == (n,)
     heads, levels, points = m.nheads, m.num_feature_levels, m.dec_n_points
     assert out["sampling_locations"].shape == (n, m.dec_layers, m.num_queries, heads, levels, points, 2)
     assert out["attention_weights"].shape == (n, m.dec_layers, m.num_queries, heads, levels, points)
     torch.testing.assert_close(
         out["attention_weights"].sum((-1, -2)), torch.ones(n, m.dec_layers, m.num_queries, heads)
     )
-    assert out["spatial_shapes"].tolist() == [[8, 16], [4, 8], [2, 4], [1, 2]]
-    assert out["level_start_index"].tolist() == [0, 128, 160, 168]
-    assert out["mask_flatten"].dtype == torch.bool and out["mask_flatten"][1].sum() == num_tokens // 2
-    torch.testing.assert_close(out["valid_ratios"][1], torch.tensor([[0.5, 1.0]] * 4))
+    assert layout.spatial_shapes.tolist() == [[8, 16], [4, 8], [2, 4], [1, 2]]
+    assert layout.level_start_index.tolist() == [0, 128, 160, 168]
+    assert layout.padding_mask.dtype == torch.bool and layout.padding_mask[1].sum() == num_tokens // 2
+    torch.testing.assert_close(layout.valid_ratios[1], torch.tensor([[0.5, 1.0]] * 4))
     assert "backbone_outputs" not in out
 
 
@@ -95,7 +96,7 @@ def test_plain_preset_layout_and_forward(padded_batch):
     )
     out = model(*padded_batch)
     assert_detections(out, 2, model.config.model.num_queries, model.config.model.num_classes)
-    assert not {"enc_outputs", "token_scores", "selected_tokens", "enc_aux_outputs"} & out.keys()
+    assert not {"enc_outputs", "token_scores", "selection", "enc_aux_outputs"} & out.keys()
     torch.testing.assert_close(model.bbox_embed[0].layers[-1].bias, torch.tensor([0.0, 0.0, -2.0, -2.0]))
 
 
@@ -103,7 +104,7 @@ def test_topk_bbr_preset_has_proposals_but_no_sparsity(padded_batch):
     model = tiny(TOPK_BBR).train()
     assert len(model.class_embed) == model.config.model.dec_layers + 1
     out = model(*padded_batch)
-    assert "enc_outputs" in out and not {"token_scores", "selected_tokens", "enc_aux_outputs"} & out.keys()
+    assert "enc_outputs" in out and not {"token_scores", "selection", "enc_aux_outputs"} & out.keys()
 
 
 def test_head_initialization():
@@ -147,8 +148,9 @@ def test_same_seed_same_model_and_outputs(padded_batch):
         assert torch.equal(a, b), name
     with torch.no_grad():
         a, b = first(*padded_batch), second(*padded_batch)
-    for key in ("pred_logits", "pred_boxes", "token_scores", "selected_tokens"):
+    for key in ("pred_logits", "pred_boxes", "token_scores"):
         assert torch.equal(a[key], b[key]), key
+    assert torch.equal(a["selection"].indices, b["selection"].indices)
     assert not torch.equal(tiny(seed=4).class_embed[0].weight, first.class_embed[0].weight)
 
 
@@ -166,8 +168,8 @@ def test_batch_composition_spec_9():
         small_alone = model(small[None])
     for key in ("pred_logits", "pred_boxes", "token_scores"):
         torch.testing.assert_close(batch[key][0], large_alone[key][0])
-    assert torch.equal(batch["keep_counts"][1], small_alone["keep_counts"][0])
-    valid = ~batch["mask_flatten"][1]
+    assert torch.equal(batch["selection"].counts[1], small_alone["selection"].counts[0])
+    valid = ~batch["layout"].padding_mask[1]
     assert valid.sum() == small_alone["token_scores"].shape[1]
     assert not torch.allclose(batch["token_scores"][1][valid], small_alone["token_scores"][0])
 

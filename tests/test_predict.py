@@ -19,10 +19,10 @@ from sparse_detr.config import apply_overrides, get_preset
 from sparse_detr.data.coco_categories import COCO_CATEGORY_NAMES
 from sparse_detr.data.synthetic import render_scene
 from sparse_detr.inference import (
-    Detector,
+    Predictor,
     expand_image_paths,
     image_ids_from_annotations,
-    load_detector,
+    load_predictor,
 )
 from sparse_detr.models import build_model
 
@@ -89,17 +89,17 @@ def test_categories_of_each_kind_of_checkpoint():
 
 
 def test_boxes_are_in_original_image_pixels(checkpoint, tmp_path):
-    detector = load_detector(checkpoint, device="cpu")
-    assert isinstance(detector, Detector) and detector.image_size == 64
+    predictor = load_predictor(checkpoint, device="cpu")
+    assert isinstance(predictor, Predictor) and predictor.image_size == 64
     Image.new("RGB", (300, 200)).save(tmp_path / "wide.png")
-    image = detector.read_image(tmp_path / "wide.png")
+    image = predictor.read_image(tmp_path / "wide.png")
     assert image.original_size == (200, 300) and image.resized_size == (64, 96)
     logits = torch.full((1, 20, 4), -10.0)
     logits[0, 4, 2] = 3.0  # query 4, label 2 (category 12)
     logits[0, 5, 0] = 5.0  # label 0 has no category: left out
     boxes = torch.full((1, 20, 4), 0.5)
     boxes[0, 4] = torch.tensor([0.5, 0.5, 0.2, 0.4])  # normalized cxcywh
-    detections = detector.detections({"pred_logits": logits, "pred_boxes": boxes}, [image], [42], threshold=0.5)
+    detections = predictor.detections({"pred_logits": logits, "pred_boxes": boxes}, [image], [42], threshold=0.5)
     assert detections == [
         {
             "image_id": 42,

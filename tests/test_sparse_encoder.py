@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import unpadded_layout
 
 from sparse_detr.config import apply_overrides, get_preset
 from sparse_detr.models.detector import build_model, pad_images
-from sparse_detr.models.encoder import EncoderLayer, SparseEncoder
-from sparse_detr.models.scoring import ScoringNetwork, fill_padded_scores, keep_counts, select_tokens
+from sparse_detr.models.encoder import EncoderLayer, SparseEncoder, encoder_reference_points
+from sparse_detr.models.scoring import ScoringNetwork, fill_padded_scores, keep_counts
+from sparse_detr.models.token_layout import TokenSelection
 
 
 @pytest.fixture(scope="module")
@@ -49,24 +51,25 @@ def changed_tokens(src, memory):
 def test_exactly_the_kept_tokens_change(tiny_model, padded_batch, keep_ratio):
     out, src, memory = encode(tiny_model, *padded_batch, keep_ratio=keep_ratio)
     ratio = tiny_model.config.model.keep_ratio if keep_ratio is None else keep_ratio
-    valid = (~out["mask_flatten"]).sum(1)
+    selection = out["selection"]
+    valid = (~out["layout"].padding_mask).sum(1)
     expected_counts = (valid.double() * ratio).long() + 1
-    assert torch.equal(out["keep_counts"], expected_counts)
-    assert out["selected_tokens"].shape[1] == expected_counts.max()
+    assert torch.equal(selection.counts, expected_counts)
+    assert selection.indices.shape[1] == expected_counts.max()
     changed = changed_tokens(src, memory)
     for i, count in enumerate(expected_counts.tolist()):
         expected = torch.zeros_like(changed[i])
-        expected[out["selected_tokens"][i, :count]] = True
+        expected[selection.indices[i, :count]] = True
         assert torch.equal(changed[i], expected)
 
 
 def test_padded_tokens_are_never_kept(tiny_model, padded_batch):
     out, src, memory = encode(tiny_model, *padded_batch)
-    mask_flatten = out["mask_flatten"]
-    assert mask_flatten[1].any()
-    assert not (changed_tokens(src, memory) & mask_flatten).any()
+    padding_mask = out["layout"].padding_mask
+    assert padding_mask[1].any()
+    assert not (changed_tokens(src, memory) & padding_mask).any()
     scores = out["token_scores"]
-    assert torch.all(scores[mask_flatten] == scores.min())
+    assert torch.all(scores[padding_mask] == scores.min())
 
 
 def test_set_keep_ratio_changes_how_many_tokens_are_encoded(padded_batch):
@@ -77,14 +80,14 @@ def test_set_keep_ratio_changes_how_many_tokens_are_encoded(padded_batch):
         model.set_keep_ratio(ratio)
         out, src, memory = encode(model, *padded_batch)
         counts[ratio] = changed_tokens(src, memory).sum(1)
-        assert torch.equal(counts[ratio], out["keep_counts"])
+        assert torch.equal(counts[ratio], out["selection"].counts)
     assert (counts[0.1] < counts[0.3]).all() and (counts[0.3] < counts[0.5]).all()
     assert model.config.model.keep_ratio == 0.3
 
 
 def test_keep_ratio_one_encodes_every_valid_token(tiny_model, padded_batch):
     out, src, memory = encode(tiny_model, *padded_batch, keep_ratio=1.0)
-    valid = ~out["mask_flatten"]
+    valid = ~out["layout"].padding_mask
     changed = changed_tokens(src, memory)
     # image 0 has no padding: every token; image 1: valid + 1 tokens (the count is int(valid * 1) + 1)
     assert changed[0].all() and changed[1].sum() == valid[1].sum() + 1
@@ -97,26 +100,21 @@ def test_keep_ratio_one_encodes_every_valid_token(tiny_model, padded_batch):
 def test_keep_ratio_zero_encodes_every_token_without_scores(tiny_model, padded_batch):
     out, src, memory = encode(tiny_model, *padded_batch, keep_ratio=0.0)
     assert changed_tokens(src, memory).all()
-    assert "token_scores" not in out and "selected_tokens" not in out
+    assert "token_scores" not in out and "selection" not in out
 
 
 def test_selecting_every_token_equals_the_dense_encoder():
     torch.manual_seed(0)
     d_model, levels = 32, 2
     encoder = SparseEncoder(lambda: EncoderLayer(d_model, 64, 0.0, levels, 4, 2), 2).double()
-    spatial_shapes = torch.tensor([[4, 6], [2, 3]])
-    level_start_index = torch.tensor([0, 24])
+    layout = unpadded_layout([(4, 6), (2, 3)], batch=2)
     src, pos = (
         torch.randn(2, 30, d_model, dtype=torch.float64),
         torch.randn(2, 30, d_model, dtype=torch.float64),
     )
-    mask = torch.zeros(2, 30, dtype=torch.bool)
-    valid_ratios = torch.ones(2, levels, 2)
-    dense, _ = encoder(src, pos, spatial_shapes, level_start_index, valid_ratios, mask)
+    dense, _ = encoder(src, pos, layout)
     everything = torch.stack([torch.randperm(30), torch.randperm(30)])
-    sparse, _ = encoder(
-        src, pos, spatial_shapes, level_start_index, valid_ratios, mask, everything, torch.tensor([30, 30])
-    )
+    sparse, _ = encoder(src, pos, layout, TokenSelection(everything, torch.tensor([30, 30])))
     torch.testing.assert_close(sparse, dense)
 
 
@@ -125,34 +123,21 @@ def test_batched_sparse_encoder_matches_an_image_by_image_loop():
     torch.manual_seed(0)
     d_model, levels = 32, 2
     encoder = SparseEncoder(lambda: EncoderLayer(d_model, 64, 0.0, levels, 4, 2), 3).double()
-    spatial_shapes = torch.tensor([[4, 6], [2, 3]])
-    level_start_index = torch.tensor([0, 24])
+    layout = unpadded_layout([(4, 6), (2, 3)], batch=2)
     src, pos = (
         torch.randn(2, 30, d_model, dtype=torch.float64),
         torch.randn(2, 30, d_model, dtype=torch.float64),
     )
-    mask = torch.zeros(2, 30, dtype=torch.bool)
-    valid_ratios = torch.ones(2, levels, 2)
     counts = torch.tensor([9, 4])
     selected = torch.stack([torch.randperm(30)[:9], torch.randperm(30)[:9]])
-    batched, _ = encoder(src, pos, spatial_shapes, level_start_index, valid_ratios, mask, selected, counts)
+    batched, _ = encoder(src, pos, layout, TokenSelection(selected, counts))
 
-    from sparse_detr.models.encoder import encoder_reference_points
-
-    reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
+    reference_points = encoder_reference_points(layout)
     for i in range(2):
         keep = selected[i, : counts[i]]
         memory, queries = src[i : i + 1].clone(), src[i : i + 1, keep]
         for layer in encoder.layers:
-            queries = layer(
-                queries,
-                pos[i : i + 1, keep],
-                reference_points[i : i + 1, keep],
-                memory,
-                spatial_shapes,
-                level_start_index,
-                mask[i : i + 1],
-            )
+            queries = layer(queries, pos[i : i + 1, keep], reference_points[i : i + 1, keep], memory, layout.image(i))
             memory[0, keep] = queries[0]
         torch.testing.assert_close(batched[i], memory[0])
 
@@ -163,10 +148,10 @@ def test_keep_counts_and_selection():
     counts = keep_counts(mask, 0.3)
     assert counts.tolist() == [13, 8]
     scores = fill_padded_scores(torch.randn(2, 40), mask)
-    selected = select_tokens(scores, counts)
+    selected = TokenSelection.top(scores, counts).indices
     assert selected.shape == (2, 13)
     assert not mask[1, selected[1, :8]].any()
-    assert select_tokens(scores, torch.tensor([41, 1])).shape == (2, 40)
+    assert TokenSelection.top(scores, torch.tensor([41, 1])).indices.shape == (2, 40)
 
 
 def test_scoring_network_mean_pools_half_its_channels():
@@ -204,10 +189,10 @@ def test_other_saliency_criteria_select_tokens(padded_batch, criterion):
     model = build_model(config).train()
     assert not hasattr(model.transformer, "enc_mask_predictor")
     out, src, memory = encode(model, *padded_batch)
-    assert torch.equal(changed_tokens(src, memory).sum(1), out["keep_counts"])
-    assert not (changed_tokens(src, memory) & out["mask_flatten"]).any()
+    assert torch.equal(changed_tokens(src, memory).sum(1), out["selection"].counts)
+    assert not (changed_tokens(src, memory) & out["layout"].padding_mask).any()
     if criterion == "oam":
-        num_tokens = out["mask_flatten"].shape[1]
+        num_tokens = out["layout"].num_tokens
         assert out["backbone_outputs"]["pred_logits"].shape == (2, num_tokens, config.model.num_classes)
         assert out["backbone_outputs"]["pred_boxes"].shape == (2, num_tokens, 4)
         model.eval()

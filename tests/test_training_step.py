@@ -39,5 +39,5 @@ def test_one_training_step(token_ranking):
     optimizer.step()
     assert any(not torch.equal(b, p) for b, p in zip(before, trained.parameters()))
 
-    out = model.eval()(images, mask)
-    assert out["selected_tokens"].shape[1] == int(out["keep_counts"].max())
+    selection = model.eval()(images, mask)["selection"]
+    assert selection.indices.shape[1] == int(selection.counts.max())

@@ -13,9 +13,10 @@ from sparse_detr.checkpoint import save_checkpoint
 from sparse_detr.cli import app
 from sparse_detr.config import apply_overrides, get_preset
 from sparse_detr.data.synthetic import render_scene
-from sparse_detr.inference import load_detector, resolve_checkpoint
+from sparse_detr.inference import load_predictor, resolve_checkpoint
 from sparse_detr.models import build_model
-from sparse_detr.models.scoring import keep_counts, select_tokens
+from sparse_detr.models.scoring import keep_counts
+from sparse_detr.models.token_layout import TokenLayout, TokenSelection
 from sparse_detr.viz import (
     PANEL_TITLES,
     crop_to_image,
@@ -84,25 +85,22 @@ def _padded_batch_outputs(sizes, lit_scores, dam_token):
         image_mask[:h, :w] = False
     shapes = torch.tensor([[-(-height // s), -(-width // s)] for s in STRIDES])
     level_masks = [F.interpolate(mask[None].float(), size=shape.tolist()).bool()[0] for shape in shapes]
-    mask_flatten = torch.cat([m.flatten(1) for m in level_masks], 1)
-    start = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
-    scores = torch.full(mask_flatten.shape, -1.0)
+    layout = TokenLayout.of(level_masks)
+    start = layout.level_start_index
+    scores = torch.full(layout.padding_mask.shape, -1.0)
     for level, row, col in lit_scores:
         scores[0, start[level] + row * shapes[level, 1] + col] = 5.0
-    scores = scores.masked_fill(mask_flatten, scores.min())
-    counts = keep_counts(mask_flatten, 0.1)
+    scores = scores.masked_fill(layout.padding_mask, scores.min())
+    counts = keep_counts(layout.padding_mask, 0.1)
     level, row, col = dam_token
     locations = torch.zeros(len(sizes), 1, 1, 1, len(STRIDES), 1, 2)  # (N, layers, Q, heads, L, points, 2)
     locations[0, ..., level, 0, :] = torch.tensor([col / shapes[level, 1], row / shapes[level, 0]])
     weights = torch.zeros(len(sizes), 1, 1, 1, len(STRIDES), 1)
     weights[:, ..., level, 0] = 1.0
     return {
-        "spatial_shapes": shapes,
-        "level_start_index": start,
-        "mask_flatten": mask_flatten,
+        "layout": layout,
         "token_scores": scores,
-        "keep_counts": counts,
-        "selected_tokens": select_tokens(scores, counts),
+        "selection": TokenSelection.top(scores, counts),
         "sampling_locations": locations,
         "attention_weights": weights,
     }
@@ -135,9 +133,9 @@ def test_token_view_of_a_padded_batch_lights_the_right_pixels():
 
 @pytest.mark.slow
 def test_figure_has_the_panels_and_one_row_per_rho(checkpoint, scene, tmp_path):
-    detector = load_detector(checkpoint, device="cpu")
-    image = detector.read_image(scene)
-    rows = [explain_image(detector, image, keep_ratio, threshold=0.0) for keep_ratio in (0.1, 0.5)]
+    predictor = load_predictor(checkpoint, device="cpu")
+    image = predictor.read_image(scene)
+    rows = [explain_image(predictor, image, keep_ratio, threshold=0.0) for keep_ratio in (0.1, 0.5)]
     assert rows[0][0].kept_per_level != rows[1][0].kept_per_level
     maps = rows[0][0].on_image(rows[0][0].saliency)
     assert all(level.shape == image.original_size for level in maps)
@@ -190,18 +188,18 @@ def test_cli_draws_a_folder_of_odd_images(checkpoint, tmp_path):
 
 
 def test_read_image_applies_exif_and_converts_modes(checkpoint, tmp_path):
-    detector = load_detector(checkpoint, device="cpu")
+    predictor = load_predictor(checkpoint, device="cpu")
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.new("RGB", (90, 60), "red").save(tmp_path / "rotated.jpg", exif=exif)
     Image.new("LA", (90, 60)).save(tmp_path / "gray_alpha.png")
     Image.new("RGBA", (90, 60)).save(tmp_path / "rgba.png")
     Image.new("CMYK", (90, 60)).save(tmp_path / "cmyk.jpg")
-    rotated = detector.read_image(tmp_path / "rotated.jpg")
+    rotated = predictor.read_image(tmp_path / "rotated.jpg")
     assert rotated.original_size == (90, 60) and rotated.pixels.mode == "RGB"
     assert rotated.resized_size == (96, 64)  # shorter side 64, the checkpoint's training size
     for name in ("gray_alpha.png", "rgba.png", "cmyk.jpg"):
-        image = detector.read_image(tmp_path / name)
+        image = predictor.read_image(tmp_path / name)
         assert image.pixels.mode == "RGB" and image.tensor.shape == (3, 64, 96)
 
 
@@ -232,4 +230,4 @@ def test_without_checkpoint_the_default_training_output_is_used(checkpoint, tmp_
         resolve_checkpoint(None)
     (tmp_path / "runs" / "tiny").mkdir(parents=True)
     (tmp_path / "runs" / "tiny" / "checkpoint.pth").write_bytes(checkpoint.read_bytes())
-    assert load_detector(device="cpu").checkpoint.as_posix() == "runs/tiny/checkpoint.pth"
+    assert load_predictor(device="cpu").checkpoint.as_posix() == "runs/tiny/checkpoint.pth"

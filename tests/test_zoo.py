@@ -14,9 +14,8 @@ import torch
 from test_checkpoint import official_args, official_state_dict, perturbed
 
 from sparse_detr import zoo
-from sparse_detr.checkpoint import OFFICIAL_ARGS, load_model
+from sparse_detr.checkpoint import CHECKPOINT_NAME, OFFICIAL_ARGS, load_model
 from sparse_detr.config import PRESETS, Config, ModelConfig, get_preset
-from sparse_detr.engine.checkpointing import CHECKPOINT_NAME
 from sparse_detr.inference import resolve_checkpoint as inference_resolve_checkpoint
 from sparse_detr.models.detector import build_model
 from sparse_detr.utils.cache import user_cache_dir

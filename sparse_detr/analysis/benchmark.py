@@ -12,14 +12,15 @@ from typing import Any
 import pandas as pd
 import torch
 
-from sparse_detr.analysis.fps import DEFAULT_ITERS, FpsResult, device_name, measure_fps
-from sparse_detr.analysis.latency import ModelSpec, measure_fps_isolated
+from sparse_detr.analysis.fps import DEFAULT_ITERS, FpsResult, device_name
+from sparse_detr.analysis.latency import ModelSpec, Timing, measure_fps_isolated
 from sparse_detr.analysis.reference_figures import (
     reference_gflops,
     reference_preset,
     reference_published_params,
 )
 from sparse_detr.errors import MissingFileError, UsageError
+from sparse_detr.utils.io import check_writable
 
 BENCHMARK_STEM = "benchmark"
 PARTS_STEM = "gflops_by_part"
@@ -38,19 +39,33 @@ class BenchmarkResult:
 
 @dataclass(frozen=True)
 class BenchmarkOptions:
-    """What to measure and how. ``isolate``: time each model in a fresh process (default: on CPU, where
-    peak memory is the process's resident set; on GPU the allocator's peak is per measurement anyway)."""
+    """What to measure and how: GFLOPs (``flops``), speed (``fps``, timed as ``timing`` says). ``isolate``:
+    time each model in a fresh process (default: on CPU, where peak memory is the process's resident set;
+    on GPU the allocator's peak is per measurement anyway)."""
 
     flops: bool = True
     fps: bool = True
-    batch_sizes: tuple[int, ...] = (1, 4)
-    warmup: int | None = None
-    iters: int | None = None
-    amp: str | None = None
-    compile: bool = False
-    device: str = "cpu"
-    threads: int | None = None
+    timing: Timing = Timing(batch_sizes=(1, 4))
     isolate: bool | None = None
+
+
+@dataclass(frozen=True)
+class BenchmarkInputs:
+    """What the models see: one random image of ``size`` (H, W), or the first ``images`` validation images
+    of the configured data (then ``size`` is None)."""
+
+    size: tuple[int, int] | None = (850, 1040)
+    images: int | None = None
+
+
+@dataclass(frozen=True)
+class BenchmarkReport:
+    """What :func:`benchmark_models` measured and wrote."""
+
+    result: BenchmarkResult
+    source: str
+    device: str
+    paths: list[Path]
 
 
 def model_specs(
@@ -89,12 +104,14 @@ def model_specs(
 def parameter_counts(model) -> dict[str, int]:
     """All parameters, the trainable ones, and the trainable ones without the encoder aux heads (the
     published convention: those heads only feed training losses)."""
-    config = model.config.model
-    first_aux = config.dec_layers + int(config.two_stage)
-    aux = 0
-    if config.use_enc_aux_loss:
-        for heads in (model.class_embed, model.bbox_embed):
-            aux += sum(p.numel() for head in list(heads)[first_aux:] for p in head.parameters() if p.requires_grad)
+    aux_heads = model.head_slots.encoder_aux_heads
+    aux = sum(
+        p.numel()
+        for heads in (model.class_embed, model.bbox_embed)
+        for head in heads[aux_heads]
+        for p in head.parameters()
+        if p.requires_grad
+    )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {
         "params": sum(p.numel() for p in model.parameters()),
@@ -107,8 +124,8 @@ def token_counts(model, image: torch.Tensor) -> dict[str, float]:
     """Encoder tokens of ``image`` (3, H, W) and how many the encoder refines (all, without sparsity)."""
     with torch.no_grad():
         outputs = model(image[None].to(next(model.parameters()).device))
-    tokens = int(outputs["mask_flatten"].shape[1])
-    kept = int(outputs["keep_counts"][0]) if "keep_counts" in outputs else tokens
+    tokens = outputs["layout"].num_tokens
+    kept = int(outputs["selection"].counts[0]) if "selection" in outputs else tokens
     return {"tokens": tokens, "kept_tokens": kept}
 
 
@@ -132,13 +149,9 @@ def _fps_columns(results: list[FpsResult]) -> dict[str, float]:
 
 
 def _time(spec: ModelSpec, model, images: list[torch.Tensor], options: BenchmarkOptions) -> list[FpsResult]:
-    isolate = options.isolate if options.isolate is not None else torch.device(options.device).type == "cpu"
-    timing = {"warmup": options.warmup, "iters": options.iters, "amp": options.amp, "compile": options.compile}
-    if isolate:
-        return measure_fps_isolated(
-            spec, images, tuple(options.batch_sizes), device=options.device, threads=options.threads, **timing
-        )
-    return [measure_fps(model, images, batch_size, **timing) for batch_size in sorted(options.batch_sizes)]
+    timing = options.timing
+    isolate = options.isolate if options.isolate is not None else torch.device(timing.device).type == "cpu"
+    return measure_fps_isolated(spec, images, timing) if isolate else timing.measure(model, images)
 
 
 def run_benchmark(
@@ -162,11 +175,11 @@ def run_benchmark(
     """
     from sparse_detr.analysis.flops import PARTS
 
-    if options.threads:
-        torch.set_num_threads(options.threads)
+    if options.timing.threads:
+        torch.set_num_threads(options.timing.threads)
     rows, parts, skipped = [], [], {}
     for spec in specs:
-        model = spec.build(options.device)
+        model = spec.build(options.timing.device)
         config = model.config.model
         rho = model.keep_ratio if model.keep_ratio > 0 else math.nan
         preset = reference_preset(config, model.keep_ratio)
@@ -201,7 +214,8 @@ def run_benchmark(
             row.update(_fps_columns(_time(spec, model, images, options)))
         else:
             dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-            row.update(device=device_name(torch.device(options.device)), dtype=dtype, threads=torch.get_num_threads())
+            device = torch.device(options.timing.device)
+            row.update(device=device_name(device), dtype=dtype, threads=torch.get_num_threads())
         rows.append(row)
         del model
     parts_table = pd.DataFrame(parts)
@@ -236,7 +250,7 @@ def report_notes(frame: pd.DataFrame, options: BenchmarkOptions, source: str, sk
         ]
     if options.fps and "fps_iters" in frame:
         iters, warmup = int(frame["fps_iters"].iloc[0]), int(frame["fps_warmup"].iloc[0])
-        device = torch.device(options.device).type
+        device = torch.device(options.timing.device).type
         notes.append(
             f"FPS: images per second, median over {iters} timed forward passes after {warmup} warm-up "
             f"pass{'' if warmup == 1 else 'es'} (min and max beside it); "
@@ -302,7 +316,7 @@ def plot_benchmark(frame: pd.DataFrame, directory: str | Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sparse_detr.analysis.report import save_figure
+    from sparse_detr.utils.report import save_figure
 
     paths = []
     plots = [(["gflops"] if "gflops" in frame else [], "GFLOPs", "gflops_vs_rho.png")]
@@ -330,7 +344,7 @@ def write_benchmark_report(
 ) -> list[Path]:
     """``benchmark.csv``/``.md``, ``gflops_by_part.csv``/``.md`` (with FLOPs) and the plots in ``directory``;
     returns their paths."""
-    from sparse_detr.analysis.report import write_table
+    from sparse_detr.utils.report import write_table
 
     paths = list(write_table(result.table, directory, BENCHMARK_STEM, title=title, notes=notes))
     if not result.gflops_by_part.empty:
@@ -352,9 +366,49 @@ def synthetic_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
 def dataset_images(images_dir: str | Path, annotations: str | Path, count: int, image_size: int) -> list[torch.Tensor]:
     """The first ``count`` images of a COCO-format split, each (3, H, W) as evaluation sees it (shorter side
     ``image_size``, longer side at most 1333 · ``image_size`` / 800, normalized)."""
-    from sparse_detr.data import CocoDetection, build_transforms, scaled_sizes
+    from sparse_detr.data import CocoDetection, eval_transform
 
-    dataset = CocoDetection(images_dir, annotations, build_transforms(False, **scaled_sizes(image_size)._asdict()))
+    dataset = CocoDetection(images_dir, annotations, eval_transform(image_size))
     if count > len(dataset):
         raise UsageError(f"--images {count} asks for more than the {len(dataset)} images of {images_dir}")
     return [dataset[index][0] for index in range(count)]
+
+
+def benchmark_models(
+    presets: Sequence[str],
+    keep_ratios: Sequence[float] | None,
+    backbone: str | None,
+    checkpoint: str | None,
+    settings: Mapping[str, Any],
+    inputs: BenchmarkInputs,
+    options: BenchmarkOptions,
+    folder: str | Path,
+    log: Callable[[str], None] = print,
+) -> BenchmarkReport:
+    """``sdetr benchmark``: measure the presets (or a checkpoint file, run folder or zoo name) at each keep
+    ratio, with the dotted ``settings``' ``model.*`` / ``loss.*`` fields applied to every model, on
+    ``inputs`` (dataset images: from ``settings``' ``data.*``, at ``train.image_size``, default 800), and
+    write the report to ``folder`` (checked to be writable first)."""
+    from sparse_detr.data.source import DataSource
+    from sparse_detr.engine.run_config import section
+    from sparse_detr.utils.device import resolve_device
+    from sparse_detr.zoo import resolve_checkpoint
+
+    device = resolve_device(options.timing.device)
+    options = dataclasses.replace(options, timing=dataclasses.replace(options.timing, device=str(device)))
+    check_writable(folder)
+    overrides = {key: value for key, value in settings.items() if key.startswith(("model.", "loss."))}
+    path = str(resolve_checkpoint(checkpoint)) if checkpoint else None
+    specs = model_specs(presets, keep_ratios, backbone, path, overrides)
+    if inputs.images is None:
+        height, width = inputs.size
+        images, source = [synthetic_image(height, width)], f"one random {height}×{width} image"
+    else:
+        image_size = section(settings, "train").get("image_size", 800)
+        val_images, val_ann = DataSource(**section(settings, "data")).val_split()
+        images = dataset_images(val_images, val_ann, inputs.images, image_size)
+        source = f"the first {inputs.images} images of {val_images}, shorter side {image_size} (mean over them)"
+    result = run_benchmark(specs, images, options, inputs.size if inputs.images is None else None, log)
+    notes = report_notes(result.table, options, source, result.skipped)
+    paths = write_benchmark_report(result, folder, notes, f"Benchmark: {source}")
+    return BenchmarkReport(result, source, str(device), paths)

@@ -42,16 +42,10 @@ def dam_coverage(
     shares = []
     for images, mask, _ in loader:
         outputs = model(images.to(device), mask.to(device))
-        if "selected_tokens" not in outputs:
+        if "selection" not in outputs:
             return math.nan
-        attention_map = decoder_attention_map(
-            outputs["sampling_locations"],
-            outputs["attention_weights"],
-            outputs["spatial_shapes"],
-            outputs["level_start_index"],
-        )  # (N, S)
-        overall, _ = attention_coverage(
-            attention_map, outputs["selected_tokens"], outputs["keep_counts"], outputs["spatial_shapes"]
-        )  # (N,)
+        layout = outputs["layout"]
+        attention_map = decoder_attention_map(outputs["sampling_locations"], outputs["attention_weights"], layout)
+        overall, _ = attention_coverage(attention_map, outputs["selection"], layout)  # (N,)
         shares.append(overall.float().cpu())
     return float(torch.cat(shares).mean()) if shares else math.nan

@@ -15,7 +15,7 @@ two-stage top-k) are those of that image.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from math import prod
 
 import torch
@@ -81,20 +81,32 @@ class FlopCount:
     images: int = 1
 
 
-class _ForwardWithAux(nn.Module):
-    """Traces the detector with its training-only outputs so that one trace counts both figures."""
+class TraceableDetector(nn.Module):
+    """The detector with outputs that tracing takes (tensors and containers of them): the token layout and
+    selection become dicts of their tensors. ``return_aux``: also the training-only outputs, so that one trace
+    counts both figures of :class:`FlopCount`."""
 
-    def __init__(self, detector: DeformableDETR):
+    def __init__(self, detector: DeformableDETR, return_aux: bool = True):
         super().__init__()
         self.detector = detector
+        self.return_aux = return_aux
 
     def forward(self, images: torch.Tensor) -> dict:
-        return self.detector(images, return_aux=True)
+        outputs = self.detector(images, return_aux=self.return_aux)
+        return {key: _tensor_fields(value) if is_dataclass(value) else value for key, value in outputs.items()}
+
+
+def _tensor_fields(value) -> dict[str, torch.Tensor]:
+    """A dataclass of tensors as a dict (no copies, unlike ``dataclasses.asdict``)."""
+    return {f.name: getattr(value, f.name) for f in fields(value)}
+
+
+# the part of each prediction head by its role (see ``HeadSlots.role``)
+_HEAD_PARTS = {"decoder": "decoder_{kind}_heads", "proposal": "two_stage_head", "encoder_aux": "encoder_aux_heads"}
 
 
 def _part_names(model: DeformableDETR) -> dict[str, str]:
     """Module name (as fvcore's ``by_module`` keys it) -> part of the model."""
-    config = model.config.model
     parts = {
         "backbone": "backbone",
         "input_proj": "input_proj",
@@ -110,22 +122,15 @@ def _part_names(model: DeformableDETR) -> dict[str, str]:
         "transformer.decoder": "decoder",
     }
     for name, kind in (("class_embed", "class"), ("bbox_embed", "box")):
-        heads = getattr(model, name)
-        for index in range(len(heads)):
-            if index < config.dec_layers or len(heads) == 1:
-                part = f"decoder_{kind}_heads"
-            elif index == config.dec_layers and config.two_stage:
-                part = "two_stage_head"
-            else:
-                part = "encoder_aux_heads"
-            parts[f"{name}.{index}"] = part
+        for index in range(len(getattr(model, name))):
+            parts[f"{name}.{index}"] = _HEAD_PARTS[model.head_slots.role(index)].format(kind=kind)
     present = dict(model.named_modules())
     return {name: part for name, part in parts.items() if name in present}
 
 
 def _count_one(model: DeformableDETR, images: torch.Tensor) -> tuple[float, Counter, Counter, Counter]:
     """Total FLOPs of ``images`` (N, 3, H, W) in one trace, FLOPs per part and per op, skipped ops."""
-    analysis = FlopCountAnalysis(_ForwardWithAux(model), (images,)).set_op_handle(**FLOP_HANDLES)
+    analysis = FlopCountAnalysis(TraceableDetector(model), (images,)).set_op_handle(**FLOP_HANDLES)
     analysis.unsupported_ops_warnings(False)
     analysis.uncalled_modules_warnings(False)
     analysis.tracer_warnings("none")

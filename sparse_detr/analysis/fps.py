@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import resource
 import statistics
 import time
@@ -13,10 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparse_detr.errors import UsageError
 from sparse_detr.models.detector import pad_images
+from sparse_detr.utils.precision import AMP_DTYPES, autocast
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_ITERS = {"cuda": 50, "cpu": 5}
 DEFAULT_WARMUP = {"cuda": 5, "cpu": 1}
 
@@ -140,8 +138,7 @@ def measure_fps(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if amp is not None and amp not in AMP_DTYPES:
-        raise UsageError(f"amp must be one of {', '.join(AMP_DTYPES)} or None, got {amp!r}")
+    amp_context = autocast(next(model.parameters()).device, amp)  # checks amp first
     parameter = next(model.parameters())
     device = parameter.device
     warmup = DEFAULT_WARMUP.get(device.type, 1) if warmup is None else warmup
@@ -150,12 +147,11 @@ def measure_fps(
         raise ValueError(f"iters must be at least 1 and warmup at least 0, got {iters} and {warmup}")
     batches = _batches(_as_image_list(images), batch_size, device)
     runner = torch.compile(model) if compile else model
-    autocast = torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp else contextlib.nullcontext()
     was_training = model.training
     model.eval()
     seconds = []
     try:
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), amp_context:
             for step in range(warmup + iters):
                 batch, mask = batches[step % len(batches)]
                 if step == warmup and device.type == "cuda":

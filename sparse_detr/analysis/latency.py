@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from sparse_detr.analysis.fps import FpsResult, measure_fps
-from sparse_detr.errors import SparseDetrError
+from sparse_detr.errors import SparseDetrError, UsageError
+from sparse_detr.utils.precision import AMP_DTYPES
 
 
 @dataclass(frozen=True)
@@ -57,12 +58,12 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
-class FpsRequest:
-    """One process's work: ``model`` timed at every batch size (ascending, so that the CPU peak resident
-    set read after each is that batch size's) on the images saved in ``images_path``."""
+class Timing:
+    """How a model is timed: at every batch size of ``batch_sizes`` (ascending, so that the CPU peak
+    resident set read after each is that batch size's), ``warmup`` untimed and ``iters`` timed passes (None:
+    the device's default), under ``amp`` autocast, with ``torch.compile``, on ``device`` with ``threads``
+    CPU threads (None: torch's)."""
 
-    model: ModelSpec
-    images_path: str
     batch_sizes: tuple[int, ...] = (1,)
     warmup: int | None = None
     iters: int | None = None
@@ -71,35 +72,49 @@ class FpsRequest:
     device: str = "cpu"
     threads: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.amp is not None and self.amp not in AMP_DTYPES:
+            raise UsageError(f"--amp must be bf16 or fp16, got {self.amp!r}")
+
+    def measure(self, model, images: list[torch.Tensor]) -> list[FpsResult]:
+        """:func:`~sparse_detr.analysis.fps.measure_fps` of ``model`` at every batch size, in this process."""
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        return [
+            measure_fps(model, images, batch_size, self.warmup, self.iters, self.amp, self.compile)
+            for batch_size in sorted(self.batch_sizes)
+        ]
+
+
+@dataclass(frozen=True)
+class FpsRequest:
+    """One process's work: ``model`` timed as ``timing`` says on the images saved in ``images_path``."""
+
+    model: ModelSpec
+    images_path: str
+    timing: Timing
+
 
 def run_request(request: FpsRequest) -> list[FpsResult]:
     """Measure ``request`` in this process."""
-    if request.threads:
-        torch.set_num_threads(request.threads)
-    model = request.model.build(request.device)
-    images = torch.load(request.images_path, weights_only=True)
-    return [
-        measure_fps(model, images, batch_size, request.warmup, request.iters, request.amp, request.compile)
-        for batch_size in sorted(request.batch_sizes)
-    ]
+    if request.timing.threads:
+        torch.set_num_threads(request.timing.threads)  # before the model is built
+    model = request.model.build(request.timing.device)
+    return request.timing.measure(model, torch.load(request.images_path, weights_only=True))
 
 
 def measure_fps_isolated(
-    model: ModelSpec,
-    images: list[torch.Tensor],
-    batch_sizes: tuple[int, ...] = (1,),
-    timeout_s: float = 3600,
-    **options,
+    model: ModelSpec, images: list[torch.Tensor], timing: Timing, timeout_s: float = 3600
 ) -> list[FpsResult]:
-    """:func:`~sparse_detr.analysis.fps.measure_fps` of ``model`` on ``images`` (a list of (3, H, W)) at each
-    batch size (ascending), in a fresh process. ``options``: the other fields of :class:`FpsRequest`."""
+    """``timing.measure`` of ``model`` on ``images`` (a list of (3, H, W)), in a fresh process (so that its
+    peak resident set is its own)."""
     env = dict(os.environ)
-    if options.get("threads"):
-        env["OMP_NUM_THREADS"] = str(options["threads"])
+    if timing.threads:
+        env["OMP_NUM_THREADS"] = str(timing.threads)
     with tempfile.TemporaryDirectory(prefix="sdetr_fps_") as folder:
         images_path = Path(folder) / "images.pt"
         torch.save([image.cpu() for image in images], images_path)
-        request = FpsRequest(model, str(images_path), tuple(batch_sizes), **options)
+        request = FpsRequest(model, str(images_path), timing)
         result = subprocess.run(
             [sys.executable, "-m", "sparse_detr.analysis.latency", json.dumps(asdict(request))],
             capture_output=True,
@@ -115,9 +130,8 @@ def measure_fps_isolated(
 
 def _request_from_json(text: str) -> FpsRequest:
     fields = json.loads(text)
-    fields["model"] = ModelSpec(**fields["model"])
-    fields["batch_sizes"] = tuple(fields["batch_sizes"])
-    return FpsRequest(**fields)
+    timing = Timing(**{**fields["timing"], "batch_sizes": tuple(fields["timing"]["batch_sizes"])})
+    return FpsRequest(ModelSpec(**fields["model"]), fields["images_path"], timing)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -14,6 +15,8 @@ from sparse_detr.analysis.fps import Timer
 from sparse_detr.config import Config, get_preset
 from sparse_detr.engine import build_optimizer, train_recipe
 from sparse_detr.models import build_criterion, build_model
+from sparse_detr.utils.io import check_writable
+from sparse_detr.utils.report import write_table
 
 
 @dataclass(frozen=True)
@@ -124,3 +127,33 @@ def train_step_table(
     frame["speedup_vs_first"] = first / frame["s_per_iter"]
     frame["threads"] = torch.get_num_threads()
     return frame
+
+
+TRAIN_STEP_COLUMNS = ("preset", "backbone", "rho", "batch_size", "s_per_iter", "images_per_s", "speedup_vs_first")
+
+
+def write_train_step_report(
+    presets: list[str],
+    height: int,
+    width: int,
+    batch_sizes: tuple[int, ...],
+    backbone: str | None,
+    iters: int,
+    warmup: int,
+    device: str,
+    threads: int | None,
+    folder: str | Path,
+    log=None,
+) -> tuple[pd.DataFrame, tuple[Path, Path]]:
+    """``sdetr benchmark-train``: :func:`train_step_table` (on ``threads`` CPU threads when given) written to
+    ``folder/train_step.csv`` and ``.md``; returns the table and the two paths."""
+    check_writable(folder)
+    if threads:
+        torch.set_num_threads(threads)
+    frame = train_step_table(presets, height, width, batch_sizes, backbone, iters, warmup, device, log)
+    notes = [
+        f"One random {height}×{width} image per batch entry with 7 random boxes; median of {iters} iterations "
+        f"after {warmup} warm-up; each iteration is the forward pass, the weighted loss, the backward pass, "
+        "gradient clipping and the AdamW step of the preset's training recipe (no data loading).",
+    ]
+    return frame, write_table(frame, folder, "train_step", f"Training step: {height}x{width}", notes)

@@ -13,6 +13,7 @@ from sparse_detr.data.transforms import (
     CropSpec,
     TransformSizes,
     build_transforms,
+    eval_transform,
     scaled_sizes,
 )
 
@@ -28,6 +29,7 @@ __all__ = [
     "ImageLoadError",
     "TransformSizes",
     "build_transforms",
+    "eval_transform",
     "category_label_map",
     "collate",
     "default_dataset_dir",

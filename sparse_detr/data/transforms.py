@@ -174,6 +174,11 @@ def to_model_input() -> v2.Compose:
     )
 
 
+def eval_transform(image_size: int) -> v2.Compose:
+    """The evaluation pipeline at shorter side ``image_size`` (the COCO recipe's sizes scaled to it)."""
+    return build_transforms(False, **scaled_sizes(image_size)._asdict())
+
+
 def build_transforms(
     train: bool,
     scales: Sequence[int] = COCO_SCALES,

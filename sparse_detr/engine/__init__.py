@@ -1,9 +1,11 @@
-"""Training and evaluation: the loop, COCO evaluation, optimizer, checkpoints, distributed helpers."""
+"""Training and evaluation: the loop, COCO evaluation, optimizer, run state, configuration, distributed
+helpers. (``TrainConfig`` and ``train_recipe`` live in :mod:`sparse_detr.config`, with the presets; they
+are exported here too, where training code looks for them.)"""
 
+from sparse_detr.config import TrainConfig, train_config_from_dict, train_config_to_dict, train_recipe
 from sparse_detr.engine.evaluate import METRIC_KEYS, coco_metrics, evaluate, evaluate_checkpoint, format_metrics
 from sparse_detr.engine.optim import build_optimizer, build_scheduler, lr_scale, param_groups
-from sparse_detr.engine.train_config import TrainConfig, train_config_from_dict, train_config_to_dict, train_recipe
-from sparse_detr.engine.trainer import NonFiniteLossError, build_datasets, train
+from sparse_detr.engine.trainer import NonFiniteLossError, build_datasets, train, train_run
 
 __all__ = [
     "METRIC_KEYS",
@@ -22,4 +24,5 @@ __all__ = [
     "train_config_from_dict",
     "train_config_to_dict",
     "train_recipe",
+    "train_run",
 ]

@@ -8,7 +8,7 @@ import io
 import json
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from sparse_detr.errors import InputError, UsageError
 from sparse_detr.models import postprocess
 from sparse_detr.utils.io import atomic_write_text, check_writable
 
+MAX_DETECTIONS = 100  # per image, as COCO evaluation counts them
 # COCOeval.stats, in order
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 _DESCRIPTIONS = (
@@ -64,7 +65,7 @@ def predict(
         targets = batch[2]
         sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
         image_ids += [int(target["image_id"]) for target in targets]
-        detections += _coco_results(outputs, targets, sizes, label_to_category_id, top_k)
+        detections += coco_results(outputs, image_ids[-len(targets) :], sizes, label_to_category_id, top_k)
     return detections, image_ids
 
 
@@ -79,24 +80,29 @@ def _forward(model: nn.Module, images, mask, targets, device) -> dict | None:
         return None
 
 
-def _coco_results(outputs, targets, sizes, label_to_category_id, top_k: int) -> list[dict[str, Any]]:
-    """COCO results of one batch: at most ``top_k`` detections per image, best first."""
+def coco_results(
+    outputs: dict,
+    image_ids: Sequence[int],
+    sizes: torch.Tensor,
+    label_to_category_id: Mapping[int, int],
+    top_k: int = MAX_DETECTIONS,
+    threshold: float = 0.0,
+) -> list[dict[str, Any]]:
+    """COCO results of a batch of model outputs: ``image_id``, ``category_id``, ``bbox`` [x, y, w, h] in the
+    pixels of ``sizes`` (N, 2) (height, width of each original image) and ``score``; best first, at most
+    ``top_k`` per image. Labels without a category (unused slots) and scores below ``threshold`` are left
+    out; numbers are not rounded (COCOeval scores the numbers the model gave)."""
     detections = []
     pairs = outputs["pred_logits"].shape[1] * outputs["pred_logits"].shape[2]
-    for target, result in zip(targets, postprocess(outputs, sizes, top_k=min(top_k, pairs))):
-        image_id = int(target["image_id"])
+    for image_id, result in zip(image_ids, postprocess(outputs, sizes, top_k=min(top_k, pairs))):
         boxes = result["boxes"].float().cpu()
-        boxes[:, 2:] -= boxes[:, :2]
+        boxes[:, 2:] -= boxes[:, :2]  # xyxy -> xywh
         for score, label, box in zip(result["scores"].tolist(), result["labels"].tolist(), boxes.tolist()):
-            if label in label_to_category_id:
+            if label in label_to_category_id and score >= threshold:
                 detections.append(
-                    {
-                        "image_id": image_id,
-                        "category_id": int(label_to_category_id[label]),
-                        "bbox": box,  # unrounded: COCOeval scores the numbers the model gave
-                        "score": score,
-                    }
-                )
+                    {"image_id": int(image_id), "category_id": int(label_to_category_id[label]), "bbox": box,
+                     "score": score}
+                )  # fmt: skip
     return detections
 
 
@@ -223,7 +229,7 @@ def evaluate_checkpoint(
         ``{AP, AP50, ..., ARl}`` on every process.
     """
     from sparse_detr.checkpoint import category_differences, model_from_checkpoint, read_checkpoint, stored_categories
-    from sparse_detr.data import CocoDetection, build_transforms, scaled_sizes
+    from sparse_detr.data import CocoDetection, eval_transform
 
     info = distributed.init_distributed(device)
     checkpoint = Path(checkpoint)
@@ -231,7 +237,7 @@ def evaluate_checkpoint(
     content = read_checkpoint(checkpoint, trust_checkpoint=trust_checkpoint)
     if image_size is None:
         image_size = int((content.get("train_config") or {}).get("image_size", 800))
-    dataset = CocoDetection(val_images, val_ann, build_transforms(False, **scaled_sizes(image_size)._asdict()))
+    dataset = CocoDetection(val_images, val_ann, eval_transform(image_size))
     model = model_from_checkpoint(content, checkpoint, map_location=info.device, overrides=overrides)
     num_classes = model.config.model.num_classes
     if dataset.num_classes > num_classes:
@@ -259,3 +265,27 @@ def evaluate_checkpoint(
         extra = {"checkpoint": str(checkpoint), "keep_ratio": model.keep_ratio, "image_size": image_size}
         atomic_write_text(out / f"eval_{name}.json", metrics_json(metrics, **extra))
     return metrics
+
+
+def evaluate_settings(checkpoint: str | Path, settings: Mapping[str, Any], output_dir: str | Path | None = None):
+    """Evaluate a checkpoint file, run folder or zoo name as dotted ``settings`` say (the keys of
+    :mod:`~sparse_detr.engine.run_config`, a run's ``config.toml`` included): ``data.*`` names the split (the
+    built-in one by default), ``model.*`` / ``loss.*`` change the loaded model (``model.keep_ratio`` runs it at
+    another ρ), and ``train.image_size``, ``eval_batch_size`` (default 2, as the reference),
+    ``workers``, ``device`` and ``allow_other_categories`` apply. Results go to ``output_dir`` (default the
+    checkpoint's folder; ``runs/eval/<name>`` for a zoo name). Returns the metrics."""
+    from sparse_detr.data.source import DataSource
+    from sparse_detr.engine.run_config import section
+    from sparse_detr.zoo import ZOO, resolve_checkpoint
+
+    train = section(settings, "train")
+    overrides = {key: value for key, value in settings.items() if key.startswith(("model.", "loss."))}
+    path = resolve_checkpoint(checkpoint)
+    if output_dir is None and str(checkpoint) in ZOO and not Path(checkpoint).exists():
+        output_dir = Path("runs") / "eval" / str(checkpoint)  # not into the download cache
+    return evaluate_checkpoint(
+        path, *DataSource(**section(settings, "data")).val_split(), output_dir=output_dir,
+        keep_ratio=overrides.pop("model.keep_ratio", None), batch_size=train.get("eval_batch_size", 2),
+        image_size=train.get("image_size"), device=train.get("device"), workers=train.get("workers", 2),
+        overrides=overrides, allow_other_categories=train.get("allow_other_categories", False),
+    )  # fmt: skip

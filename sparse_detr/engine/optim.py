@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from sparse_detr.engine.train_config import TrainConfig
+from sparse_detr.config import TrainConfig
 
 
 def lr_scale(config: TrainConfig, world_size: int = 1) -> float:

@@ -22,17 +22,22 @@ from sparse_detr.config import (
     Config,
     LossConfig,
     ModelConfig,
+    TrainConfig,
     apply_overrides,
     check_field,
     config_to_dict,
+    field_names,
     get_preset,
     load_toml,
+    train_config_to_dict,
+    train_recipe,
 )
 from sparse_detr.data.source import DataSource
-from sparse_detr.engine.train_config import TrainConfig, train_config_to_dict, train_recipe
 from sparse_detr.errors import ConfigError
 
 SECTIONS: dict[str, type] = {"data": DataSource, "model": ModelConfig, "loss": LossConfig, "train": TrainConfig}
+# field name -> its section (no field name appears in two sections)
+_FIELD_SECTIONS = {name: section for section, cls in SECTIONS.items() for name in field_names(cls)}
 DEFAULT_PRESET = "tiny"  # what a bare `sdetr train` trains, on the built-in dataset only
 CONFIG_FILE_NAME = "config.toml"
 
@@ -121,6 +126,23 @@ def parse_set(item: str) -> tuple[str, Any]:
     except tomllib.TOMLDecodeError:
         value = text
     return key, check_setting(key, value, "--set ")
+
+
+def option_settings(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Command-line options named after configuration fields as dotted settings: ``epochs`` ->
+    ``train.epochs``, ``keep_ratio`` -> ``model.keep_ratio``, ``root`` -> ``data.root``; ``preset`` stays.
+    Unset (None) options are left out; paths become strings.
+
+    Raises:
+        KeyError: an option that no section has a field for (a programming error in the caller).
+    """
+    settings = {}
+    for name, value in options.items():
+        if value is None:
+            continue
+        key = name if name == "preset" else f"{_FIELD_SECTIONS[name]}.{name}"
+        settings[key] = str(value) if isinstance(value, Path) else value
+    return settings
 
 
 def merged_settings(

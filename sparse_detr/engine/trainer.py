@@ -1,19 +1,23 @@
 """The training loop: AdamW on the weighted losses of SPEC §6, checkpoints, resume, evaluation, reports.
 
-:func:`train` runs the same way in one process and under ``torchrun`` (one process per device, gloo on
-CPUs, NCCL on GPUs); only rank 0 writes to the output folder.
+Reading order: :func:`train_run` (a resolved configuration) reads the data and calls :func:`train`, which
+sets a run up (:class:`Run`) and calls :func:`fit`, which runs
+:func:`train_one_epoch` per epoch, then checkpoints and evaluates. :func:`train_step` is one optimizer step
+over ``grad_accum`` batches. The same code runs in one process and under ``torchrun`` (one process per
+device, gloo on CPUs, NCCL on GPUs); only rank 0 writes to the output folder.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import json
 import math
+import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,38 +27,89 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import clip_grad_norm_
 from torch.utils.data import DataLoader
 
-from sparse_detr.checkpoint import category_differences, read_checkpoint, save_checkpoint, stored_categories
-from sparse_detr.config import Config, config_from_dict, config_to_dict
+from sparse_detr.checkpoint import CHECKPOINT_NAME, read_checkpoint, save_checkpoint
+from sparse_detr.config import Config, TrainConfig, train_config_to_dict
 from sparse_detr.data.source import DataSource
 from sparse_detr.engine import distributed
-from sparse_detr.engine.checkpointing import CHECKPOINT_NAME, Position, find_resume_path, rng_state, set_rng_state
 from sparse_detr.engine.evaluate import METRIC_KEYS, build_eval_loader, evaluate, format_metrics, metrics_json
 from sparse_detr.engine.initialization import InitialWeights, init_from_checkpoint, resolve_initial_weights
 from sparse_detr.engine.logging import MetricsLog, Progress, require_tensorboard
 from sparse_detr.engine.optim import build_optimizer, build_scheduler
+from sparse_detr.engine.run_checks import check_input_size, check_resumable
 from sparse_detr.engine.run_config import CONFIG_FILE_NAME, RunConfig
 from sparse_detr.engine.sampling import EpochBatchSampler, SeededSamples
-from sparse_detr.engine.train_config import TrainConfig, train_config_to_dict
-from sparse_detr.errors import ConfigError, NonFiniteError, UsageError
-from sparse_detr.models import build_criterion, build_model
+from sparse_detr.engine.state import Position, TrainingState, find_resume_path, rng_state, set_rng_state
+from sparse_detr.errors import NonFiniteError
+from sparse_detr.models import SetCriterion, build_criterion, build_model
+from sparse_detr.utils.device import resolve_device
 from sparse_detr.utils.io import atomic_write_text, check_writable, remove_temporaries
+from sparse_detr.utils.precision import autocast
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+INITIAL_WEIGHTS_FILE = "initial_weights.json"
+FINAL_METRICS_FILE = "metrics_final.json"
 
 
 class NonFiniteLossError(NonFiniteError):
-    """The loss became NaN or infinite; the run stopped without overwriting its last checkpoint."""
+    """Training met NaN or infinite values; the run stopped without overwriting its last checkpoint."""
 
 
 def build_datasets(train_images, train_ann, val_images, val_ann, image_size: int = 800):
     """Training (augmented, SPEC §6) and evaluation ``CocoDetection`` sets at ``image_size``
     (the evaluation shorter side; training sizes are the COCO recipe scaled by ``image_size / 800``)."""
-    from sparse_detr.data import CocoDetection, build_transforms, scaled_sizes
+    from sparse_detr.data import CocoDetection, build_transforms, eval_transform, scaled_sizes
 
-    sizes = scaled_sizes(image_size)._asdict()
-    train_set = CocoDetection(train_images, train_ann, build_transforms(True, **sizes), train=True)
-    val_set = CocoDetection(val_images, val_ann, build_transforms(False, **sizes))
+    train_set = CocoDetection(train_images, train_ann, build_transforms(True, **scaled_sizes(image_size)._asdict()),
+                              train=True)  # fmt: skip
+    val_set = CocoDetection(val_images, val_ann, eval_transform(image_size))
     return train_set, val_set
+
+
+@dataclass
+class Run:
+    """Everything one training run works with."""
+
+    config: TrainConfig
+    model: nn.Module
+    criterion: SetCriterion
+    state: TrainingState
+    batches: EpochBatchSampler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    val_set: Any
+    label_to_category_id: dict[int, int]  # the training set's: the labels the model predicts
+    info: distributed.DistInfo
+    progress: Progress
+    log: MetricsLog
+    checkpoint_extras: dict[str, Any]  # categories and initial weights, stored in every checkpoint
+    ddp: DistributedDataParallel | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config.output_dir)
+
+    @property
+    def train_model(self) -> nn.Module:
+        """The module whose forward trains: DDP's wrapper when distributed."""
+        return self.ddp if self.ddp is not None else self.model
+
+
+def train_run(run: RunConfig) -> dict[str, float]:
+    """Train what ``run`` describes (see :mod:`~sparse_detr.engine.run_config`): its options are checked and its
+    starting weights fetched before any work (in one process; under ``torchrun`` :func:`train` does it rank
+    0 first), then its data is read and :func:`train` runs."""
+    resolve_device(run.train.device)
+    check_input_size(run.config, run.train)
+    check_writable(run.train.output_dir)
+    weights = None
+    single_process = int(os.environ.get("WORLD_SIZE", 1)) == 1
+    if single_process and find_resume_path(run.train.output_dir, run.train.resume, run.train.auto_resume) is None:
+        weights = resolve_initial_weights(run.config, run.train.init)
+    train_set, val_set = build_datasets(*run.data.splits(), image_size=run.train.image_size)
+    return train(run.config, run.train, train_set, val_set, weights)
 
 
 def train(
@@ -74,7 +129,7 @@ def train(
     ``train_config.output_dir``: ``config.toml`` (the resolved configuration), ``initial_weights.json``,
     ``metrics.jsonl``, ``checkpoint.pth``, ``eval_epoch{N}.json``, ``detections_epoch{N}.json`` and
     ``metrics_final.json``. Resumes from ``train_config.resume`` or, with ``auto_resume``, from the
-    folder's own checkpoint. Raises :class:`NonFiniteLossError` if the loss diverges.
+    folder's own checkpoint. Raises :class:`NonFiniteLossError` if training diverges.
     """
     info = distributed.init_distributed(train_config.device)
     progress = Progress(info.is_main, train_config.log_every)
@@ -91,325 +146,291 @@ def train(
     resume_path = find_resume_path(train_config.output_dir, train_config.resume, train_config.auto_resume)
     if resume_path is None and initial_weights is None:
         initial_weights = distributed.main_first(lambda: resolve_initial_weights(model_config, train_config.init))
-    run = _Run(model_config, train_config, train_set, val_set, info, progress, resume_path, initial_weights)
+    run = _set_up(model_config, train_config, train_set, val_set, info, progress, resume_path, initial_weights)
     try:
-        return run.fit()
+        return fit(run)
     finally:
         run.log.close()
 
 
-class _Run:
-    """State of one training run: model, optimizer, data, position and reports."""
-
-    def __init__(
-        self,
-        model_config: Config,
-        config: TrainConfig,
-        train_set,
-        val_set,
-        info,
-        progress: Progress,
-        resume_path: Path | None,
-        initial_weights: InitialWeights | None,
-    ):
-        self.config, self.info, self.progress = config, info, progress
-        self.device = info.device
-        self.output_dir = Path(config.output_dir)
-        self.checkpoint_path = self.output_dir / CHECKPOINT_NAME
-        self.val_set = val_set
-        self.label_to_category_id = train_set.label_to_category_id
-        # label -> (COCO category id, name): lets predict/visualize name the classes of a checkpoint
-        self.categories = {
-            label: {"id": int(cid), "name": train_set.category_names[label]}
-            for label, cid in train_set.label_to_category_id.items()
-        }
-        checkpoint = read_checkpoint(resume_path) if resume_path else None
-        if checkpoint is not None:
-            _check_same_model(checkpoint["config"], model_config, resume_path)
-            if not config.allow_other_categories:
-                _check_same_categories(checkpoint, train_set.category_names, resume_path)
-            self.initial_weights = checkpoint.get("initial_weights")
-        else:
-            self.initial_weights = initial_weights.to_dict()
-
-        torch.manual_seed(config.seed + info.rank)
-        backbone_weights = initial_weights.backbone if checkpoint is None else None
-        self.model = build_model(model_config, backbone_weights).to(self.device)
-        if checkpoint is None and initial_weights.checkpoint is not None:
-            init = initial_weights.checkpoint
-            report = init_from_checkpoint(self.model, init.file, train_set.category_names)
-            for line in report.lines(f"{init.source} ({init.file}, sha256 {init.sha256[:12]})"):
-                progress.message(line)
-        self.criterion = build_criterion(model_config).to(self.device)
-        self.optimizer = build_optimizer(self.model, config, info.world_size)
-        self.scheduler = build_scheduler(self.optimizer, config)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
-        self.position = Position()
-        if checkpoint is not None:
-            self._restore(checkpoint, resume_path)
-        self.ddp = None
-        if info.distributed:
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(
-                self.model, device_ids=device_ids, find_unused_parameters=config.find_unused_parameters
-            )
-
-        self.batches = EpochBatchSampler(
-            train_set,
-            config.batch_size,
-            config.seed,
-            info.rank,
-            info.world_size,
-            config.iters_per_epoch,
-            config.grad_accum,
-        )
-        from sparse_detr.data import collate
-
-        self.train_loader = DataLoader(
-            SeededSamples(train_set),
-            batch_sampler=self.batches,
-            num_workers=config.workers,
-            collate_fn=collate,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=config.workers > 0,
-            # the loader's own seed draw must not consume the global generator (dropout's)
-            generator=torch.Generator().manual_seed(config.seed),
-        )
-        self.val_loader = build_eval_loader(val_set, config.batch_size_eval, config.workers)
-        if info.is_main:
-            for leftover in remove_temporaries(self.output_dir):  # from writes a killed run left halfway
-                progress.message(f"removed {leftover}, a file a killed write left")
-        self.log = MetricsLog(self.output_dir, info.is_main, config.tensorboard)
-        if info.is_main:
-            run_config = RunConfig(model_config, config, _data_source(train_set, val_set))
-            atomic_write_text(self.output_dir / CONFIG_FILE_NAME, run_config.to_toml())
-            atomic_write_text(self.output_dir / "initial_weights.json", json.dumps(self.initial_weights, indent=2))
-
-    def _restore(self, checkpoint: dict[str, Any], path: Path) -> None:
-        self.model.load_state_dict(checkpoint["model"])
-        configured = [group["lr"] for group in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["lr_scheduler"])
-        self._adopt_learning_rates(configured)
-        self.scaler.load_state_dict(checkpoint["scaler"])
-        self.position = Position(checkpoint["epoch"], checkpoint["iteration"], checkpoint["step"])
-        states = checkpoint.get("rng") or []
-        if len(states) == self.info.world_size:
-            set_rng_state(states[self.info.rank], self.device)
-        else:  # another number of processes: a fresh but reproducible draw
-            torch.manual_seed(self.config.seed + self.info.rank + self.position.step)
-        self.progress.message(
-            f"resumed from {path}: epoch {self.position.epoch + 1}, batch {self.position.iteration}, "
-            f"step {self.position.step}"
+def _set_up(
+    model_config: Config,
+    config: TrainConfig,
+    train_set,
+    val_set,
+    info: distributed.DistInfo,
+    progress: Progress,
+    resume_path: Path | None,
+    initial_weights: InitialWeights | None,
+) -> Run:
+    """Build the model (from the pretrained backbone, the checkpoint to fine-tune or the one to resume),
+    criterion, optimizer state, data loaders and reports of a run; write its configuration."""
+    checkpoint = read_checkpoint(resume_path) if resume_path else None
+    if checkpoint is not None:
+        check_resumable(checkpoint, model_config, train_set.category_names, resume_path, config.allow_other_categories)
+    torch.manual_seed(config.seed + info.rank)
+    model = build_model(model_config, initial_weights.backbone if checkpoint is None else None).to(info.device)
+    if checkpoint is None and initial_weights.checkpoint is not None:
+        init = initial_weights.checkpoint
+        report = init_from_checkpoint(model, init.file, train_set.category_names)
+        for line in report.lines(f"{init.source} ({init.file}, sha256 {init.sha256[:12]})"):
+            progress.message(line)
+    optimizer = build_optimizer(model, config, info.world_size)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=config.amp == "fp16")
+    state = TrainingState(optimizer, build_scheduler(optimizer, config), scaler)
+    extras = {
+        # label -> (category id, name): lets predict/visualize name the classes of a checkpoint
+        "categories": {
+            label: {"id": int(category_id), "name": train_set.category_names[label]}
+            for label, category_id in train_set.label_to_category_id.items()
+        },
+        "initial_weights": checkpoint.get("initial_weights") if checkpoint is not None else initial_weights.to_dict(),
+    }
+    if checkpoint is not None:
+        _restore(model, state, checkpoint, resume_path, config, info, progress)
+    ddp = None
+    if info.distributed:
+        device_ids = [info.device.index] if info.device.type == "cuda" else None
+        ddp = DistributedDataParallel(
+            model, device_ids=device_ids, find_unused_parameters=config.find_unused_parameters
         )
 
-    def _adopt_learning_rates(self, configured: list[float]) -> None:
-        """Resumed with other learning rates (say, lower ones after a divergence): each group starts again
-        from its configured rate, at the point of the schedule the run had reached."""
-        changed = []
-        for group, rate in zip(self.optimizer.param_groups, configured):
-            if not math.isclose(group["initial_lr"], rate):
-                changed.append(f"{group['name']} {group['initial_lr']:.3g} -> {rate:.3g}")
-                group["lr"] *= rate / group["initial_lr"]
-                group["initial_lr"] = rate
-        if changed:
-            self.scheduler.base_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]
-            self.progress.message(f"learning rates changed on resume: {', '.join(changed)}")
+    from sparse_detr.data import collate
 
-    @property
-    def train_model(self) -> nn.Module:
-        return self.ddp if self.ddp is not None else self.model
+    batches = EpochBatchSampler(
+        train_set, config.batch_size, config.seed, info.rank, info.world_size, config.iters_per_epoch, config.grad_accum
+    )
+    train_loader = DataLoader(
+        SeededSamples(train_set),
+        batch_sampler=batches,
+        num_workers=config.workers,
+        collate_fn=collate,
+        pin_memory=info.device.type == "cuda",
+        persistent_workers=config.workers > 0,
+        # the loader's own seed draw must not consume the global generator (dropout's)
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    val_loader = build_eval_loader(val_set, config.batch_size_eval, config.workers)
+    output_dir = Path(config.output_dir)
+    if info.is_main:
+        for leftover in remove_temporaries(output_dir):  # from writes a killed run left halfway
+            progress.message(f"removed {leftover}, a file a killed write left")
+    log = MetricsLog(output_dir, info.is_main, config.tensorboard)
+    if info.is_main:
+        run_config = RunConfig(model_config, config, _data_source(train_set, val_set))
+        atomic_write_text(output_dir / CONFIG_FILE_NAME, run_config.to_toml())
+        atomic_write_text(output_dir / INITIAL_WEIGHTS_FILE, json.dumps(extras["initial_weights"], indent=2))
+    return Run(
+        config, model, build_criterion(model_config).to(info.device), state, batches, train_loader, val_loader,
+        val_set, train_set.label_to_category_id, info, progress, log, extras, ddp,
+    )  # fmt: skip
 
-    def fit(self) -> dict[str, float]:
-        config, position = self.config, self.position
-        final = self.output_dir / "metrics_final.json"
-        if position.epoch >= config.epochs and final.is_file():
-            metrics = json.loads(final.read_text())
-            self.progress.message(f"{self.output_dir} already finished {config.epochs} epochs")
-            return {k: math.nan if v is None else v for k, v in metrics.items()}
-        metrics = None
-        if position.iteration == 0 and position.epoch > 0 and self._eval_due(position.epoch):
-            metrics = self._evaluate_epoch(position.epoch, skip_if_done=True)
-        for epoch in range(position.epoch, config.epochs):
-            self._train_epoch(epoch)
-            self.scheduler.step()
-            self.position = Position(epoch + 1, 0, self.position.step)
-            distributed.average_buffers(self.model)
-            self._save()
-            if self._eval_due(epoch + 1):
-                metrics = self._evaluate_epoch(epoch + 1)
-        if metrics is None:
-            metrics = self._evaluate_epoch(config.epochs)
-        if self.info.is_main:
-            atomic_write_text(final, metrics_json(metrics))
-            self.progress.message(format_metrics(metrics))
-        distributed.barrier()
-        return metrics
 
-    def _eval_due(self, epochs_done: int) -> bool:
-        return epochs_done % self.config.eval_every_epochs == 0 or epochs_done == self.config.epochs
+def _restore(model, state: TrainingState, checkpoint: dict[str, Any], path: Path, config, info, progress) -> None:
+    """Continue where ``checkpoint`` stopped: weights, optimizer state, position and generators."""
+    model.load_state_dict(checkpoint["model"])
+    changed = state.load_state_dict(checkpoint)
+    if changed:
+        progress.message(f"learning rates changed on resume: {', '.join(changed)}")
+    states = checkpoint.get("rng") or []
+    if len(states) == info.world_size:
+        set_rng_state(states[info.rank], info.device)
+    else:  # another number of processes: a fresh but reproducible draw
+        torch.manual_seed(config.seed + info.rank + state.position.step)
+    position = state.position
+    progress.message(
+        f"resumed from {path}: epoch {position.epoch + 1}, batch {position.iteration}, step {position.step}"
+    )
 
-    def _train_epoch(self, epoch: int) -> None:
-        """One epoch from the current position: each optimizer step accumulates ``grad_accum`` batches."""
-        config = self.config
-        skip = self.position.iteration if epoch == self.position.epoch else 0
-        self.batches.set_epoch(epoch, skip)
-        self.train_model.train()
-        self.progress.start_epoch(epoch, config.epochs, self.batches.num_batches, skip)
-        window: dict[str, float] = defaultdict(float)
-        window_steps, tic = 0, time.perf_counter()
-        data_tic = tic
-        for first, group in _step_groups(enumerate(self.train_loader, start=skip), config.grad_accum):
-            window["data_time"] += time.perf_counter() - data_tic
-            group = [self._to_device(batch) for batch in group]
-            num_boxes = _accumulated_num_boxes([targets for _, _, targets in group], self.device)
-            step_losses: dict[str, float] = defaultdict(float)
-            for index, (images, mask, targets) in enumerate(group):
-                last = index == len(group) - 1
-                losses = self._forward_backward(images, mask, targets, num_boxes, epoch, first + index, last)
-                for key, value in losses.items():
-                    # the batches' losses add up to the step's; log-only metrics are averaged
-                    additive = key == "loss" or key in self.criterion.weight_dict
-                    step_losses[key] += value if additive else value / len(group)
-            for key, value in step_losses.items():
-                window[key] += value
-            window["grad_norm"] += self._optimizer_step()
-            window_steps += 1
-            iteration = first + len(group)
-            self.position = Position(epoch, iteration, self.position.step + 1)
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.progress.update(iteration, step_losses["loss"], lr)
-            if self.position.step % config.log_every == 0 or iteration == self.batches.num_batches:
-                self._log_window(window, window_steps, time.perf_counter() - tic)
-                window, window_steps, tic = defaultdict(float), 0, time.perf_counter()
-            every = config.checkpoint_every_iters
-            if every and self.position.step % every == 0 and iteration < self.batches.num_batches:
-                self._save()
-            data_tic = time.perf_counter()
-        self.progress.end_epoch()
 
-    def _to_device(self, batch):
-        images, mask, targets = batch
-        device = self.device
-        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-        return images.to(device, non_blocking=True), mask.to(device, non_blocking=True), targets
+def fit(run: Run) -> dict[str, float]:
+    """Train from the run's position to ``config.epochs``, checkpointing after every epoch and evaluating
+    when due; returns the final metrics (a finished run returns its stored ones)."""
+    config, final = run.config, run.output_dir / FINAL_METRICS_FILE
+    start = run.state.position
+    if start.epoch >= config.epochs and final.is_file():
+        run.progress.message(f"{run.output_dir} already finished {config.epochs} epochs")
+        return {key: math.nan if value is None else value for key, value in json.loads(final.read_text()).items()}
+    metrics = None
+    if start.iteration == 0 and start.epoch > 0 and _evaluation_due(config, start.epoch):
+        metrics = evaluate_epoch(run, start.epoch, skip_if_done=True)  # killed before its evaluation
+    for epoch in range(start.epoch, config.epochs):
+        train_one_epoch(run, epoch)
+        run.state.end_epoch()
+        distributed.average_buffers(run.model)
+        save(run)
+        if _evaluation_due(config, epoch + 1):
+            metrics = evaluate_epoch(run, epoch + 1)
+    if metrics is None:
+        metrics = evaluate_epoch(run, config.epochs)
+    if run.info.is_main:
+        atomic_write_text(final, metrics_json(metrics))
+        run.progress.message(format_metrics(metrics))
+    distributed.barrier()
+    return metrics
 
-    def _forward_backward(
-        self, images, mask, targets, num_boxes: float, epoch: int, iteration: int, steps_now: bool
-    ) -> dict[str, float]:
-        """Backpropagate one batch's share of the step's weighted loss (scaled for fp16); returns its
-        losses and metrics as floats, ``loss`` being the weighted sum.
 
-        ``num_boxes`` counts the target boxes of the whole step (all its batches, averaged over processes),
-        so that the batches' losses add up to the loss of one large batch.
-        """
-        amp = self.config.amp
-        with torch.autocast(self.device.type, dtype=AMP_DTYPES.get(amp, torch.float32), enabled=amp is not None):
-            outputs = _to_float32(self.train_model(images, mask))
-        problem, losses, loss = None, {}, None
-        if not all(bool(torch.isfinite(outputs[key]).all()) for key in ("pred_logits", "pred_boxes")):
-            problem = "the model's predictions"  # the matcher cannot match them
-        else:
-            losses = self.criterion(outputs, targets, num_boxes, batch_share=1 / self.config.grad_accum)
-            weights = self.criterion.weight_dict
-            loss = sum(weights[k] * losses[k] for k in weights)
-            if not bool(torch.isfinite(loss)):
-                bad = sorted(k for k, v in losses.items() if not bool(torch.isfinite(v).all()))
-                problem = f"the loss ({', '.join(bad) or 'the weighted sum'})"
-        if distributed.any_process(problem is not None, self.device):
-            self._stop(problem or "another process's batch", f"epoch {epoch + 1}, batch {iteration + 1}")
-        # gradients are averaged across processes only on the batch that steps
-        sync = self.ddp.no_sync() if self.ddp is not None and not steps_now else contextlib.nullcontext()
-        with sync:
-            self.scaler.scale(loss).backward()
-        return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
+def _evaluation_due(config: TrainConfig, epochs_done: int) -> bool:
+    return epochs_done % config.eval_every_epochs == 0 or epochs_done == config.epochs
 
-    def _optimizer_step(self) -> float:
-        """Unscale, clip (``clip_max_norm``; 0 = no clipping), step; returns the gradient norm. Stops the
-        run on non-finite gradients (fp16's scaler skips those steps itself) and on weights the step made
-        non-finite, before anything is saved."""
-        self.scaler.unscale_(self.optimizer)
-        max_norm = self.config.clip_max_norm if self.config.clip_max_norm > 0 else math.inf
-        grad_norm = clip_grad_norm_(self.model.parameters(), max_norm)
-        where = f"step {self.position.step + 1}"
-        if distributed.any_process(not self.scaler.is_enabled() and not bool(torch.isfinite(grad_norm)), self.device):
-            self._stop("the gradients", where)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        if distributed.any_process(not _finite_parameters(self.model), self.device):
-            self._stop("the weights after the optimizer step", where)
-        return float(grad_norm)
 
-    def _stop(self, what: str, where: str) -> None:
-        """Raise :class:`NonFiniteLossError`: ``what`` became NaN or infinite at ``where``; the last
-        checkpoint, written before, is good and stays the one ``--resume`` takes."""
-        if self.checkpoint_path.is_file():
-            kept = f"the last good checkpoint {self.checkpoint_path} (step {self.position.step}) is kept"
-        else:
-            kept = "no checkpoint had been written yet"
-        raise NonFiniteLossError(
-            f"{what} became NaN or infinite at {where} (after step {self.position.step}); training stopped "
-            f"and {kept}. Resume with a lower --lr (or --amp bf16 instead of fp16), or check the annotations."
+def train_one_epoch(run: Run, epoch: int) -> None:
+    """One epoch from the run's position (a resumed epoch skips the batches already done); logs a window
+    of loss means every ``log_every`` steps and checkpoints every ``checkpoint_every_iters`` steps."""
+    config, state = run.config, run.state
+    skip = state.position.iteration if epoch == state.position.epoch else 0
+    run.batches.set_epoch(epoch, skip)
+    run.train_model.train()
+    run.progress.start_epoch(epoch, config.epochs, run.batches.num_batches, skip)
+    window: dict[str, float] = defaultdict(float)
+    window_steps, tic = 0, time.perf_counter()
+    data_tic = tic
+    for first, batches in _step_batches(enumerate(run.train_loader, start=skip), config.grad_accum):
+        window["data_time"] += time.perf_counter() - data_tic
+        step_losses, grad_norm = train_step(run, batches, epoch, first)
+        for key, value in step_losses.items():
+            window[key] += value
+        window["grad_norm"] += grad_norm
+        window_steps += 1
+        iteration = first + len(batches)
+        state.position = Position(epoch, iteration, state.position.step + 1)
+        run.progress.update(iteration, step_losses["loss"], state.optimizer.param_groups[0]["lr"])
+        if state.position.step % config.log_every == 0 or iteration == run.batches.num_batches:
+            _log_window(run, window, window_steps, time.perf_counter() - tic)
+            window, window_steps, tic = defaultdict(float), 0, time.perf_counter()
+        every = config.checkpoint_every_iters
+        if every and state.position.step % every == 0 and iteration < run.batches.num_batches:
+            save(run)
+        data_tic = time.perf_counter()
+    run.progress.end_epoch()
+
+
+def train_step(run: Run, batches: list, epoch: int, first: int) -> tuple[dict[str, float], float]:
+    """One optimizer step over ``batches`` (``grad_accum`` of them, batch ``first`` onwards): each batch's
+    share of the step's loss is backpropagated, then the gradients are clipped and applied.
+
+    Returns:
+        the step's losses (summed over its batches, like one large batch's; log-only metrics averaged) with
+        ``loss`` the weighted sum, and the gradient norm before clipping.
+    """
+    batches = [_to_device(batch, run.device) for batch in batches]
+    # every batch is normalized by the box count of the whole step, so the batches add up to one batch
+    num_boxes = _step_num_boxes([targets for _, _, targets in batches], run.device)
+    step_losses: dict[str, float] = defaultdict(float)
+    for index, (images, mask, targets) in enumerate(batches):
+        where = f"epoch {epoch + 1}, batch {first + index + 1}"
+        losses = _forward_backward(run, images, mask, targets, num_boxes, where, steps_now=index == len(batches) - 1)
+        for key, value in losses.items():
+            additive = key == "loss" or key in run.criterion.weight_dict
+            step_losses[key] += value if additive else value / len(batches)
+    return step_losses, _optimizer_step(run)
+
+
+def _forward_backward(run: Run, images, mask, targets, num_boxes: float, where: str, steps_now: bool):
+    """Backpropagate one batch's share of the step's weighted loss (scaled for fp16); returns its losses and
+    metrics as floats, ``loss`` being the weighted sum. Non-finite predictions or losses stop the run."""
+    config = run.config
+    with autocast(run.device, config.amp):
+        outputs = _to_float32(run.train_model(images, mask))
+    problem, losses, loss = None, {}, None
+    if not all(bool(torch.isfinite(outputs[key]).all()) for key in ("pred_logits", "pred_boxes")):
+        problem = "the model's predictions"  # the matcher cannot match them
+    else:
+        losses = run.criterion(outputs, targets, num_boxes, batch_share=1 / config.grad_accum)
+        weights = run.criterion.weight_dict
+        loss = sum(weights[key] * losses[key] for key in weights)
+        if not bool(torch.isfinite(loss)):
+            bad = sorted(key for key, value in losses.items() if not bool(torch.isfinite(value).all()))
+            problem = f"the loss ({', '.join(bad) or 'the weighted sum'})"
+    if distributed.any_process(problem is not None, run.device):
+        _stop(run, problem or "another process's batch", where)
+    # gradients are averaged across processes only on the batch that steps
+    sync = run.ddp.no_sync() if run.ddp is not None and not steps_now else contextlib.nullcontext()
+    with sync:
+        run.state.scaler.scale(loss).backward()
+    return {"loss": float(loss.detach()), **{key: float(value.detach()) for key, value in losses.items()}}
+
+
+def _optimizer_step(run: Run) -> float:
+    """Unscale, clip (``clip_max_norm``; 0 = no clipping), step; returns the gradient norm. Stops the run on
+    non-finite gradients (fp16's scaler skips those steps itself) and on weights the step made non-finite,
+    before anything is saved."""
+    state, max_norm = run.state, run.config.clip_max_norm if run.config.clip_max_norm > 0 else math.inf
+    state.scaler.unscale_(state.optimizer)
+    grad_norm = clip_grad_norm_(run.model.parameters(), max_norm)
+    where = f"step {state.position.step + 1}"
+    if distributed.any_process(not state.scaler.is_enabled() and not bool(torch.isfinite(grad_norm)), run.device):
+        _stop(run, "the gradients", where)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    if distributed.any_process(not _finite_parameters(run.model), run.device):
+        _stop(run, "the weights after the optimizer step", where)
+    return float(grad_norm)
+
+
+def _stop(run: Run, what: str, where: str) -> None:
+    """Raise :class:`NonFiniteLossError`: ``what`` became NaN or infinite at ``where``; the last checkpoint,
+    written before, is good and stays the one ``--resume`` takes."""
+    checkpoint, step = run.output_dir / CHECKPOINT_NAME, run.state.position.step
+    kept = f"the last good checkpoint {checkpoint} (step {step}) is kept" if checkpoint.is_file() else (
+        "no checkpoint had been written yet"
+    )  # fmt: skip
+    raise NonFiniteLossError(
+        f"{what} became NaN or infinite at {where} (after step {step}); training stopped and {kept}. "
+        "Resume with a lower --lr (or --amp bf16 instead of fp16), or check the annotations."
+    )
+
+
+def _log_window(run: Run, window: dict[str, float], steps: int, elapsed: float) -> None:
+    means = distributed.all_reduce_mean({key: value / steps for key, value in window.items()}, run.device)
+    position = run.state.position
+    record = {"epoch": position.epoch + 1, "iteration": position.iteration, "step": position.step}
+    for group in run.state.optimizer.param_groups:
+        record["lr" if group["name"] == "default" else f"lr_{group['name']}"] = group["lr"]
+    record["time_per_iter"] = elapsed / steps
+    record.update(sorted(means.items()))
+    run.log.write(record, position.step)
+
+
+def save(run: Run) -> None:
+    """Checkpoint (rank 0 writes; every process's generator states are gathered into it); weights that are
+    not finite are never written over the last good checkpoint."""
+    if not _finite_parameters(run.model):
+        _stop(run, "the weights", f"the checkpoint of step {run.state.position.step}")
+    states = distributed.gather_to_main(rng_state(run.device))
+    if run.info.is_main:
+        save_checkpoint(
+            run.output_dir / CHECKPOINT_NAME,
+            run.model,
+            **run.state.state_dict(),
+            rng=states,
+            sampler={"seed": run.config.seed},
+            train_config=train_config_to_dict(run.config),
+            **run.checkpoint_extras,
         )
+    distributed.barrier()
 
-    def _log_window(self, window: dict[str, float], steps: int, elapsed: float) -> None:
-        means = {k: v / steps for k, v in window.items()}
-        means = distributed.all_reduce_mean(means, self.device)
-        record = {"epoch": self.position.epoch + 1, "iteration": self.position.iteration, "step": self.position.step}
-        for group in self.optimizer.param_groups:
-            record["lr" if group["name"] == "default" else f"lr_{group['name']}"] = group["lr"]
-        record["time_per_iter"] = elapsed / steps
-        record.update(sorted(means.items()))
-        self.log.write(record, self.position.step)
 
-    def _save(self) -> None:
-        """Checkpoint (rank 0 writes; every process's generator states are gathered into it); weights that
-        are not finite are never written over the last good checkpoint."""
-        if not _finite_parameters(self.model):
-            self._stop("the weights", f"the checkpoint of step {self.position.step}")
-        states = distributed.gather_to_main(rng_state(self.device))
-        if self.info.is_main:
-            save_checkpoint(
-                self.checkpoint_path,
-                self.model,
-                optimizer=self.optimizer.state_dict(),
-                lr_scheduler=self.scheduler.state_dict(),
-                scaler=self.scaler.state_dict(),
-                epoch=self.position.epoch,
-                iteration=self.position.iteration,
-                step=self.position.step,
-                rng=states,
-                sampler={"seed": self.config.seed},
-                train_config=train_config_to_dict(self.config),
-                categories=self.categories,
-                initial_weights=self.initial_weights,
-            )
-        distributed.barrier()
-
-    def _evaluate_epoch(self, epochs_done: int, skip_if_done: bool = False) -> dict[str, float]:
-        """Evaluate after ``epochs_done`` epochs into ``eval_epoch{N}.json``; the training generators are
-        left untouched (the random saliency criterion draws at inference too)."""
-        result = self.output_dir / f"eval_epoch{epochs_done}.json"
-        if skip_if_done and result.is_file():
-            stored = json.loads(result.read_text())
-            return {k: math.nan if stored[k] is None else stored[k] for k in METRIC_KEYS}
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            metrics = evaluate(
-                self.model,
-                self.val_loader,
-                self.val_set.coco,
-                self.label_to_category_id,
-                self.device,
-                self.output_dir / f"detections_epoch{epochs_done}.json",
-            )
-        if self.info.is_main:
-            atomic_write_text(result, metrics_json(metrics, epoch=epochs_done))
-            record = {"epoch": epochs_done, **{f"eval_{k}": v for k, v in metrics.items()}}
-            self.log.write(record, self.position.step, "eval")
-            self.progress.message(f"epoch {epochs_done}: AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}")
-        return metrics
+def evaluate_epoch(run: Run, epochs_done: int, skip_if_done: bool = False) -> dict[str, float]:
+    """Evaluate after ``epochs_done`` epochs into ``eval_epoch{N}.json``; the training generators are left
+    untouched (the random token ranking draws at inference too)."""
+    result = run.output_dir / f"eval_epoch{epochs_done}.json"
+    if skip_if_done and result.is_file():
+        stored = json.loads(result.read_text())
+        return {key: math.nan if stored[key] is None else stored[key] for key in METRIC_KEYS}
+    devices = [run.device.index or 0] if run.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        metrics = evaluate(
+            run.model, run.val_loader, run.val_set.coco, run.label_to_category_id, run.device,
+            run.output_dir / f"detections_epoch{epochs_done}.json",
+        )  # fmt: skip
+    if run.info.is_main:
+        atomic_write_text(result, metrics_json(metrics, epoch=epochs_done))
+        run.log.write({"epoch": epochs_done, **{f"eval_{key}": value for key, value in metrics.items()}},
+                      run.state.position.step, "eval")  # fmt: skip
+        run.progress.message(f"epoch {epochs_done}: AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}")
+    return metrics
 
 
 def _data_source(train_set, val_set) -> DataSource:
@@ -425,9 +446,9 @@ def _data_source(train_set, val_set) -> DataSource:
         return DataSource()
 
 
-def _step_groups(batches: Iterable[tuple[int, Any]], size: int) -> Iterator[tuple[int, list[Any]]]:
-    """``(first iteration, [batch, ...])`` for each run of ``size`` consecutive ``(iteration, batch)``
-    pairs: the batches of one optimizer step (the sampler serves whole steps)."""
+def _step_batches(batches: Iterable[tuple[int, Any]], size: int) -> Iterator[tuple[int, list[Any]]]:
+    """``(first iteration, [batch, ...])`` for each run of ``size`` consecutive ``(iteration, batch)`` pairs:
+    the batches of one optimizer step (the sampler serves whole steps)."""
     group, first = [], 0
     for iteration, batch in batches:
         if not group:
@@ -438,7 +459,13 @@ def _step_groups(batches: Iterable[tuple[int, Any]], size: int) -> Iterator[tupl
             group = []
 
 
-def _accumulated_num_boxes(step_targets: list[list[dict[str, torch.Tensor]]], device: torch.device) -> float:
+def _to_device(batch, device: torch.device):
+    images, mask, targets = batch
+    targets = [{key: value.to(device, non_blocking=True) for key, value in target.items()} for target in targets]
+    return images.to(device, non_blocking=True), mask.to(device, non_blocking=True), targets
+
+
+def _step_num_boxes(step_targets: list[list[dict[str, torch.Tensor]]], device: torch.device) -> float:
     """Target boxes of one optimizer step (over its batches, averaged over processes), at least 1."""
     count = sum(len(target["labels"]) for targets in step_targets for target in targets)
     return max(distributed.all_reduce_mean({"boxes": float(count)}, device)["boxes"], 1.0)
@@ -446,44 +473,6 @@ def _accumulated_num_boxes(step_targets: list[list[dict[str, torch.Tensor]]], de
 
 def _finite_parameters(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(parameter).all()) for parameter in model.parameters())
-
-
-def check_input_size(model_config: Config, train_config: TrainConfig) -> None:
-    """Two-stage models take their queries from the encoder tokens: refuse, before any work, an image size
-    whose smallest training scale gives fewer tokens than queries.
-
-    Raises:
-        ConfigError: naming the image size to use instead.
-    """
-    from sparse_detr.data import scaled_sizes
-
-    model = model_config.model
-    if not model.two_stage:
-        return
-
-    def tokens(image_size: int) -> int:
-        side = min(scaled_sizes(image_size).scales)  # every training image's shorter side is at least this
-        return sum(math.ceil(side / 2 ** (3 + level)) ** 2 for level in range(model.num_feature_levels))
-
-    if tokens(train_config.image_size) < model.num_queries:
-        enough = next(size for size in itertools.count(train_config.image_size) if tokens(size) >= model.num_queries)
-        raise ConfigError(
-            f"image size {train_config.image_size} gives as few as {tokens(train_config.image_size)} encoder "
-            f"tokens at the smallest training scale, fewer than the {model.num_queries} queries: use "
-            f"--image-size {enough} or more, or fewer queries (model.num_queries)"
-        )
-
-
-def _check_same_categories(checkpoint: dict[str, Any], names: dict[int, str], path: Path) -> None:
-    """A resumed run must train on the categories it started with."""
-    stored = stored_categories(checkpoint, config_from_dict(checkpoint["config"]).model.num_classes)
-    differences = category_differences(stored, names)
-    if differences:
-        raise UsageError(
-            f"{path} was trained on other categories ({len(differences)} differ; {differences[0]}): "
-            "resume on the data it started with, fine-tune it on this data with --init, or pass "
-            "--allow-other-categories"
-        )
 
 
 def _to_float32(outputs):
@@ -495,19 +484,3 @@ def _to_float32(outputs):
     if isinstance(outputs, (list, tuple)):
         return type(outputs)(_to_float32(v) for v in outputs)
     return outputs
-
-
-def _check_same_model(stored: dict[str, Any], model_config: Config, path: Path) -> None:
-    """A resumed checkpoint must hold the architecture and losses being trained."""
-    current = config_to_dict(model_config)
-    different = [
-        f"{section}.{key}"
-        for section in ("model", "loss")
-        for key in current[section]
-        if key != "pretrained_backbone" and stored.get(section, {}).get(key) != current[section][key]
-    ]
-    if different:
-        raise UsageError(
-            f"{path} was trained with another configuration ({', '.join(different)} differ); "
-            "resume with the same preset and options, or use a new --output-dir"
-        )

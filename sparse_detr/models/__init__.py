@@ -10,15 +10,23 @@ from sparse_detr.models.backbone_weights import (
 from sparse_detr.models.criterion import SetCriterion, build_criterion, build_weight_dict
 from sparse_detr.models.deformable_attention import MSDeformAttn
 from sparse_detr.models.detector import DeformableDETR, build_model, pad_images
+from sparse_detr.models.heads import HeadSlots
 from sparse_detr.models.matcher import HungarianMatcher
+from sparse_detr.models.outputs import Detections, DetectorOutputs
 from sparse_detr.models.postprocess import postprocess
+from sparse_detr.models.token_layout import TokenLayout, TokenSelection
 
 __all__ = [
     "BackboneWeights",
     "DeformableDETR",
+    "Detections",
+    "DetectorOutputs",
+    "HeadSlots",
     "HungarianMatcher",
     "MSDeformAttn",
     "SetCriterion",
+    "TokenLayout",
+    "TokenSelection",
     "WeightsUnavailableError",
     "attention_coverage",
     "build_criterion",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from sparse_detr.models.token_layout import TokenLayout, TokenSelection
+
 # The four integer corners around a point, as (dx, dy) offsets from its floor.
 _CORNER_OFFSETS = ((0, 0), (1, 0), (0, 1), (1, 1))
 
@@ -16,9 +18,8 @@ _CORNER_OFFSETS = ((0, 0), (1, 0), (0, 1), (1, 1))
 def decoder_attention_map(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
-    spatial_shapes: torch.Tensor,
-    level_start_index: torch.Tensor,
-    mask_flatten: torch.Tensor | None = None,
+    layout: TokenLayout,
+    fill_padding: bool = False,
 ) -> torch.Tensor:
     """Sum the decoder's attention over all layers, queries, heads and points onto the tokens.
 
@@ -27,22 +28,20 @@ def decoder_attention_map(
     As in the reference there is no -0.5 shift here, unlike the sampling of the attention op itself.
 
     Args:
-        sampling_locations: (N, Ld, Q, M, L, P, 2) normalized (x, y) of the decoder cross-attention.
-        attention_weights: (N, Ld, Q, M, L, P).
-        spatial_shapes: (L, 2) int64 (H, W) per level.
-        level_start_index: (L,) int64.
-        mask_flatten: (N, S) True on padded tokens; when given they are filled by
-            :func:`fill_padded_tokens`.
+        sampling_locations: (N, D, Q, M, L, P, 2) normalized (x, y) of the decoder cross-attention.
+        attention_weights: (N, D, Q, M, L, P).
+        layout: the layout of the tokens attended to.
+        fill_padding: fill the padded tokens by :func:`fill_padded_tokens`.
 
     Returns:
         (N, S) in the dtype of ``attention_weights``; carries no gradient.
     """
+    spatial_shapes = layout.spatial_shapes  # (L, 2) (H, W)
     dtype = attention_weights.dtype
     n = attention_weights.shape[0]
-    num_tokens = int(spatial_shapes.prod(1).sum())
     heights = spatial_shapes[:, 0].view(-1, 1, 1)  # (L, 1, 1), broadcasts over (L, P, corner)
     widths = spatial_shapes[:, 1].view(-1, 1, 1)
-    level_start = level_start_index.view(-1, 1, 1)
+    level_start = layout.level_start_index.view(-1, 1, 1)
 
     pixels = sampling_locations.to(dtype) * spatial_shapes.flip(-1).to(dtype)[:, None, :]  # (..., L, P, 2)
     floor = pixels.floor()
@@ -57,49 +56,41 @@ def decoder_attention_map(
     token_index = torch.where(inside, level_start + y * widths + x, 0)
     contribution = attention_weights[..., None] * bilinear * inside
 
-    attention_map = torch.zeros(n, num_tokens, dtype=dtype, device=attention_weights.device)
+    attention_map = torch.zeros(n, layout.num_tokens, dtype=dtype, device=attention_weights.device)
+    # (N, D, Q, M, L, P, 4) -> (N, D*Q*M*L*P*4): every corner of every sample, added onto its token
     attention_map.scatter_add_(1, token_index.reshape(n, -1), contribution.reshape(n, -1))
-    if mask_flatten is not None:
-        attention_map = fill_padded_tokens(attention_map, mask_flatten)
+    if fill_padding:
+        attention_map = fill_padded_tokens(attention_map, layout.padding_mask)
     return attention_map
 
 
-def fill_padded_tokens(attention_map: torch.Tensor, mask_flatten: torch.Tensor) -> torch.Tensor:
+def fill_padded_tokens(attention_map: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
     """Give padded tokens (the minimum of the whole batch's map) - 1, so they rank below every token.
 
     Args:
         attention_map: (N, S), padded tokens included in the minimum, as in the reference.
-        mask_flatten: (N, S) True on padded tokens.
+        padding_mask: (N, S) True on padded tokens.
     """
-    return attention_map.masked_fill(mask_flatten, attention_map.min() - 1)
+    return attention_map.masked_fill(padding_mask, attention_map.min() - 1)
 
 
 @torch.no_grad()
 def attention_coverage(
-    attention_map: torch.Tensor,
-    selected_tokens: torch.Tensor,
-    keep_counts: torch.Tensor,
-    spatial_shapes: torch.Tensor,
+    attention_map: torch.Tensor, selection: TokenSelection, layout: TokenLayout
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Share of each image's DAM mass that falls on its selected tokens, overall and per level.
+    """Share of each image's DAM mass that falls on the tokens it keeps, overall and per level.
 
     Args:
         attention_map: (N, S) DAM without the padded-token fill.
-        selected_tokens: (N, k) token indices; the first ``keep_counts[i]`` are image i's selection.
-        keep_counts: (N,) int64.
-        spatial_shapes: (L, 2) int64 (H, W) per level.
 
     Returns:
         overall (N,) and per level (N, L); a level without any mass counts as 0 covered.
     """
-    k = selected_tokens.shape[1]
-    is_kept = torch.arange(k, device=selected_tokens.device) < keep_counts[:, None]  # (N, k)
-    selected = torch.zeros_like(attention_map).scatter_(1, selected_tokens, is_kept.to(attention_map.dtype))
-    covered = attention_map * selected
+    covered = attention_map * selection.token_mask(layout.num_tokens).to(attention_map.dtype)
 
     tiny = torch.finfo(attention_map.dtype).tiny
     overall = covered.sum(1) / attention_map.sum(1).clamp_min(tiny)
-    level_sizes = spatial_shapes.prod(1).tolist()
+    level_sizes = layout.level_sizes
     hits = torch.stack([level.sum(1) for level in covered.split(level_sizes, 1)], dim=1)  # (N, L)
     totals = torch.stack([level.sum(1) for level in attention_map.split(level_sizes, 1)], dim=1)
     per_level = hits / totals.clamp_min(tiny)

@@ -11,6 +11,8 @@ from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 from sparse_detr.config import TOKEN_RANKINGS, Config, LossConfig, ModelConfig
 from sparse_detr.models.attention_map import attention_coverage, decoder_attention_map, fill_padded_tokens
 from sparse_detr.models.matcher import HungarianMatcher
+from sparse_detr.models.outputs import Detections, DetectorOutputs
+from sparse_detr.models.token_layout import TokenSelection
 
 DETECTION_LOSSES = ("loss_ce", "loss_bbox", "loss_giou")
 
@@ -33,7 +35,7 @@ class SetCriterion(nn.Module):
     All of them are matched with the real class labels. With ``token_ranking="dam"`` and
     ``token_scores`` in the outputs, ``loss_mask_prediction`` trains the scoring network to predict
     the tokens the decoder attends to most. Metrics: ``class_error`` (last layer, in %) and, when
-    tokens were selected, ``dam_coverage`` and ``dam_coverage_level{l}``.
+    tokens were selected (``selection``), ``dam_coverage`` and ``dam_coverage_level{l}``.
     """
 
     def __init__(
@@ -52,7 +54,7 @@ class SetCriterion(nn.Module):
         self.token_ranking = token_ranking
 
     def loss_labels(
-        self, outputs: dict[str, torch.Tensor], targets: Targets, indices: Indices, num_boxes: float
+        self, outputs: Detections, targets: Targets, indices: Indices, num_boxes: float
     ) -> torch.Tensor:
         """Sigmoid focal loss over the one-hot classes of all queries, / number of target boxes."""
         logits = outputs["pred_logits"]  # (N, Q, C)
@@ -64,7 +66,7 @@ class SetCriterion(nn.Module):
         return loss.mean(1).sum() / num_boxes * logits.shape[1]
 
     def loss_boxes(
-        self, outputs: dict[str, torch.Tensor], targets: Targets, indices: Indices, num_boxes: float
+        self, outputs: Detections, targets: Targets, indices: Indices, num_boxes: float
     ) -> dict[str, torch.Tensor]:
         """L1 (cxcywh) and 1 - GIoU over the matched pairs, / number of target boxes."""
         boxes = outputs["pred_boxes"][_matched_queries(indices)]  # (num matched, 4)
@@ -76,7 +78,7 @@ class SetCriterion(nn.Module):
         }
 
     def detection_losses(
-        self, outputs: dict[str, torch.Tensor], targets: Targets, num_boxes: float, suffix: str = ""
+        self, outputs: Detections, targets: Targets, num_boxes: float, suffix: str = ""
     ) -> tuple[dict[str, torch.Tensor], Indices]:
         """Match one output set and return its three losses, named with ``suffix``, and the match."""
         device = outputs["pred_logits"].device
@@ -98,14 +100,12 @@ class SetCriterion(nn.Module):
         Returns:
             Mean over all N·S tokens.
         """
-        num_top = min(int(keep_counts.max()), attention_map.shape[1])
-        top_tokens = attention_map.topk(num_top, dim=1).indices  # (N, num_top)
-        is_kept = torch.arange(num_top, device=keep_counts.device) < keep_counts[:, None]
-        target = torch.zeros_like(token_scores).scatter_(1, top_tokens, is_kept.to(token_scores.dtype))
+        dam_selection = TokenSelection.top(attention_map, keep_counts)
+        target = dam_selection.token_mask(attention_map.shape[1]).to(token_scores.dtype)
         return F.binary_cross_entropy_with_logits(token_scores, target)
 
     def forward(
-        self, outputs: dict, targets: Targets, num_boxes: float | None = None, batch_share: float = 1.0
+        self, outputs: DetectorOutputs, targets: Targets, num_boxes: float | None = None, batch_share: float = 1.0
     ) -> dict[str, torch.Tensor]:
         """Compute every loss the outputs allow.
 
@@ -140,36 +140,30 @@ class SetCriterion(nn.Module):
             losses["loss_mask_prediction"] = losses["loss_mask_prediction"] * batch_share
         return losses
 
-    def token_losses(self, outputs: dict) -> dict[str, torch.Tensor]:
+    def token_losses(self, outputs: DetectorOutputs) -> dict[str, torch.Tensor]:
         """``loss_mask_prediction`` (DAM criterion) and the DAM coverage of the selected tokens."""
         trains_scores = self.token_ranking == "dam" and "token_scores" in outputs
-        if not trains_scores and "selected_tokens" not in outputs:
+        if not trains_scores and "selection" not in outputs:
             return {}
         missing = [key for key in _DAM_INPUTS if key not in outputs]
         if missing:
             raise KeyError(f"the decoder attention map needs {missing} in the model outputs")
-        spatial_shapes = outputs["spatial_shapes"]
-        attention_map = decoder_attention_map(
-            outputs["sampling_locations"], outputs["attention_weights"], spatial_shapes, outputs["level_start_index"]
-        )
+        layout, selection = outputs["layout"], outputs["selection"]
+        attention_map = decoder_attention_map(outputs["sampling_locations"], outputs["attention_weights"], layout)
         losses = {}
         if trains_scores:
-            target_map = attention_map
-            if outputs.get("mask_flatten") is not None:
-                target_map = fill_padded_tokens(attention_map, outputs["mask_flatten"])
+            target_map = fill_padded_tokens(attention_map, layout.padding_mask)
             losses["loss_mask_prediction"] = self.loss_mask_prediction(
-                outputs["token_scores"], target_map, outputs["keep_counts"]
+                outputs["token_scores"], target_map, selection.counts
             )
-        if "selected_tokens" in outputs:
-            overall, per_level = attention_coverage(
-                attention_map, outputs["selected_tokens"], outputs["keep_counts"], spatial_shapes
-            )
+        if "selection" in outputs:
+            overall, per_level = attention_coverage(attention_map, selection, layout)
             losses["dam_coverage"] = overall.mean()
             losses.update({f"dam_coverage_level{level}": share for level, share in enumerate(per_level.mean(0))})
         return losses
 
 
-_DAM_INPUTS = ("sampling_locations", "attention_weights", "spatial_shapes", "level_start_index", "keep_counts")
+_DAM_INPUTS = ("sampling_locations", "attention_weights", "layout", "selection")
 
 
 def _matched_queries(indices: Indices) -> tuple[torch.Tensor, torch.Tensor]:

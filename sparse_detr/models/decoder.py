@@ -10,6 +10,8 @@ from torch import nn
 
 from sparse_detr.models.box_ops import inverse_sigmoid
 from sparse_detr.models.deformable_attention import MSDeformAttn
+from sparse_detr.models.outputs import DecoderOutputs
+from sparse_detr.models.token_layout import TokenLayout
 
 
 class DecoderLayer(nn.Module):
@@ -36,11 +38,10 @@ class DecoderLayer(nn.Module):
         query_pos: torch.Tensor,
         reference_points: torch.Tensor,
         memory: torch.Tensor,
-        spatial_shapes: torch.Tensor,
-        level_start_index: torch.Tensor,
-        memory_padding_mask: torch.Tensor,
+        layout: TokenLayout,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Args: tgt, query_pos (N, Q, C); reference_points (N, Q, L, 2 or 4); memory (N, S, C).
+        """Args: tgt, query_pos (N, Q, C); reference_points (N, Q, L, 2 or 4); memory (N, S, C) laid out as
+        ``layout``.
 
         Returns:
             tgt (N, Q, C), sampling locations (N, Q, M, L, P, 2), attention weights (N, Q, M, L, P).
@@ -52,9 +53,9 @@ class DecoderLayer(nn.Module):
             tgt + query_pos,
             reference_points,
             memory,
-            spatial_shapes,
-            level_start_index,
-            memory_padding_mask,
+            layout.spatial_shapes,
+            layout.level_start_index,
+            layout.padding_mask,
             return_sampling=True,
         )
         tgt = self.norm1(tgt + self.dropout1(attended))
@@ -75,28 +76,25 @@ class Decoder(nn.Module):
         query_pos: torch.Tensor,
         reference_points: torch.Tensor,
         memory: torch.Tensor,
-        spatial_shapes: torch.Tensor,
-        level_start_index: torch.Tensor,
-        valid_ratios: torch.Tensor,
-        memory_padding_mask: torch.Tensor,
+        layout: TokenLayout,
         class_heads: Sequence[nn.Module],
         box_heads: Sequence[nn.Module],
         refine_boxes: bool,
-    ) -> dict[str, torch.Tensor]:
+    ) -> DecoderOutputs:
         """Decode the queries and predict after every layer.
 
         Args:
             tgt, query_pos: (N, Q, C) query content and position.
             reference_points: (N, Q, 2) points or (N, Q, 4) boxes, normalized to the valid image area.
-            memory: (N, S, C) encoder output. valid_ratios: (N, L, 2). memory_padding_mask: (N, S).
+            memory: (N, S, C) encoder output, laid out as ``layout``.
             class_heads, box_heads: head i predicts from layer i; the box head gives a logit-space offset
                 from the layer's input reference (only to its centre for 2-d references).
             refine_boxes: the next layer's reference boxes are this layer's predicted boxes (detached).
 
         Returns:
-            layer_logits (N, D, Q, C'), layer_boxes (N, D, Q, 4), sampling_locations (N, D, Q, M, L, P, 2),
-            attention_weights (N, D, Q, M, L, P) for the D layers.
+            every layer's predictions and cross-attention samples, see :class:`DecoderOutputs`.
         """
+        valid_ratios = layout.valid_ratios  # (N, L, 2)
         logits, boxes, locations, weights = [], [], [], []
         for index, layer in enumerate(self.layers):
             if reference_points.shape[-1] == 4:
@@ -105,15 +103,7 @@ class Decoder(nn.Module):
                 scale = valid_ratios
             # reference in the padded map's coordinates, one per level: (N, Q, L, 2 or 4)
             reference_input = reference_points[:, :, None] * scale[:, None]
-            tgt, layer_locations, layer_weights = layer(
-                tgt,
-                query_pos,
-                reference_input,
-                memory,
-                spatial_shapes,
-                level_start_index,
-                memory_padding_mask,
-            )
+            tgt, layer_locations, layer_weights = layer(tgt, query_pos, reference_input, memory, layout)
             offset = box_heads[index](tgt)
             if reference_points.shape[-1] == 4:
                 box = (offset + inverse_sigmoid(reference_points)).sigmoid()

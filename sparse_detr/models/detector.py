@@ -12,7 +12,8 @@ from torch import nn
 from sparse_detr.config import Config
 from sparse_detr.errors import ConfigError
 from sparse_detr.models.backbone import build_backbone
-from sparse_detr.models.heads import build_heads
+from sparse_detr.models.heads import HeadSlots, build_heads
+from sparse_detr.models.outputs import DetectorOutputs
 from sparse_detr.models.position_encoding import sine_position_encoding
 from sparse_detr.models.transformer import DeformableTransformer
 
@@ -62,7 +63,8 @@ class DeformableDETR(nn.Module):
     """One class for every preset; ``config`` decides two-stage queries, box refinement and sparsity.
 
     Parameter names equal the released checkpoints' (without their alias keys): the heads are
-    registered once here as ``class_embed.{i}`` / ``bbox_embed.{i}`` and handed to the transformer.
+    registered once here as ``class_embed.{i}`` / ``bbox_embed.{i}``, ordered as :attr:`head_slots` says,
+    and handed to the transformer.
 
     The encoder keep ratio ρ can be changed at inference without rebuilding, for every call with
     :meth:`set_keep_ratio` or for one call with ``forward(..., keep_ratio=...)``: any ρ in (0, 1]
@@ -80,19 +82,14 @@ class DeformableDETR(nn.Module):
         model = config.model
         hidden_dim = model.hidden_dim
         self.transformer = DeformableTransformer(model)
-        num_heads = model.dec_layers + int(model.two_stage) + (model.enc_layers - 1) * int(model.use_enc_aux_loss)
-        # as in the reference: one shared head pair unless boxes are refined or the encoder has aux heads
-        shared = not (model.with_box_refine or model.use_enc_aux_loss)
-        self.class_embed, self.bbox_embed = build_heads(
-            hidden_dim, model.num_classes, num_heads, shared, model.two_stage
-        )
+        self.head_slots = HeadSlots.of(model)
+        self.class_embed, self.bbox_embed = build_heads(hidden_dim, model.num_classes, self.head_slots)
         if not model.two_stage:
             self.query_embed = nn.Embedding(model.num_queries, 2 * hidden_dim)
         if backbone is None:
             backbone = build_backbone(model, backbone_weights)
         self.input_proj = _input_projections(list(backbone.num_channels), hidden_dim, model.num_feature_levels)
         self.backbone = nn.ModuleList([backbone])
-        self.num_heads = num_heads
 
     def set_keep_ratio(self, keep_ratio: float) -> None:
         """Encode ``int(valid_tokens * keep_ratio) + 1`` tokens per image from now on (0: all, no scoring)."""
@@ -108,10 +105,11 @@ class DeformableDETR(nn.Module):
         return self.transformer.keep_ratio
 
     def _heads(self) -> tuple[list[nn.Module], list[nn.Module]]:
-        """Head i for output i; the plain preset's single pair repeated for every decoder layer."""
-        if len(self.class_embed) == self.num_heads:
-            return list(self.class_embed), list(self.bbox_embed)
-        return [self.class_embed[0]] * self.num_heads, [self.bbox_embed[0]] * self.num_heads
+        """The class and box head of each slot of :attr:`head_slots`; a shared pair repeated for every slot."""
+        if self.head_slots.shared:
+            count = self.head_slots.num_slots
+            return [self.class_embed[0]] * count, [self.bbox_embed[0]] * count
+        return list(self.class_embed), list(self.bbox_embed)
 
     def _multiscale_features(self, images: torch.Tensor, mask: torch.Tensor):
         """Projected maps, their padding masks and position encodings, one per level."""
@@ -129,7 +127,7 @@ class DeformableDETR(nn.Module):
         mask: torch.Tensor | None = None,
         return_aux: bool = False,
         keep_ratio: float | None = None,
-    ) -> dict:
+    ) -> DetectorOutputs:
         """Detect objects in a padded batch.
 
         Args:
@@ -140,19 +138,14 @@ class DeformableDETR(nn.Module):
             keep_ratio: this call's keep ratio instead of :attr:`keep_ratio`.
 
         Returns:
-            ``pred_logits`` (N, Q, C), ``pred_boxes`` (N, Q, 4) normalized cxcywh, ``aux_outputs``
-            (decoder layers but the last), ``sampling_locations`` (N, D, Q, M, L, P, 2),
-            ``attention_weights`` (N, D, Q, M, L, P), ``spatial_shapes``, ``level_start_index``,
-            ``mask_flatten``, ``valid_ratios``; two-stage presets ``enc_outputs``; sparse presets
-            ``token_scores`` (N, S), ``selected_tokens`` (N, k), ``keep_counts`` (N,), and with aux
-            ``enc_aux_outputs`` / ``backbone_outputs`` (OAM).
+            the keys of :class:`~sparse_detr.models.outputs.DetectorOutputs` that this model and call give.
         """
         if mask is None:
             mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
         srcs, masks, pos = self._multiscale_features(images, mask)
         class_heads, box_heads = self._heads()
         query_embed = self.query_embed.weight if hasattr(self, "query_embed") else None
-        out = self.transformer(
+        encoded, decoded = self.transformer(
             srcs,
             masks,
             pos,
@@ -162,8 +155,14 @@ class DeformableDETR(nn.Module):
             keep_ratio,
             with_aux=self.training or return_aux,
         )
-        layer_logits, layer_boxes = out.pop("layer_logits"), out.pop("layer_boxes")  # (N, D, Q, ...)
-        out["pred_logits"], out["pred_boxes"] = layer_logits[:, -1], layer_boxes[:, -1]
+        layer_logits, layer_boxes = decoded["layer_logits"], decoded["layer_boxes"]  # (N, D, Q, ...)
+        out: DetectorOutputs = {
+            "pred_logits": layer_logits[:, -1],
+            "pred_boxes": layer_boxes[:, -1],
+            "sampling_locations": decoded["sampling_locations"],
+            "attention_weights": decoded["attention_weights"],
+            **encoded,
+        }
         if self.config.model.aux_loss:
             out["aux_outputs"] = [
                 {"pred_logits": layer_logits[:, i], "pred_boxes": layer_boxes[:, i]}

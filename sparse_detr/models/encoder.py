@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sparse_detr.models.deformable_attention import MSDeformAttn
+from sparse_detr.models.outputs import Detections
+from sparse_detr.models.token_layout import TokenLayout, TokenSelection
 
 
 class EncoderLayer(nn.Module):
@@ -31,42 +34,44 @@ class EncoderLayer(nn.Module):
         pos: torch.Tensor,
         reference_points: torch.Tensor,
         value_map: torch.Tensor,
-        spatial_shapes: torch.Tensor,
-        level_start_index: torch.Tensor,
-        padding_mask: torch.Tensor,
+        layout: TokenLayout,
     ) -> torch.Tensor:
-        """Refine ``queries`` (N, Lq, C) by attending to ``value_map`` (N, S, C).
+        """Refine ``queries`` (N, Lq, C) by attending to ``value_map`` (N, S, C), laid out as ``layout``.
 
         ``pos`` (N, Lq, C) and ``reference_points`` (N, Lq, L, 2) belong to the queries; with all tokens
         as queries, ``queries`` is ``value_map``.
         """
         attended = self.self_attn(
-            queries + pos, reference_points, value_map, spatial_shapes, level_start_index, padding_mask
+            queries + pos,
+            reference_points,
+            value_map,
+            layout.spatial_shapes,
+            layout.level_start_index,
+            layout.padding_mask,
         )
         queries = self.norm1(queries + self.dropout1(attended))
         ffn = self.linear2(self.dropout2(F.relu(self.linear1(queries))))
         return self.norm2(queries + self.dropout3(ffn))
 
 
-def encoder_reference_points(spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor) -> torch.Tensor:
+def encoder_reference_points(layout: TokenLayout) -> torch.Tensor:
     """Each token's cell centre, normalized by its level's valid size, seen from every level.
-
-    Args:
-        spatial_shapes: (L, 2) int64 (H, W). valid_ratios: (N, L, 2) float32 (w, h).
 
     Returns:
         (N, S, L, 2) float32 (x, y); tokens in the padding have coordinates above 1.
     """
+    valid_ratios = layout.valid_ratios  # (N, L, 2)
     points = []
-    for level, (height, width) in enumerate(spatial_shapes.tolist()):
+    for level, (height, width) in enumerate(layout.spatial_shapes.tolist()):
         ys, xs = torch.meshgrid(
             torch.linspace(0.5, height - 0.5, height, dtype=torch.float32, device=valid_ratios.device),
             torch.linspace(0.5, width - 0.5, width, dtype=torch.float32, device=valid_ratios.device),
             indexing="ij",
         )
-        ys = ys.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)  # (N, H*W)
+        ys = ys.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)  # (H, W) -> (N, H*W)
         xs = xs.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * width)
         points.append(torch.stack((xs, ys), -1))
+    # (N, S, 2) -> (N, S, L, 2): the same point in every level's valid area
     return torch.cat(points, 1)[:, :, None] * valid_ratios[:, None]
 
 
@@ -75,15 +80,26 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
 
 
-def scatter_kept_rows(
-    token_map: torch.Tensor, selected: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor
-) -> torch.Tensor:
-    """Write ``rows`` (N, k, C) into ``token_map`` (N, S, C) at ``selected`` (N, k), keeping for image i
-    only its first ``counts[i]`` rows; the other selected tokens keep their current features."""
-    index = selected[..., None].expand_as(rows)
-    kept = torch.arange(selected.shape[1], device=selected.device)[None] < counts[:, None]  # (N, k)
-    rows = torch.where(kept[..., None], rows, token_map.gather(1, index))
+def scatter_kept_rows(token_map: torch.Tensor, selection: TokenSelection, rows: torch.Tensor) -> torch.Tensor:
+    """Write ``rows`` (N, k, C) into ``token_map`` (N, S, C) at ``selection.indices``, only the rows each
+    image keeps; the other selected tokens keep their current features."""
+    index = selection.indices[..., None].expand_as(rows)
+    rows = torch.where(selection.kept[..., None], rows, token_map.gather(1, index))
     return token_map.scatter(1, index, rows)
+
+
+@dataclass(frozen=True)
+class EncoderAuxHeads:
+    """Detection heads on the refined tokens after every encoder layer but the last (they only feed losses).
+
+    Attributes:
+        class_heads, box_heads: one per encoder layer but the last.
+        proposals: (N, S, 4) each token's logit-space anchor box, which the box heads' output offsets.
+    """
+
+    class_heads: Sequence[nn.Module]
+    box_heads: Sequence[nn.Module]
+    proposals: torch.Tensor
 
 
 class SparseEncoder(nn.Module):
@@ -101,54 +117,42 @@ class SparseEncoder(nn.Module):
         self,
         src: torch.Tensor,
         pos: torch.Tensor,
-        spatial_shapes: torch.Tensor,
-        level_start_index: torch.Tensor,
-        valid_ratios: torch.Tensor,
-        mask_flatten: torch.Tensor,
-        selected: torch.Tensor | None = None,
-        counts: torch.Tensor | None = None,
-        aux_heads: tuple[Sequence[nn.Module], Sequence[nn.Module]] | None = None,
-        proposals: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        layout: TokenLayout,
+        selection: TokenSelection | None = None,
+        aux_heads: EncoderAuxHeads | None = None,
+    ) -> tuple[torch.Tensor, list[Detections]]:
         """Encode the flattened multi-scale map.
 
         Args:
             src, pos: (N, S, C) token features and position (+ level) embeddings.
-            spatial_shapes: (L, 2). level_start_index: (L,). valid_ratios: (N, L, 2).
-            mask_flatten: (N, S) True on padding.
-            selected: (N, k) tokens to encode, or None for all. counts: (N,) rows of ``selected`` that
-                image i writes back (required with ``selected``).
-            aux_heads: (class heads, box heads) applied to the encoded queries after every layer but
-                the last; ``proposals`` (N, S, 4) are the logit-space anchors their boxes refine.
+            selection: the tokens to encode, or None for all.
+            aux_heads: heads to apply to the encoded tokens after every layer but the last.
 
         Returns:
-            memory (N, S, C), and per aux layer {pred_logits (N, k, C'), pred_boxes (N, k, 4)}.
+            memory (N, S, C), and per aux layer its detections on the encoded tokens (Q = k, or S without
+            a selection).
         """
-        reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
+        reference_points = encoder_reference_points(layout)  # (N, S, L, 2)
+        proposals = None if aux_heads is None else aux_heads.proposals  # (N, S, 4)
         memory = src
-        if selected is not None:
-            reference_points = _gather_rows(reference_points, selected)
-            pos = _gather_rows(pos, selected)
-            queries = _gather_rows(src, selected)
+        if selection is not None:
+            reference_points = _gather_rows(reference_points, selection.indices)  # (N, k, L, 2)
+            pos = _gather_rows(pos, selection.indices)
+            queries = _gather_rows(src, selection.indices)
             if proposals is not None:
-                proposals = _gather_rows(proposals, selected)
+                proposals = _gather_rows(proposals, selection.indices)
         aux_outputs = []
         for index, layer in enumerate(self.layers):
-            if selected is None:
-                memory = queries = layer(
-                    memory, pos, reference_points, memory, spatial_shapes, level_start_index, mask_flatten
-                )
+            if selection is None:
+                memory = queries = layer(memory, pos, reference_points, memory, layout)
             else:
-                queries = layer(
-                    queries, pos, reference_points, memory, spatial_shapes, level_start_index, mask_flatten
-                )
-                memory = scatter_kept_rows(memory, selected, queries, counts)
+                queries = layer(queries, pos, reference_points, memory, layout)
+                memory = scatter_kept_rows(memory, selection, queries)
             if aux_heads is not None and index < len(self.layers) - 1:
-                class_heads, box_heads = aux_heads
                 aux_outputs.append(
                     {
-                        "pred_logits": class_heads[index](queries),
-                        "pred_boxes": (box_heads[index](queries) + proposals).sigmoid(),
+                        "pred_logits": aux_heads.class_heads[index](queries),
+                        "pred_boxes": (aux_heads.box_heads[index](queries) + proposals).sigmoid(),
                     }
                 )
         return memory, aux_outputs

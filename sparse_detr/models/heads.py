@@ -1,12 +1,15 @@
-"""Prediction heads: a linear class head and a 3-layer MLP box head (SPEC §5)."""
+"""Prediction heads: a linear class head and a 3-layer MLP box head (SPEC §5), and which output each serves."""
 
 from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import nn
+
+from sparse_detr.config import ModelConfig
 
 # focal-loss prior: every class starts at probability 0.01
 CLASS_BIAS_PRIOR = 0.01
@@ -41,19 +44,65 @@ def box_head(hidden_dim: int) -> MLP:
     return head
 
 
-def build_heads(
-    hidden_dim: int, num_classes: int, num_heads: int, shared: bool, two_stage: bool
-) -> tuple[nn.ModuleList, nn.ModuleList]:
-    """Class and box heads, ordered [decoder layers, two-stage encoder output, encoder aux layers].
+@dataclass(frozen=True)
+class HeadSlots:
+    """Which prediction head serves which output. The detector's ``class_embed.{i}`` / ``bbox_embed.{i}``
+    (the released checkpoints' names) are ordered: decoder layers, two-stage proposal head, encoder aux layers.
 
-    ``shared``: one head pair used for every output (registered once). Otherwise ``num_heads``
-    identical copies that train independently. Without two-stage proposals the first box head starts
-    with small boxes (w = h = sigmoid(-2)), since its references are points, not boxes.
+    Attributes:
+        decoder_heads: slice of the heads for the decoder layers, one per layer.
+        proposal_head: index of the two-stage proposal head (on every encoder token), or None.
+        encoder_aux_heads: slice of the encoder aux heads, one per encoder layer but the last (empty
+            without ``use_enc_aux_loss``).
+        shared: one head pair serves every slot and is registered once (the plain preset).
+    """
+
+    decoder_heads: slice
+    proposal_head: int | None
+    encoder_aux_heads: slice
+    shared: bool
+
+    @classmethod
+    def of(cls, config: ModelConfig) -> HeadSlots:
+        """The slots of a detector built from ``config``."""
+        proposal_head = config.dec_layers if config.two_stage else None
+        first_aux = config.dec_layers + int(config.two_stage)
+        num_aux = (config.enc_layers - 1) * int(config.use_enc_aux_loss)
+        return cls(
+            decoder_heads=slice(0, config.dec_layers),
+            proposal_head=proposal_head,
+            encoder_aux_heads=slice(first_aux, first_aux + num_aux),
+            # as in the reference: one shared pair unless boxes are refined or the encoder has aux heads
+            shared=not (config.with_box_refine or config.use_enc_aux_loss),
+        )
+
+    @property
+    def num_slots(self) -> int:
+        """Outputs that take a head."""
+        return self.encoder_aux_heads.stop
+
+    @property
+    def num_registered(self) -> int:
+        """Head pairs the detector registers: one when shared, else one per slot."""
+        return 1 if self.shared else self.num_slots
+
+    def role(self, index: int) -> str:
+        """``"decoder"``, ``"proposal"`` or ``"encoder_aux"``: what registered head ``index`` predicts (the
+        shared pair counts as the decoder's)."""
+        if self.shared or index < self.decoder_heads.stop:
+            return "decoder"
+        return "proposal" if index == self.proposal_head else "encoder_aux"
+
+
+def build_heads(hidden_dim: int, num_classes: int, slots: HeadSlots) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """Class and box heads, ``slots.num_registered`` identical copies that train independently.
+
+    Without two-stage proposals the first box head starts with small boxes (w = h = sigmoid(-2)), since its
+    references are points, not boxes.
     """
     classes, boxes = class_head(hidden_dim, num_classes), box_head(hidden_dim)
-    count = 1 if shared else num_heads
-    class_heads = nn.ModuleList(copy.deepcopy(classes) for _ in range(count))
-    box_heads = nn.ModuleList(copy.deepcopy(boxes) for _ in range(count))
-    if not two_stage:
+    class_heads = nn.ModuleList(copy.deepcopy(classes) for _ in range(slots.num_registered))
+    box_heads = nn.ModuleList(copy.deepcopy(boxes) for _ in range(slots.num_registered))
+    if slots.proposal_head is None:
         nn.init.constant_(box_heads[0].layers[-1].bias[2:], -2.0)
     return class_heads, box_heads

@@ -1,4 +1,5 @@
-"""Token saliency scoring and selection for the sparse encoder (SPEC §4.3–4.5)."""
+"""Token saliency scoring and how many tokens the sparse encoder keeps (SPEC §4.3–4.5); which ones:
+:meth:`~sparse_detr.models.token_layout.TokenSelection.top`."""
 
 from __future__ import annotations
 
@@ -32,28 +33,19 @@ class ScoringNetwork(nn.Module):
         return self.layer2(torch.cat([local, global_], dim=-1)).squeeze(-1)
 
 
-def fill_padded_scores(scores: torch.Tensor, mask_flatten: torch.Tensor) -> torch.Tensor:
+def fill_padded_scores(scores: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
     """Replace padded tokens' scores by the minimum over the whole batch so they rank last.
 
     Args:
-        scores: (N, S). mask_flatten: (N, S) True on padding.
+        scores: (N, S). padding_mask: (N, S) True on padding.
     """
-    return scores.masked_fill(mask_flatten, scores.min())
+    return scores.masked_fill(padding_mask, scores.min())
 
 
-def keep_counts(mask_flatten: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+def keep_counts(padding_mask: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     """(N,) int64 tokens to encode per image: ``int(valid_tokens * keep_ratio) + 1``.
 
     The product is taken in float32 like the reference, so counts agree with it at rounding edges.
     """
-    valid = (~mask_flatten).sum(dim=1)
+    valid = (~padding_mask).sum(dim=1)
     return (valid.to(torch.float32) * keep_ratio).to(torch.int64) + 1
-
-
-def select_tokens(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """(N, k) indices of the highest scores, best first, k = min(max(counts), S).
-
-    All images share k; image i uses only its first ``counts[i]`` indices (SPEC §4.5).
-    """
-    k = min(int(counts.max()), scores.shape[1])
-    return scores.topk(k, dim=1).indices

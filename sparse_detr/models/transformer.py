@@ -11,60 +11,50 @@ from sparse_detr.config import ModelConfig
 from sparse_detr.errors import ConfigError, InputError
 from sparse_detr.models.decoder import Decoder, DecoderLayer
 from sparse_detr.models.deformable_attention import MSDeformAttn
-from sparse_detr.models.encoder import EncoderLayer, SparseEncoder
-from sparse_detr.models.heads import box_head, class_head
+from sparse_detr.models.encoder import EncoderAuxHeads, EncoderLayer, SparseEncoder
+from sparse_detr.models.heads import HeadSlots, box_head, class_head
+from sparse_detr.models.outputs import DecoderOutputs, Detections, EncoderOutputs
 from sparse_detr.models.position_encoding import box_position_encoding
-from sparse_detr.models.scoring import ScoringNetwork, fill_padded_scores, keep_counts, select_tokens
+from sparse_detr.models.scoring import ScoringNetwork, fill_padded_scores, keep_counts
+from sparse_detr.models.token_layout import TokenLayout, TokenSelection
 
 
-def valid_ratios_of(mask: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) padding mask -> (N, 2) float32 (valid width / W, valid height / H)."""
-    _, height, width = mask.shape
-    valid_h = (~mask[:, :, 0]).sum(1)
-    valid_w = (~mask[:, 0, :]).sum(1)
-    return torch.stack([valid_w.float() / width, valid_h.float() / height], -1)
-
-
-def token_proposals(
-    mask_flatten: torch.Tensor, spatial_shapes: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def token_proposals(layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """One anchor box per token: its cell centre over the level's valid size, w = h = 0.05 * 2^level.
-
-    Args:
-        mask_flatten: (N, S) True on padding. spatial_shapes: (L, 2).
 
     Returns:
         proposals (N, S, 4) float32 in logit space, +inf for padded tokens and boxes not inside
         (0.01, 0.99); valid (N, S) bool, False for boxes not inside (0.01, 0.99).
     """
-    n = mask_flatten.shape[0]
+    padding_mask = layout.padding_mask
+    n = padding_mask.shape[0]
     boxes, start = [], 0
-    for level, (height, width) in enumerate(spatial_shapes.tolist()):
-        level_mask = mask_flatten[:, start : start + height * width].view(n, height, width)
+    for level, (height, width) in enumerate(layout.spatial_shapes.tolist()):
+        level_mask = padding_mask[:, start : start + height * width].view(n, height, width)
         valid_h = (~level_mask[:, :, 0]).sum(1)
         valid_w = (~level_mask[:, 0, :]).sum(1)
         ys, xs = torch.meshgrid(
-            torch.linspace(0, height - 1, height, dtype=torch.float32, device=mask_flatten.device),
-            torch.linspace(0, width - 1, width, dtype=torch.float32, device=mask_flatten.device),
+            torch.linspace(0, height - 1, height, dtype=torch.float32, device=padding_mask.device),
+            torch.linspace(0, width - 1, width, dtype=torch.float32, device=padding_mask.device),
             indexing="ij",
         )
         valid_size = torch.stack([valid_w, valid_h], -1).view(n, 1, 1, 2)
         centres = (torch.stack([xs, ys], -1)[None] + 0.5) / valid_size  # (N, H, W, 2)
         sizes = torch.full_like(centres, 0.05 * 2.0**level)
-        boxes.append(torch.cat([centres, sizes], -1).view(n, -1, 4))
+        boxes.append(torch.cat([centres, sizes], -1).view(n, -1, 4))  # (N, H*W, 4)
         start += height * width
     boxes = torch.cat(boxes, 1)
     valid = ((boxes > 0.01) & (boxes < 0.99)).all(-1)
     proposals = torch.log(boxes / (1 - boxes))
-    proposals = proposals.masked_fill(mask_flatten[..., None] | ~valid[..., None], float("inf"))
+    proposals = proposals.masked_fill(padding_mask[..., None] | ~valid[..., None], float("inf"))
     return proposals, valid
 
 
 class DeformableTransformer(nn.Module):
     """Encoder-decoder over the multi-scale token map.
 
-    The prediction heads are owned by the detector and passed to :meth:`forward`; head order is
-    [decoder layers, two-stage encoder output, encoder aux layers].
+    The prediction heads are owned by the detector and passed to :meth:`forward`, one per slot of
+    :class:`~sparse_detr.models.heads.HeadSlots`.
     """
 
     def __init__(self, config: ModelConfig):
@@ -77,6 +67,7 @@ class DeformableTransformer(nn.Module):
         self.token_ranking = config.token_ranking
         self.keep_ratio = config.keep_ratio
         self.use_enc_aux_loss = config.use_enc_aux_loss
+        self.head_slots = HeadSlots.of(config)
         levels, heads = config.num_feature_levels, config.nheads
         ffn, dropout = config.dim_feedforward, config.dropout
 
@@ -116,9 +107,9 @@ class DeformableTransformer(nn.Module):
             nn.init.zeros_(self.reference_points.bias)
         nn.init.normal_(self.level_embed)
 
-    def _project(self, tokens: torch.Tensor, mask_flatten: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """``enc_output`` + ``enc_output_norm`` of tokens zeroed on padding and invalid proposals."""
-        tokens = tokens.masked_fill((mask_flatten | ~valid)[..., None], 0.0)
+    def _project(self, tokens: torch.Tensor, padding_mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """``enc_output`` + ``enc_output_norm`` of tokens (N, S, C) zeroed on padding and invalid proposals."""
+        tokens = tokens.masked_fill((padding_mask | ~valid)[..., None], 0.0)
         return self.enc_output_norm(self.enc_output(tokens))
 
     @property
@@ -133,17 +124,17 @@ class DeformableTransformer(nn.Module):
     def _score_tokens(
         self,
         tokens: torch.Tensor,
-        mask_flatten: torch.Tensor,
+        padding_mask: torch.Tensor,
         proposals: torch.Tensor,
         proposals_valid: torch.Tensor,
         with_aux: bool,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    ) -> tuple[torch.Tensor, Detections | None]:
         """Saliency (N, S) of ``tokens`` = src + pos (N, S, C) by the configured criterion, padded
         tokens filled with the batch minimum; plus the OAM head's detections when ``with_aux``."""
         if self.token_ranking == "random":
-            scores = torch.rand(mask_flatten.shape, dtype=tokens.dtype, device=tokens.device)
-            return fill_padded_scores(scores, mask_flatten), None
-        scoring_input = self._project(tokens, mask_flatten, proposals_valid)
+            scores = torch.rand(padding_mask.shape, dtype=tokens.dtype, device=tokens.device)
+            return fill_padded_scores(scores, padding_mask), None
+        scoring_input = self._project(tokens, padding_mask, proposals_valid)
         head_outputs = None
         if self.token_ranking == "dam":
             scores = self.enc_mask_predictor(scoring_input)
@@ -153,24 +144,28 @@ class DeformableTransformer(nn.Module):
             if with_aux:
                 boxes = (self.oam_bbox_embed(scoring_input) + proposals).sigmoid()
                 head_outputs = {"pred_logits": logits, "pred_boxes": boxes}
-        return fill_padded_scores(scores, mask_flatten), head_outputs
+        return fill_padded_scores(scores, padding_mask), head_outputs
 
     def _two_stage_queries(
         self,
         memory: torch.Tensor,
-        mask_flatten: torch.Tensor,
+        padding_mask: torch.Tensor,
         proposals: torch.Tensor,
         valid: torch.Tensor,
         class_head_: nn.Module,
         box_head_: nn.Module,
-    ):
-        """Rank every token as a detection and turn the top ``num_queries`` into decoder queries."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Detections]:
+        """Rank every token as a detection and turn the top ``num_queries`` into decoder queries.
+
+        Returns:
+            tgt, query_pos (N, Q, C), reference boxes (N, Q, 4), and the detections of every token.
+        """
         if memory.shape[1] < self.num_queries:
             raise InputError(
                 f"the image gives {memory.shape[1]} tokens, fewer than the {self.num_queries} queries "
                 "that two-stage selection takes: use a larger input image"
             )
-        projected = self._project(memory, mask_flatten, valid)
+        projected = self._project(memory, padding_mask, valid)
         enc_logits = class_head_(projected)  # (N, S, C')
         enc_box_logits = box_head_(projected) + proposals  # (N, S, 4)
         top = enc_logits.max(-1).values.topk(self.num_queries, dim=1).indices  # (N, Q)
@@ -192,41 +187,27 @@ class DeformableTransformer(nn.Module):
         query_embed: torch.Tensor | None = None,
         keep_ratio: float | None = None,
         with_aux: bool = False,
-    ) -> dict:
+    ) -> tuple[EncoderOutputs, DecoderOutputs]:
         """Run encoder and decoder.
 
         Args:
             srcs, pos_embeds: per level (N, C, H_l, W_l). masks: per level (N, H_l, W_l) True on padding.
-            class_heads, box_heads: the detector's heads (see class docstring).
+            class_heads, box_heads: the detector's heads, one per slot of ``self.head_slots``.
             query_embed: (Q, 2C) learned queries (position | content) when not two-stage.
             keep_ratio: overrides ``self.keep_ratio``; 0 encodes every token without scoring.
             with_aux: also compute outputs that only feed losses (encoder aux heads, OAM head).
-
-        Returns:
-            dict with the decoder outputs (per layer, see :class:`Decoder`), ``enc_outputs``,
-            ``enc_aux_outputs``, ``backbone_outputs``, ``token_scores``, ``selected_tokens``,
-            ``keep_counts`` where they apply, and the token layout (``spatial_shapes``,
-            ``level_start_index``, ``mask_flatten``, ``valid_ratios``).
         """
         keep_ratio = self.keep_ratio if keep_ratio is None else keep_ratio
-        # flatten each level row-major and concatenate: (N, S, C)
+        layout = TokenLayout.of(masks)
+        # flatten each level row-major and concatenate: (N, C, H_l, W_l) -> (N, S, C)
         src = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
         pos = torch.cat(
             [p.flatten(2).transpose(1, 2) + self.level_embed[level] for level, p in enumerate(pos_embeds)], 1
         )
-        mask_flatten = torch.cat([m.flatten(1) for m in masks], 1)
-        spatial_shapes = torch.as_tensor([s.shape[-2:] for s in srcs], dtype=torch.int64, device=src.device)
-        level_start_index = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
-        valid_ratios = torch.stack([valid_ratios_of(m) for m in masks], 1)  # (N, L, 2)
-        proposals, proposals_valid = token_proposals(mask_flatten, spatial_shapes)
-        out = {
-            "spatial_shapes": spatial_shapes,
-            "level_start_index": level_start_index,
-            "mask_flatten": mask_flatten,
-            "valid_ratios": valid_ratios,
-        }
+        proposals, proposals_valid = token_proposals(layout)
+        encoded: EncoderOutputs = {"layout": layout}
 
-        selected = counts = None
+        selection = None
         if keep_ratio > 0:
             if not self.can_sparsify:
                 raise ConfigError(
@@ -234,29 +215,26 @@ class DeformableTransformer(nn.Module):
                     f"{self.token_ranking!r} scorer (config keep_ratio 0)"
                 )
             scores, head_outputs = self._score_tokens(
-                src + pos, mask_flatten, proposals, proposals_valid, with_aux
+                src + pos, layout.padding_mask, proposals, proposals_valid, with_aux
             )
-            counts = keep_counts(mask_flatten, keep_ratio)
-            selected = select_tokens(scores, counts)
-            out.update(token_scores=scores, selected_tokens=selected, keep_counts=counts)
+            selection = TokenSelection.top(scores, keep_counts(layout.padding_mask, keep_ratio))
+            encoded.update(token_scores=scores, selection=selection)
             if head_outputs is not None:
-                out["backbone_outputs"] = head_outputs
+                encoded["backbone_outputs"] = head_outputs
 
-        num_dec = len(self.decoder.layers)
+        slots = self.head_slots
         aux_heads = None
         if self.use_enc_aux_loss and with_aux:
-            first = num_dec + int(self.two_stage)
-            aux_heads = (class_heads[first:], box_heads[first:])
-        memory, enc_aux_outputs = self.encoder(
-            src, pos, spatial_shapes, level_start_index, valid_ratios, mask_flatten,
-            selected=selected, counts=counts, aux_heads=aux_heads, proposals=proposals,
-        )  # fmt: skip
+            aux = slots.encoder_aux_heads
+            aux_heads = EncoderAuxHeads(class_heads[aux], box_heads[aux], proposals)
+        memory, enc_aux_outputs = self.encoder(src, pos, layout, selection, aux_heads)
         if aux_heads is not None:
-            out["enc_aux_outputs"] = enc_aux_outputs
+            encoded["enc_aux_outputs"] = enc_aux_outputs
 
         if self.two_stage:
-            tgt, query_pos, reference_points, out["enc_outputs"] = self._two_stage_queries(
-                memory, mask_flatten, proposals, proposals_valid, class_heads[num_dec], box_heads[num_dec]
+            proposal = slots.proposal_head
+            tgt, query_pos, reference_points, encoded["enc_outputs"] = self._two_stage_queries(
+                memory, layout.padding_mask, proposals, proposals_valid, class_heads[proposal], box_heads[proposal]
             )
         else:
             query_pos, tgt = query_embed.split(self.d_model, dim=1)
@@ -264,8 +242,7 @@ class DeformableTransformer(nn.Module):
             tgt = tgt[None].expand(src.shape[0], -1, -1)
             reference_points = self.reference_points(query_pos).sigmoid()
         decoded = self.decoder(
-            tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, valid_ratios,
-            mask_flatten, class_heads[:num_dec], box_heads[:num_dec], refine_boxes=self.refine_boxes,
+            tgt, query_pos, reference_points, memory, layout,
+            class_heads[slots.decoder_heads], box_heads[slots.decoder_heads], refine_boxes=self.refine_boxes,
         )  # fmt: skip
-        out.update(decoded)
-        return out
+        return encoded, decoded

@@ -7,11 +7,10 @@ from sparse_detr.viz.saliency import (
     explain_image,
     level_strides,
     require_saliency,
-    split_levels,
     token_view,
     upsample_to_image,
 )
-from sparse_detr.viz.visualize import existing_outputs, figure_stems, visualize_file
+from sparse_detr.viz.visualize import existing_outputs, figure_stems, visualize_file, visualize_files
 
 __all__ = [
     "FIGURE_FORMATS",
@@ -26,8 +25,8 @@ __all__ = [
     "level_strides",
     "require_saliency",
     "save_explanation",
-    "split_levels",
     "token_view",
     "upsample_to_image",
     "visualize_file",
+    "visualize_files",
 ]

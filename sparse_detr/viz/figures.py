@@ -18,7 +18,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure, SubFigure
 from matplotlib.patches import Patch, Rectangle
 
-from sparse_detr.analysis.report import save_figure
+from sparse_detr.utils.report import save_figure
 from sparse_detr.viz.saliency import TokenView
 
 FIGURE_FORMATS = ("png", "pdf", "svg")

@@ -15,8 +15,15 @@ import numpy as np
 import torch
 
 from sparse_detr.errors import UsageError
-from sparse_detr.inference import Detector, InputImage
-from sparse_detr.models import DeformableDETR, attention_coverage, decoder_attention_map, fill_padded_tokens
+from sparse_detr.inference import InputImage, Predictor
+from sparse_detr.models import (
+    DeformableDETR,
+    DetectorOutputs,
+    TokenSelection,
+    attention_coverage,
+    decoder_attention_map,
+    fill_padded_tokens,
+)
 
 
 def level_strides(model: DeformableDETR) -> list[int]:
@@ -25,14 +32,6 @@ def level_strides(model: DeformableDETR) -> list[int]:
     while len(strides) < model.config.model.num_feature_levels:
         strides.append(strides[-1] * 2)
     return strides
-
-
-def split_levels(values: torch.Tensor, spatial_shapes: torch.Tensor) -> list[torch.Tensor]:
-    """(S,) flattened tokens of all levels -> per level (H_l, W_l), row-major as the encoder flattens them."""
-    shapes = spatial_shapes.tolist()
-    return [
-        level.view(height, width) for level, (height, width) in zip(values.split([h * w for h, w in shapes]), shapes)
-    ]
 
 
 def crop_to_image(level_map: torch.Tensor, stride: int, resized_size: tuple[int, int]) -> torch.Tensor:
@@ -108,7 +107,7 @@ class TokenView:
 
 @torch.no_grad()
 def token_view(
-    outputs: dict,
+    outputs: DetectorOutputs,
     index: int,
     strides: list[int],
     resized_size: tuple[int, int],
@@ -119,30 +118,23 @@ def token_view(
     """The :class:`TokenView` of image ``index`` of a forward pass with ρ > 0.
 
     Args:
-        outputs: ``DeformableDETR.forward`` outputs with ``token_scores``, ``selected_tokens``,
-            ``keep_counts`` and the decoder's ``sampling_locations`` / ``attention_weights``.
+        outputs: ``DeformableDETR.forward`` outputs with ``token_scores`` and ``selection``.
         resized_size: (h, w) of image ``index`` before the batch padding.
     """
     if "token_scores" not in outputs:
         raise ValueError("these outputs have no token scores: the forward pass ran with keep_ratio 0")
-    shapes = outputs["spatial_shapes"]
     one = slice(index, index + 1)
-    count = outputs["keep_counts"][one]
-    selected_index = outputs["selected_tokens"][one]
-    mask = outputs["mask_flatten"][one]
-    dam = decoder_attention_map(
-        outputs["sampling_locations"][one], outputs["attention_weights"][one], shapes, outputs["level_start_index"]
-    )
-    coverage, coverage_per_level = attention_coverage(dam, selected_index, count, shapes)
-    kept = int(count)
-    selected = torch.zeros_like(mask).scatter_(1, selected_index[:, :kept], True)[0]
-    dam_top = torch.zeros_like(mask).scatter_(1, fill_padded_tokens(dam, mask).topk(kept, dim=1).indices, True)[0]
+    layout, selection = outputs["layout"].image(index), outputs["selection"].image(index)
+    dam = decoder_attention_map(outputs["sampling_locations"][one], outputs["attention_weights"][one], layout)
+    coverage, coverage_per_level = attention_coverage(dam, selection, layout)
+    dam_selection = TokenSelection.top(fill_padded_tokens(dam, layout.padding_mask), selection.counts)
+    selected = selection.token_mask(layout.num_tokens)[0]  # (S,)
+    dam_top = dam_selection.token_mask(layout.num_tokens)[0]
 
     def per_level(values: torch.Tensor) -> list[np.ndarray]:
-        levels = split_levels(values.detach().float().cpu() if values.is_floating_point() else values.cpu(), shapes)
+        levels = layout.split_levels(values.detach().float().cpu() if values.is_floating_point() else values.cpu())
         return [crop_to_image(level, stride, resized_size).numpy() for level, stride in zip(levels, strides)]
 
-    level_sizes = shapes.prod(1).tolist()
     return TokenView(
         keep_ratio=keep_ratio,
         strides=strides,
@@ -152,25 +144,25 @@ def token_view(
         selected=per_level(selected),
         dam=per_level(dam[0]),
         dam_top=per_level(dam_top),
-        kept_per_level=[int(level.sum()) for level in selected.split(level_sizes)],
-        tokens_per_level=[int((~level).sum()) for level in mask[0].split(level_sizes)],
+        kept_per_level=[int(level.sum()) for level in layout.split_levels(selected)],
+        tokens_per_level=[int((~level).sum()) for level in layout.split_levels(layout.padding_mask[0])],
         coverage=float(coverage[0]),
         coverage_per_level=[float(value) for value in coverage_per_level[0]],
-        overlap=float((selected & dam_top).sum()) / kept,
+        overlap=float((selected & dam_top).sum()) / int(dam_top.sum()),
         seconds=seconds,
     )
 
 
-def require_saliency(detector: Detector, keep_ratio: float | None = None) -> float:
-    """The keep ratio a saliency view of ``detector`` runs at (``keep_ratio`` or the trained one).
+def require_saliency(predictor: Predictor, keep_ratio: float | None = None) -> float:
+    """The keep ratio a saliency view of ``predictor`` runs at (``keep_ratio`` or the trained one).
 
     Raises:
         UsageError: when the model has no scoring network or the ratio is not in (0, 1].
     """
-    model = detector.model
+    model = predictor.model
     if not model.transformer.can_sparsify:
         raise UsageError(
-            f"{detector.checkpoint} has no scoring network (trained with keep_ratio 0), so there is no "
+            f"{predictor.checkpoint} has no scoring network (trained with keep_ratio 0), so there is no "
             "saliency to draw; `sdetr predict` gives its detections"
         )
     keep_ratio = model.keep_ratio if keep_ratio is None else keep_ratio
@@ -180,13 +172,13 @@ def require_saliency(detector: Detector, keep_ratio: float | None = None) -> flo
 
 
 def explain_image(
-    detector: Detector, image: InputImage, keep_ratio: float | None = None, threshold: float = 0.3
+    predictor: Predictor, image: InputImage, keep_ratio: float | None = None, threshold: float = 0.3
 ) -> tuple[TokenView, list[dict]]:
     """One forward pass of ``image`` at ``keep_ratio`` (default the trained ρ): its token view and its
-    detections scoring at least ``threshold`` (see :meth:`Detector.detections`)."""
-    keep_ratio = require_saliency(detector, keep_ratio)
-    outputs, seconds = detector.run([image], keep_ratio=keep_ratio, warm_up=True)
+    detections scoring at least ``threshold`` (see :meth:`Predictor.detections`)."""
+    keep_ratio = require_saliency(predictor, keep_ratio)
+    outputs, seconds = predictor.run([image], keep_ratio=keep_ratio, warm_up=True)
     view = token_view(
-        outputs, 0, level_strides(detector.model), image.resized_size, image.original_size, keep_ratio, seconds
+        outputs, 0, level_strides(predictor.model), image.resized_size, image.original_size, keep_ratio, seconds
     )
-    return view, detector.detections(outputs, [image], [0], threshold)
+    return view, predictor.detections(outputs, [image], [0], threshold)

@@ -1,14 +1,15 @@
-"""``sdetr visualize`` for one image file: forward passes at each keep ratio, the figure, its files."""
+"""``sdetr visualize``: for each image file, forward passes at each keep ratio, the figure, its files."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from sparse_detr.errors import UsageError
-from sparse_detr.inference import Detector
-from sparse_detr.viz.figures import draw_explanation, save_explanation
-from sparse_detr.viz.saliency import explain_image
+from sparse_detr.errors import InputError, UsageError
+from sparse_detr.inference import Predictor, expand_image_paths, load_predictor
+from sparse_detr.utils.io import check_writable
+from sparse_detr.viz.figures import FIGURE_FORMATS, draw_explanation, save_explanation
+from sparse_detr.viz.saliency import explain_image, require_saliency
 
 FIGURE_SUFFIX = "_tokens"
 
@@ -38,7 +39,7 @@ def existing_outputs(stems: Sequence[Path], formats: Sequence[str]) -> list[Path
 
 
 def visualize_file(
-    detector: Detector,
+    predictor: Predictor,
     path: str | Path,
     stem: str | Path,
     keep_ratios: Sequence[float | None] = (None,),
@@ -51,12 +52,61 @@ def visualize_file(
         ImageLoadError: the image cannot be read. ValueError: the model has no scoring network, a ratio is
             outside (0, 1], or the image is too small for the model's queries.
     """
-    image = detector.read_image(path)
-    rows = [explain_image(detector, image, keep_ratio, threshold) for keep_ratio in keep_ratios]
+    image = predictor.read_image(path)
+    rows = [explain_image(predictor, image, keep_ratio, threshold) for keep_ratio in keep_ratios]
     height, width = image.original_size
     title = (
         f"{Path(path).name} ({width}x{height}, model input {image.resized_size[1]}x{image.resized_size[0]}), "
-        f"{detector.checkpoint}, {detector.device.type}, scores >= {threshold:g}"
+        f"{predictor.checkpoint}, {predictor.device.type}, scores >= {threshold:g}"
     )
     figure = draw_explanation(image.pixels, rows, title)
     return save_explanation(figure, stem, formats)
+
+
+def visualize_files(
+    inputs: Sequence[str],
+    checkpoint: str | Path | None,
+    out: str | Path,
+    keep_ratios: Sequence[float | None] = (None,),
+    threshold: float = 0.3,
+    formats: Sequence[str] = ("png",),
+    device: str | None = None,
+    image_size: int | None = None,
+    force: bool = False,
+    track: Callable[[Iterable], Iterable] = iter,
+    log: Callable[[str], None] = print,
+) -> tuple[list[Path], dict[Path, str]]:
+    """``sdetr visualize``: a figure per image file, folder entry or glob match of ``inputs`` (see
+    :func:`visualize_file`) in ``out``, with the checkpoint's predictor (see
+    :func:`~sparse_detr.inference.load_predictor`). Everything is checked before the first figure: the
+    formats, existing figures (refused without ``force``), the folder, a scoring network for every ratio.
+    One image that fails costs that image only.
+
+    Returns:
+        the files written, and the images that failed with their reason.
+    """
+    if not formats or set(formats) - set(FIGURE_FORMATS):
+        raise UsageError(f"--format takes a comma-separated subset of {','.join(FIGURE_FORMATS)}")
+    paths = expand_image_paths(inputs)
+    stems = figure_stems(paths, out)
+    existing = existing_outputs(stems, formats)
+    if existing and not force:
+        raise UsageError(
+            f"{existing[0]} exists ({len(existing)} figure file(s) would be overwritten): "
+            "pass --force to overwrite or choose another --out"
+        )
+    check_writable(out)
+    predictor = load_predictor(checkpoint, device, image_size)
+    for keep_ratio in keep_ratios:
+        require_saliency(predictor, keep_ratio)
+    written, failures = [], {}
+    for path, stem in track(list(zip(paths, stems))):
+        try:
+            files = visualize_file(predictor, path, stem, keep_ratios, threshold, formats)
+        except InputError as error:  # an unreadable image, or one too small for the model
+            failures[path] = str(error)
+            log(f"failed: {error}")
+            continue
+        written += files
+        log(f"wrote {', '.join(map(str, files))}")
+    return written, failures

@@ -1,4 +1,4 @@
-"""Running an ablation :class:`~sparse_detr.analysis.sweep.Sweep`: train each run, measure it, keep one
+"""Running an ablation :class:`~sparse_detr.ablation.sweep.Sweep`: train each run, measure it, keep one
 ``result.json`` per run, and rebuild the report from the results that exist.
 
 Each run trains in its own folder ``<runs_dir>/<run>/`` with :func:`sparse_detr.engine.train`, which resumes
@@ -26,9 +26,10 @@ from typing import Any
 import torch
 
 from sparse_detr import engine
-from sparse_detr.analysis.ablation_report import RESULT_NAME, write_report
-from sparse_detr.analysis.sweep import DATA_FIELDS, Run, Sweep, SweepError, shard_runs
+from sparse_detr.ablation.report import RESULT_NAME, percent, write_report
+from sparse_detr.ablation.sweep import Run, Sweep, SweepError, shard_runs
 from sparse_detr.config import Config, apply_overrides, config_to_dict, get_preset
+from sparse_detr.data.source import DataSplits
 from sparse_detr.utils.io import atomic_write_text, check_writable
 
 BUILTIN_DATA = "built-in synthetic dataset"
@@ -75,7 +76,7 @@ def write_result(path: Path, result: dict[str, Any]) -> Path:
 
 
 def run_model_config(sweep: Sweep, run: Run) -> Config:
-    """The preset with the sweep's ``[model]`` fields and the run's keep ratio, criterion and aux loss."""
+    """The preset with the sweep's ``[model]`` fields and the run's keep ratio, token ranking and aux loss."""
     config = get_preset(sweep.preset, sweep.backbone)
     overrides = {f"model.{key}": value for key, value in sweep.model.items()}
     try:
@@ -97,7 +98,8 @@ def run_settings(sweep: Sweep, run: Run) -> dict[str, Any]:
     """What decides a run's trained model: model config, training settings and data. A stored result made
     with other settings is not reused."""
     train = engine.train_config_to_dict(run_train_config(sweep, run))
-    data = {"data": BUILTIN_DATA} if sweep.uses_builtin_data else {key: getattr(sweep, key) for key in DATA_FIELDS}
+    source = sweep.data_source
+    data = {"data": BUILTIN_DATA} if source.is_builtin else dataclasses.asdict(source)
     return {
         "preset": sweep.preset,
         "model": config_to_dict(run_model_config(sweep, run))["model"],
@@ -130,22 +132,14 @@ class _SweepData:
     """The sweep's train/val splits and datasets, made or read on first use."""
 
     def __init__(self, sweep: Sweep):
-        self.sweep = sweep
-        self._splits: tuple[Path, Path, Path, Path] | None = None
+        self.source = sweep.data_source
+        self._splits: DataSplits | None = None
         self._datasets: dict[int, tuple[Any, Any]] = {}
 
     @property
-    def splits(self) -> tuple[Path, Path, Path, Path]:
-        from sparse_detr.data import make_synthetic_dataset, resolve_coco_root, synthetic_splits
-
+    def splits(self) -> DataSplits:
         if self._splits is None:
-            sweep = self.sweep
-            if sweep.uses_builtin_data:
-                self._splits = synthetic_splits(make_synthetic_dataset())
-            elif sweep.data is not None:
-                self._splits = resolve_coco_root(sweep.data)
-            else:
-                self._splits = tuple(Path(getattr(sweep, key)) for key in DATA_FIELDS[1:])
+            self._splits = self.source.splits()
         return self._splits
 
     def datasets(self, image_size: int):
@@ -163,7 +157,7 @@ def measure_model(
     model, images: list[torch.Tensor], val_set, sweep: Sweep, device: torch.device, batch_size: int
 ) -> dict[str, Any]:
     """GFLOPs and FPS on ``images`` (each (3, H, W)) and the DAM coverage on ``val_set`` in batches of
-    ``batch_size``, at the model's current keep ratio. The random criterion draws from a fixed seed."""
+    ``batch_size``, at the model's current keep ratio. The random token ranking draws from a fixed seed."""
     from sparse_detr.analysis.coverage import dam_coverage
     from sparse_detr.analysis.flops import count_flops
     from sparse_detr.analysis.fps import measure_fps
@@ -180,14 +174,13 @@ def measure_model(
 
 
 def _evaluations(result: dict[str, Any]) -> dict[float, dict[str, Any]]:
-    return {entry["eval_rho"]: entry for entry in result.get("evaluations", [])}
+    return {entry["keep_ratio"]: entry for entry in result.get("evaluations", [])}
 
 
 def execute_run(sweep: Sweep, run: Run, data: _SweepData, stored: dict[str, Any] | None, log: Log) -> dict[str, Any]:
     """Train (or resume) ``run``, measure it, and evaluate it at the keep ratios ``stored`` lacks."""
     from sparse_detr.analysis.fps import device_name
-    from sparse_detr.checkpoint import load_model
-    from sparse_detr.engine.checkpointing import CHECKPOINT_NAME
+    from sparse_detr.checkpoint import CHECKPOINT_NAME, load_model
     from sparse_detr.utils.device import resolve_device
 
     model_config, train_config = run_model_config(sweep, run), run_train_config(sweep, run)
@@ -204,8 +197,8 @@ def execute_run(sweep: Sweep, run: Run, data: _SweepData, stored: dict[str, Any]
         images = benchmark_images(val_set, sweep.benchmark.images, device)
         result = {
             "run": run.name,
-            "criterion": run.criterion,
-            "rho": run.rho,
+            "ranking": run.ranking,
+            "keep_ratio": run.keep_ratio,
             "enc_aux_loss": run.enc_aux_loss,
             "metrics": metrics,
             **measure_model(model, images, val_set, sweep, device, train_config.batch_size_eval),
@@ -223,28 +216,24 @@ def execute_run(sweep: Sweep, run: Run, data: _SweepData, stored: dict[str, Any]
         model = load_model(checkpoint, map_location=device)
         images = benchmark_images(val_set, sweep.benchmark.images, device)
     done = _evaluations(result)
-    for rho in run.eval_rho:
-        if rho in done:
+    for keep_ratio in run.eval_keep_ratios:
+        if keep_ratio in done:
             continue
-        log(f"  evaluating at rho {rho:g}")
-        if rho == run.rho:  # the training's own evaluation
+        log(f"  evaluating at rho {keep_ratio:g}")
+        if keep_ratio == run.keep_ratio:  # the training's own evaluation
             entry = {key: result[key] for key in ("metrics", "gflops", "fps", "dam_coverage")}
         else:
             metrics = engine.evaluate_checkpoint(
-                checkpoint, *data.splits[2:], output_dir=run_dir, keep_ratio=rho,
+                checkpoint, data.splits.val_images, data.splits.val_ann, output_dir=run_dir, keep_ratio=keep_ratio,
                 batch_size=train_config.batch_size_eval, image_size=train_config.image_size,
                 device=str(device), workers=train_config.workers,
             )  # fmt: skip
-            model.set_keep_ratio(rho)
+            model.set_keep_ratio(keep_ratio)
             measured = measure_model(model, images, val_set, sweep, device, train_config.batch_size_eval)
             entry = {"metrics": metrics, **measured}
-        done[rho] = {"eval_rho": rho, **entry}
-    result["evaluations"] = [done[rho] for rho in sorted(done)]
+        done[keep_ratio] = {"keep_ratio": keep_ratio, **entry}
+    result["evaluations"] = [done[keep_ratio] for keep_ratio in sorted(done)]
     return result
-
-
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
 def _refuse_torchrun() -> None:
@@ -259,7 +248,7 @@ def run_ablation(sweep: Sweep, shard: tuple[int, int] = (0, 1), log: Log = print
     """Run this shard's unfinished runs of ``sweep``, then rebuild the report from every finished run.
 
     Returns:
-        The :class:`~sparse_detr.analysis.ablation_report.AblationReport` written to ``sweep.report_dir``.
+        The :class:`~sparse_detr.ablation.report.AblationReport` written to ``sweep.report_dir``.
     """
     _refuse_torchrun()
     check_writable(sweep.run_root)
@@ -273,13 +262,13 @@ def run_ablation(sweep: Sweep, shard: tuple[int, int] = (0, 1), log: Log = print
         stored = read_result(path)
         if stored is not None:
             check_same_settings(stored, run_settings(sweep, run), path)
-            if set(run.eval_rho) <= set(_evaluations(stored)):
+            if set(run.eval_keep_ratios) <= set(_evaluations(stored)):
                 log(f"[{k}/{len(runs)}] {run.name}: finished, skipped")
                 continue
         log(f"[{k}/{len(runs)}] {run.name}")
         result = execute_run(sweep, run, data, stored, log)
         write_result(path, result)
-        log(f"[{k}/{len(runs)}] {run.name}: AP {_percent(result['metrics']['AP'])}, GFLOPs {result['gflops']:.2f}")
+        log(f"[{k}/{len(runs)}] {run.name}: AP {percent(result['metrics']['AP']):.1f}, GFLOPs {result['gflops']:.2f}")
     return write_sweep_report(sweep, log)
 
 

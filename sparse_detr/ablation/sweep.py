@@ -20,12 +20,15 @@ from sparse_detr.config import (
     PRESETS,
     TOKEN_RANKINGS,
     ModelConfig,
+    TrainConfig,
     apply_overrides,
     check_field,
     field_names,
     get_preset,
     load_toml,
+    train_recipe,
 )
+from sparse_detr.data.source import DataSource
 from sparse_detr.errors import ConfigError
 
 # set by each run, so a sweep may not fix them for all runs
@@ -67,32 +70,32 @@ class BenchmarkSettings:
 
 @dataclass(frozen=True)
 class Run:
-    """One model to train: ``criterion`` ranks the tokens (``baseline``: every token is encoded, no
-    scoring network), ``rho`` is the keep ratio it trains at (0 for the baseline), ``enc_aux_loss``
-    whether the sparse encoder's auxiliary heads are trained, and ``eval_rho`` the keep ratios it is
-    also evaluated at (the inference-time sweep)."""
+    """One model to train: ``ranking`` ranks the tokens (``baseline``: every token is encoded, no
+    scoring network), ``keep_ratio`` is the keep ratio it trains at (0 for the baseline), ``enc_aux_loss``
+    whether the sparse encoder's auxiliary heads are trained, and ``eval_keep_ratios`` the keep ratios it
+    is also evaluated at (the inference-time sweep)."""
 
     name: str
-    criterion: str
-    rho: float
+    ranking: str
+    keep_ratio: float
     enc_aux_loss: bool
-    eval_rho: tuple[float, ...] = ()
+    eval_keep_ratios: tuple[float, ...] = ()
 
     def model_overrides(self) -> dict[str, Any]:
         """Dotted :func:`~sparse_detr.config.apply_overrides` keys that make the preset this run's model."""
-        sparse = self.criterion != "baseline"
+        sparse = self.ranking != "baseline"
         return {
-            "model.keep_ratio": self.rho,
+            "model.keep_ratio": self.keep_ratio,
             "model.use_enc_aux_loss": self.enc_aux_loss,
-            **({"model.token_ranking": self.criterion} if sparse else {}),
+            **({"model.token_ranking": self.ranking} if sparse else {}),
         }
 
 
-def run_name(criterion: str, rho: float, enc_aux_loss: bool = True) -> str:
+def run_name(ranking: str, keep_ratio: float, enc_aux_loss: bool = True) -> str:
     """``dam-rho0.1``, ``oam-rho0.3-noaux``, ``random-rho0.1`` or ``baseline``."""
-    if criterion == "baseline":
+    if ranking == "baseline":
         return "baseline"
-    return f"{criterion}-rho{rho:g}" + ("" if enc_aux_loss else "-noaux")
+    return f"{ranking}-rho{keep_ratio:g}" + ("" if enc_aux_loss else "-noaux")
 
 
 @dataclass(frozen=True)
@@ -100,11 +103,12 @@ class Sweep:
     """A set of runs sharing a preset, data, training recipe and measurement settings.
 
     Runs: ``baseline`` (the preset with every token encoded and no encoder aux loss: Deformable DETR
-    with top-k queries and box refinement for the sparse presets); one run per criterion in ``criteria``
-    and keep ratio in ``rho``; with ``random``, random token selection at each ρ; with ``no_enc_aux``,
-    each (criterion, ρ) again without the encoder auxiliary loss. ``eval_rho`` evaluates the model trained
-    at ``eval_train_rho`` with ``eval_criterion`` at each of those keep ratios (the inference-time sweep;
-    that model is trained when no other run is it). They default to the first ρ and the first criterion.
+    with top-k queries and box refinement for the sparse presets); one run per token ranking in
+    ``rankings`` and keep ratio in ``keep_ratios``; with ``random``, random token selection at each ρ; with
+    ``no_enc_aux``, each (ranking, ρ) again without the encoder auxiliary loss. ``eval_keep_ratios``
+    evaluates the model trained at ``eval_train_keep_ratio`` with ``eval_ranking`` at each of those keep
+    ratios (the inference-time sweep; that model is trained when no other run is it). They default to the
+    first ρ and the first ranking.
 
     Data: a COCO root (``data``), the four explicit paths, or neither for the built-in synthetic set.
     ``train`` overrides fields of the preset's training recipe (``train_recipe``), ``model`` fields of the
@@ -115,14 +119,14 @@ class Sweep:
     name: str = "default"
     preset: str = "tiny"
     backbone: str | None = None
-    criteria: tuple[str, ...] = ("dam",)
-    rho: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
+    rankings: tuple[str, ...] = ("dam",)
+    keep_ratios: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
     baseline: bool = True
     random: bool = False
     no_enc_aux: bool = False
-    eval_rho: tuple[float, ...] = ()
-    eval_train_rho: float | None = None
-    eval_criterion: str | None = None
+    eval_keep_ratios: tuple[float, ...] = ()
+    eval_train_keep_ratio: float | None = None
+    eval_ranking: str | None = None
     data: str | None = None
     train_images: str | None = None
     train_ann: str | None = None
@@ -140,37 +144,39 @@ class Sweep:
             raise SweepError(f"name {self.name!r} must be a folder name: letters, digits, '.', '_' or '-'")
         if self.preset not in PRESETS:
             raise SweepError(f"unknown preset {self.preset!r}; presets: {', '.join(PRESETS)}")
-        for criterion in (*self.criteria, *([self.eval_criterion] if self.eval_criterion else [])):
-            if criterion not in TOKEN_RANKINGS:
-                raise SweepError(f"unknown criterion {criterion!r}; criteria: {', '.join(TOKEN_RANKINGS)}")
-        for key, values in (("rho", self.rho), ("eval_rho", self.eval_rho)):
+        for ranking in (*self.rankings, *([self.eval_ranking] if self.eval_ranking else [])):
+            if ranking not in TOKEN_RANKINGS:
+                raise SweepError(f"unknown ranking {ranking!r}; rankings: {', '.join(TOKEN_RANKINGS)}")
+        for key, values in (("keep_ratios", self.keep_ratios), ("eval_keep_ratios", self.eval_keep_ratios)):
             bad = [v for v in values if not 0 < v <= 1]
             if bad:
                 raise SweepError(f"{key} values must be in (0, 1], got {bad}")
-        if self.eval_rho and self.train_rho_of_eval is None:
-            raise SweepError("eval_rho needs eval_train_rho (the keep ratio that model trains at) or a rho list")
-        if self.eval_train_rho is not None and not 0 < self.eval_train_rho <= 1:
-            raise SweepError(f"eval_train_rho must be in (0, 1], got {self.eval_train_rho}")
+        if self.eval_keep_ratios and self.eval_model_keep_ratio is None:
+            raise SweepError(
+                "eval_keep_ratios needs eval_train_keep_ratio (the keep ratio that model trains at) or keep_ratios"
+            )
+        if self.eval_train_keep_ratio is not None and not 0 < self.eval_train_keep_ratio <= 1:
+            raise SweepError(f"eval_train_keep_ratio must be in (0, 1], got {self.eval_train_keep_ratio}")
         explicit = [getattr(self, key) for key in DATA_FIELDS[1:]]
         if any(explicit) and (self.data is not None or not all(explicit)):
             raise SweepError("give either data (a COCO root) or all of train_images, train_ann, val_images, val_ann")
-        _check_table("train", self.train, _train_config_class(), RUN_TRAIN_FIELDS)
+        _check_table("train", self.train, TrainConfig, RUN_TRAIN_FIELDS)
         _check_table("model", self.model, ModelConfig, RUN_MODEL_FIELDS)
         _check_values(self)
         if not self.runs():
-            raise SweepError("the sweep has no runs: give rho values, baseline = true or eval_rho")
+            raise SweepError("the sweep has no runs: give keep_ratios, baseline = true or eval_keep_ratios")
 
     @property
-    def train_rho_of_eval(self) -> float | None:
-        """The keep ratio the inference-time sweep's model trains at: ``eval_train_rho``, else the first ρ."""
-        if self.eval_train_rho is not None:
-            return self.eval_train_rho
-        return self.rho[0] if self.rho else None
+    def eval_model_keep_ratio(self) -> float | None:
+        """The keep ratio the inference-time sweep's model trains at: ``eval_train_keep_ratio``, else the first ρ."""
+        if self.eval_train_keep_ratio is not None:
+            return self.eval_train_keep_ratio
+        return self.keep_ratios[0] if self.keep_ratios else None
 
     @property
-    def criterion_of_eval(self) -> str:
-        """The criterion of the inference-time sweep's model: ``eval_criterion``, else the first criterion."""
-        return self.eval_criterion or (self.criteria[0] if self.criteria else "dam")
+    def eval_model_ranking(self) -> str:
+        """The ranking of the inference-time sweep's model: ``eval_ranking``, else the first ranking."""
+        return self.eval_ranking or (self.rankings[0] if self.rankings else "dam")
 
     @property
     def report_dir(self) -> Path:
@@ -181,40 +187,35 @@ class Sweep:
         return Path(self.runs_dir) if self.runs_dir else Path("runs") / "ablate" / self.name
 
     @property
-    def uses_builtin_data(self) -> bool:
-        return self.data is None and self.train_images is None
+    def data_source(self) -> DataSource:
+        """Where the sweep's images and annotations are (``data`` is a dataset folder)."""
+        return DataSource(self.data, self.train_images, self.train_ann, self.val_images, self.val_ann)
 
     def runs(self) -> list[Run]:
-        """The runs in a fixed order (baseline, criteria x ρ, without aux loss, random, inference model);
+        """The runs in a fixed order (baseline, rankings x ρ, without aux loss, random, inference model);
         the order decides the shards."""
         specs: list[tuple[str, float, bool]] = [("baseline", 0.0, False)] if self.baseline else []
-        specs += [(criterion, rho, True) for criterion in self.criteria for rho in self.rho]
+        specs += [(ranking, keep_ratio, True) for ranking in self.rankings for keep_ratio in self.keep_ratios]
         if self.no_enc_aux:
-            specs += [(criterion, rho, False) for criterion in self.criteria for rho in self.rho]
+            specs += [(ranking, keep_ratio, False) for ranking in self.rankings for keep_ratio in self.keep_ratios]
         if self.random:
-            specs += [("random", rho, True) for rho in self.rho]
-        if self.eval_rho:
-            specs.append((self.criterion_of_eval, self.train_rho_of_eval, True))
+            specs += [("random", keep_ratio, True) for keep_ratio in self.keep_ratios]
+        if self.eval_keep_ratios:
+            specs.append((self.eval_model_ranking, self.eval_model_keep_ratio, True))
         runs: dict[str, Run] = {}
-        for criterion, rho, enc_aux_loss in specs:
-            name = run_name(criterion, rho, enc_aux_loss)
-            runs.setdefault(name, Run(name, criterion, rho, enc_aux_loss))
-        if self.eval_rho:
-            name = run_name(self.criterion_of_eval, self.train_rho_of_eval)
-            runs[name] = dataclasses.replace(runs[name], eval_rho=tuple(self.eval_rho))
+        for ranking, keep_ratio, enc_aux_loss in specs:
+            name = run_name(ranking, keep_ratio, enc_aux_loss)
+            runs.setdefault(name, Run(name, ranking, keep_ratio, enc_aux_loss))
+        if self.eval_keep_ratios:
+            name = run_name(self.eval_model_ranking, self.eval_model_keep_ratio)
+            runs[name] = dataclasses.replace(runs[name], eval_keep_ratios=tuple(self.eval_keep_ratios))
         return list(runs.values())
 
 
-def _train_config_class() -> type:
-    from sparse_detr.engine.train_config import TrainConfig
-
-    return TrainConfig
 
 
 def _check_values(sweep: Sweep) -> None:
     """Build the preset's model config and training recipe once, so that a bad value fails before any run."""
-    from sparse_detr.engine.train_config import train_recipe
-
     try:
         train_recipe(sweep.preset, **sweep.train)
     except (TypeError, ValueError) as error:
@@ -240,19 +241,12 @@ def _check_table(table: str, values: dict[str, Any], cls: type, reserved: tuple[
             raise SweepError(str(error)) from None
 
 
+DEFAULT_SWEEP_FILE = Path(__file__).with_name("default.toml")
+
+
 def default_sweep() -> Sweep:
-    """The ablation ``sdetr ablate`` runs with no experiment file (``experiments/default.toml`` holds the
-    same): the tiny preset on the built-in dataset, baseline and DAM/OAM at ρ 0.1 and 0.3 with 8 of the
-    tiny recipe's 18 epochs, and the DAM model of ρ 0.3 evaluated at ρ 0.1…0.5; about 30 minutes on 2 CPU cores."""
-    return Sweep(
-        name="default",
-        preset="tiny",
-        criteria=("dam", "oam"),
-        rho=(0.1, 0.3),
-        eval_rho=(0.1, 0.2, 0.3, 0.5),
-        eval_train_rho=0.3,
-        train={"epochs": 8, "eval_every_epochs": 8},
-    )
+    """The ablation ``sdetr ablate`` runs with no experiment file: the one in :data:`DEFAULT_SWEEP_FILE`."""
+    return load_sweep(DEFAULT_SWEEP_FILE)
 
 
 # TOML value parsers: each returns the field value or raises SweepError naming the key
@@ -307,14 +301,14 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "name": _string,
     "preset": _string,
     "backbone": _string,
-    "criteria": _strings,
-    "rho": _numbers,
+    "rankings": _strings,
+    "keep_ratios": _numbers,
     "baseline": _boolean,
     "random": _boolean,
     "no_enc_aux": _boolean,
-    "eval_rho": _numbers,
-    "eval_train_rho": _number,
-    "eval_criterion": _string,
+    "eval_keep_ratios": _numbers,
+    "eval_train_keep_ratio": _number,
+    "eval_ranking": _string,
     **dict.fromkeys(DATA_FIELDS, _string),
     "output": _string,
     "runs_dir": _string,

@@ -1,7 +1,7 @@
 """The ablation report, rebuilt from whatever ``result.json`` files the runs have written.
 
 ``ablation.csv``/``.md`` (one row per trained model), ``ap_vs_rho.png`` (AP against the keep ratio, one
-line per criterion), ``ap_vs_gflops.png`` (AP against cost, the baseline as reference) and, when a model
+line per token ranking), ``ap_vs_gflops.png`` (AP against cost, the baseline as reference) and, when a model
 was evaluated at other keep ratios, ``inference_rho.csv``/``.md``/``.png``. Every file is written
 atomically.
 """
@@ -17,15 +17,15 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from sparse_detr.analysis.report import save_figure, write_table
-from sparse_detr.analysis.sweep import Run
+from sparse_detr.ablation.sweep import Run
+from sparse_detr.utils.report import save_figure, write_table
 
 RESULT_NAME = "result.json"
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-COLUMNS = ["criterion", "rho", "enc_aux_loss", *AP_KEYS, "gflops", "fps", "dam_coverage", "run"]
-INFERENCE_COLUMNS = ["criterion", "train_rho", "eval_rho", "enc_aux_loss", *AP_KEYS, "gflops", "fps", "dam_coverage",
+COLUMNS = ["ranking", "rho", "enc_aux_loss", *AP_KEYS, "gflops", "fps", "dam_coverage", "run"]
+INFERENCE_COLUMNS = ["ranking", "train_rho", "eval_rho", "enc_aux_loss", *AP_KEYS, "gflops", "fps", "dam_coverage",
                      "run"]  # fmt: skip
-_CRITERION_ORDER = {"baseline": 0, "dam": 1, "oam": 2, "random": 3}
+_RANKING_ORDER = {"baseline": 0, "dam": 1, "oam": 2, "random": 3}
 BASELINE_RHO = 1.0  # the baseline encodes every token
 
 
@@ -44,41 +44,42 @@ def read_results(run_root: str | Path, runs: list[Run] | None = None) -> list[di
     paths = sorted(Path(run_root).glob(f"*/{RESULT_NAME}"))
     if runs is None:
         return [json.loads(path.read_text()) for path in paths]
-    wanted = {run.name: set(run.eval_rho) for run in runs}
+    wanted = {run.name: set(run.eval_keep_ratios) for run in runs}
     results = []
     for path in paths:
         if path.parent.name in wanted:
             result = json.loads(path.read_text())
-            result["evaluations"] = [e for e in result.get("evaluations", []) if e["eval_rho"] in wanted[result["run"]]]
+            wanted_here = wanted[result["run"]]
+            result["evaluations"] = [e for e in result.get("evaluations", []) if e["keep_ratio"] in wanted_here]
             results.append(result)
     return results
 
 
-def _percent(value: float | None) -> float:
+def percent(value: float | None) -> float:
     return float("nan") if value is None else 100.0 * value
 
 
 def _measurements(entry: dict[str, Any]) -> dict[str, float]:
     """AP columns and cost columns of one evaluation (a result, or one of its ``evaluations``)."""
-    row = {key: _percent(entry["metrics"].get(key)) for key in AP_KEYS}
+    row = {key: percent(entry["metrics"].get(key)) for key in AP_KEYS}
     for key in ("gflops", "fps"):
         row[key] = float("nan") if entry.get(key) is None else float(entry[key])
-    row["dam_coverage"] = _percent(entry.get("dam_coverage"))
+    row["dam_coverage"] = percent(entry.get("dam_coverage"))
     return row
 
 
 def _sorted(frame: pd.DataFrame, rho_column: str) -> pd.DataFrame:
-    order = frame["criterion"].map(lambda c: _CRITERION_ORDER.get(c, len(_CRITERION_ORDER)))
+    order = frame["ranking"].map(lambda ranking: _RANKING_ORDER.get(ranking, len(_RANKING_ORDER)))
     keys = frame.assign(_order=order, _aux=~frame["enc_aux_loss"])
-    return keys.sort_values(["_order", "criterion", "_aux", rho_column]).drop(columns=["_order", "_aux"])
+    return keys.sort_values(["_order", "ranking", "_aux", rho_column]).drop(columns=["_order", "_aux"])
 
 
 def ablation_table(results: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per trained model, columns :data:`COLUMNS`."""
     rows = [
         {
-            "criterion": result["criterion"],
-            "rho": BASELINE_RHO if result["criterion"] == "baseline" else result["rho"],
+            "ranking": result["ranking"],
+            "rho": BASELINE_RHO if result["ranking"] == "baseline" else result["keep_ratio"],
             "enc_aux_loss": bool(result["enc_aux_loss"]),
             **_measurements(result),
             "run": result["run"],
@@ -93,9 +94,9 @@ def inference_table(results: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per (model, inference-time keep ratio), columns :data:`INFERENCE_COLUMNS`."""
     rows = [
         {
-            "criterion": result["criterion"],
-            "train_rho": result["rho"],
-            "eval_rho": entry["eval_rho"],
+            "ranking": result["ranking"],
+            "train_rho": result["keep_ratio"],
+            "eval_rho": entry["keep_ratio"],
             "enc_aux_loss": bool(result["enc_aux_loss"]),
             **_measurements(entry),
             "run": result["run"],
@@ -107,25 +108,25 @@ def inference_table(results: list[dict[str, Any]]) -> pd.DataFrame:
     return _sorted(frame, "eval_rho").sort_values(["run", "eval_rho"], kind="stable").reset_index(drop=True)
 
 
-def _series_label(criterion: str, enc_aux_loss: bool) -> str:
-    return criterion.upper() + ("" if enc_aux_loss else ", no encoder aux loss")
+def _series_label(ranking: str, enc_aux_loss: bool) -> str:
+    return ranking.upper() + ("" if enc_aux_loss else ", no encoder aux loss")
 
 
 def _sparse_series(table: pd.DataFrame):
-    """(label, rows sorted by ρ) per (criterion, enc_aux_loss) of the sparse runs."""
-    sparse = table[table["criterion"] != "baseline"]
-    for (criterion, aux), rows in sparse.groupby(["criterion", "enc_aux_loss"], sort=False):
-        yield _series_label(criterion, aux), rows.sort_values("rho")
+    """(label, rows sorted by ρ) per (ranking, enc_aux_loss) of the sparse runs."""
+    sparse = table[table["ranking"] != "baseline"]
+    for (ranking, aux), rows in sparse.groupby(["ranking", "enc_aux_loss"], sort=False):
+        yield _series_label(ranking, aux), rows.sort_values("rho")
 
 
 def _baseline_line(axes, table: pd.DataFrame) -> None:
-    baseline = table[table["criterion"] == "baseline"]
+    baseline = table[table["ranking"] == "baseline"]
     if len(baseline):
         axes.axhline(baseline["AP"].iloc[0], color="gray", linestyle="--", label="baseline (every token encoded)")
 
 
 def plot_ap_vs_rho(table: pd.DataFrame) -> Figure:
-    """AP against the keep ratio ρ, one line per criterion, the baseline as a horizontal line."""
+    """AP against the keep ratio ρ, one line per token ranking, the baseline as a horizontal line."""
     figure = Figure(figsize=(5.5, 4))
     axes = figure.subplots()
     for label, rows in _sparse_series(table):
@@ -147,7 +148,7 @@ def plot_ap_vs_gflops(table: pd.DataFrame) -> Figure:
         for row in rows.itertuples():
             axes.annotate(f"ρ={row.rho:g}", (row.gflops, row.AP), textcoords="offset points", xytext=(4, 4),
                           fontsize="x-small")  # fmt: skip
-    baseline = table[table["criterion"] == "baseline"]
+    baseline = table[table["ranking"] == "baseline"]
     if len(baseline):
         axes.plot(baseline["gflops"], baseline["AP"], marker="s", color="gray", linestyle="none")
     _baseline_line(axes, table)
@@ -163,12 +164,12 @@ def plot_inference_rho(inference: pd.DataFrame, table: pd.DataFrame) -> Figure:
     axes = figure.subplots()
     for _, rows in inference.groupby("run", sort=False):
         first = rows.iloc[0]
-        series = _series_label(first["criterion"], first["enc_aux_loss"])
+        series = _series_label(first["ranking"], first["enc_aux_loss"])
         line = axes.plot(
             rows["eval_rho"], rows["AP"], marker="o", label=f"{series} trained at ρ={first['train_rho']:g}"
         )
         axes.axvline(first["train_rho"], color=line[0].get_color(), linestyle=":", alpha=0.6)
-        same = (table["criterion"] == first["criterion"]) & (table["enc_aux_loss"] == first["enc_aux_loss"])
+        same = (table["ranking"] == first["ranking"]) & (table["enc_aux_loss"] == first["enc_aux_loss"])
         if same.sum() > 1:
             trained = table[same].sort_values("rho")
             style = {"marker": "x", "linestyle": "--", "color": line[0].get_color(), "alpha": 0.6}
@@ -208,7 +209,7 @@ def _notes(results: list[dict[str, Any]], run_root: Path) -> list[str]:
         "AP: COCO box AP (pycocotools) in % on the validation split; APs/APm/APl by object area, nan where "
         "the split has no object of that size.",
         "baseline: the preset with every encoder token encoded (shown as ρ = 1), no scoring network and no "
-        "encoder aux loss; the other runs encode the top ρ share of the tokens ranked by their criterion "
+        "encoder aux loss; the other runs encode the top ρ share of the tokens by their ranking "
         "(DAM: scoring network trained on the decoder attention map; OAM: objectness of a detection head; "
         "random: a random choice).",
         "gflops: fvcore count (one multiply-add = one FLOP) per image on the first validation images at the "

@@ -1,0 +1,115 @@
+"""The ``sdetr`` application, its error path and the option helpers every command shares.
+
+Every command reports the project's own errors (:mod:`sparse_detr.errors`: a bad option, file or setting, a
+missing download or device) as one red line and exit code 2 (usage) or 1 (failure); ``--debug`` or
+``SDETR_DEBUG=1`` shows their traceback. Any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from sparse_detr.errors import SparseDetrError, UsageError
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    help="Sparse DETR and Deformable DETR: train, evaluate, benchmark, ablate and visualize.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Datasets: the built-in synthetic dataset.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console()
+_debug = {"on": False}
+
+CONFIG_OPTION = typer.Option(
+    None, "--config", help="TOML config file: [model], [loss], [train], [data] tables (a run's config.toml too)."
+)
+SET_OPTION = typer.Option(
+    None, "--set", help="key=value over the config, repeatable: model.keep_ratio=0.2, train.lr=1e-4."
+)
+
+
+@app.callback()
+def _global_options(
+    debug: bool = typer.Option(False, "--debug", envvar="SDETR_DEBUG", help="Show the traceback of errors."),
+) -> None:
+    _debug["on"] = debug
+    warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
+def command(typer_app: typer.Typer, *args, **kwargs):
+    """``typer_app.command(...)`` whose function reports :class:`~sparse_detr.errors.SparseDetrError` as one
+    red line with its exit code (its traceback with --debug)."""
+
+    def register(function):
+        @functools.wraps(function)
+        def run(*call_args, **call_kwargs):
+            try:
+                return function(*call_args, **call_kwargs)
+            except SparseDetrError as error:
+                if _debug["on"]:
+                    raise
+                message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+                raise typer.Exit(code=error.exit_code) from None
+
+        return typer_app.command(*args, **kwargs)(run)
+
+    return register
+
+
+def parse_list(text: str | None, kind: Callable[[str], T] = str, option: str = "the option") -> list[T] | None:
+    """``"a,b,c"`` -> ``[kind("a"), ...]`` (None stays None); a value ``kind`` refuses is a usage error."""
+    if text is None:
+        return None
+    try:
+        return [kind(value.strip()) for value in text.split(",") if value.strip()]
+    except ValueError:
+        what = "numbers such as 0.1,0.3" if kind in (int, float) else "values"
+        raise UsageError(f"{option} expects comma-separated {what}, got {text!r}") from None
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """``"800x1066"`` -> (800, 1066)."""
+    try:
+        height, width = (int(value) for value in size.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"expected HEIGHTxWIDTH such as 800x1066, got {size!r}") from None
+    return height, width
+
+
+def plain(options: dict[str, Any]) -> dict[str, Any]:
+    """Option values as configuration values: paths become strings, unset (None) options are left out."""
+    return {key: str(value) if isinstance(value, Path) else value for key, value in options.items()
+            if value is not None}  # fmt: skip
+
+
+def print_frame(frame, title: str) -> None:
+    """A pandas frame as a rich table (NaN: "-", floats with three decimals)."""
+    table = Table(title=title)
+    for column in frame.columns:
+        table.add_column(str(column), justify="right" if frame[column].dtype.kind in "fi" else "left")
+    for row in frame.itertuples(index=False):
+        table.add_row(*("-" if value != value else f"{value:.3f}" if isinstance(value, float) else str(value)
+                        for value in row))  # fmt: skip
+    console.print(table)
+
+
+def log_line(text: str) -> None:
+    """Print ``text`` as it is (run names and TOML tables hold brackets that rich would read as markup)."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)

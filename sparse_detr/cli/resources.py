@@ -1,0 +1,90 @@
+"""``sdetr data synth``, ``sdetr presets``, ``sdetr zoo`` and ``sdetr doctor``: the built-in dataset, the
+presets, the released checkpoints and what this machine can run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from sparse_detr.cli._app import app, command, console, data_app, parse_list
+
+
+@command(data_app, "synth")
+def data_synth(
+    out: Path = typer.Option(..., help="Folder to write the dataset to (COCO format: PNG + instances JSON)."),
+    num_train: int = typer.Option(500, min=1, help="Training images."),
+    num_val: int = typer.Option(100, min=1, help="Validation images."),
+    image_size: int = typer.Option(160, min=32, help="Side of the square images, in pixels."),
+    seed: int = typer.Option(0, help="Seed: the same seed writes the same dataset."),
+    classes: str | None = typer.Option(
+        None, help="Comma-separated shape classes, in label order (default: the built-in six; see --help)."
+    ),
+) -> None:
+    """Write the built-in synthetic detection dataset (train and val splits).
+
+    Classes: circle, square, triangle, star, ring, cross (the default set) and hexagon, diamond, crescent,
+    arrow; another class set (e.g. --classes triangle,star,hexagon,arrow --seed 1) makes a second dataset
+    to fine-tune on.
+    """
+    from sparse_detr.data import make_synthetic_dataset
+
+    root = make_synthetic_dataset(out, num_train, num_val, image_size, seed, classes=parse_list(classes))
+    console.print(f"wrote the synthetic dataset to {root}")
+
+
+@command(app)
+def presets() -> None:
+    """The model presets (for --preset): each a model, its loss and its training recipe."""
+    from sparse_detr.config import create_preset, list_presets, preset_description
+
+    table = Table(title="presets (sdetr train --preset NAME; --backbone swin-t for the Swin-T variants)")
+    for column in ("name", "model", "ρ", "backbone", "recipe"):
+        table.add_column(column, no_wrap=column != "model")
+    for name in list_presets():
+        preset = create_preset(name)
+        train = preset.train
+        recipe = f"{train.epochs} ep, batch {train.batch_size}, {train.image_size} px"
+        model = preset.config.model
+        table.add_row(name, preset_description(name), f"{model.keep_ratio:g}", model.backbone, recipe)
+    console.print(table)
+
+
+@command(app)
+def zoo() -> None:
+    """The released checkpoints: names for --checkpoint (eval, predict, visualize, benchmark) and --init."""
+    from sparse_detr.zoo import ZOO_NOTE, zoo_dir, zoo_table
+
+    table = Table(title="released Sparse DETR checkpoints (COCO 2017 val)")
+    table.add_column("name", no_wrap=True)
+    for column in ("AP", "params", "GFLOPs", "FPS b4", "cached"):
+        table.add_column(column, justify="right")
+    for row in zoo_table().itertuples(index=False):
+        table.add_row(row.name, f"{row.AP:.1f}", f"{row.params_M:.1f}M", f"{row.GFLOPs:.1f}", f"{row.FPS_b4:.1f}",
+                      "yes" if row.cached else "")  # fmt: skip
+    console.print(table)
+    console.print(f"{ZOO_NOTE}.\ncache: {zoo_dir()} (SDETR_ZOO_DIR); links: SDETR_ZOO_URL or the authors' release",
+                  highlight=False, soft_wrap=True)  # fmt: skip
+
+
+@command(app)
+def doctor() -> None:
+    """Print versions, devices and which deformable-attention backends run here (and why not)."""
+    from sparse_detr.doctor import environment, op_backends
+
+    table = Table(title="environment", show_header=False)
+    for key, value in environment().items():
+        table.add_row(key, value)
+    console.print(table)
+    with console.status("checking op backends (the first run compiles the kernels)..."):
+        statuses = op_backends()
+    backends = Table(title="deformable attention backends")
+    for column in ("backend", "available", "detail"):
+        backends.add_column(column)
+    for status in statuses:
+        detail = status.reason if not status.available else (
+            f"build log: {status.build_log}" if status.build_log else "always available"
+        )  # fmt: skip
+        backends.add_row(status.name, "[green]yes[/green]" if status.available else "[red]no[/red]", detail)
+    console.print(backends)

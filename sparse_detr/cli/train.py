@@ -1,0 +1,83 @@
+"""``sdetr train``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from sparse_detr.cli._app import CONFIG_OPTION, SET_OPTION, app, command, console
+
+
+@command(app)
+def train(
+    preset: str | None = typer.Option(
+        None, help="Model preset (sdetr presets); default: tiny on the built-in dataset, or --init's."
+    ),
+    config_file: Path | None = CONFIG_OPTION,
+    settings: list[str] | None = SET_OPTION,
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved configuration and exit."),
+    backbone: str | None = typer.Option(None, help="Backbone instead of the preset's (r50, swin-t, resnet18...)."),
+    pretrained_backbone: str | None = typer.Option(
+        None, help="Backbone start: imagenet (the reference's), timm, a weights file, or none (random)."
+    ),
+    init: str | None = typer.Option(
+        None, help="Fine-tune: start a new run from this checkpoint (file, run folder or zoo name)."
+    ),
+    keep_ratio: float | None = typer.Option(None, "--rho", help="Keep ratio ρ instead of the preset's."),
+    root: Path | None = typer.Option(
+        None, "--data", help="Dataset folder: COCO 2017 (train2017/, val2017/, annotations/) or sdetr data synth's."
+    ),
+    train_images: Path | None = typer.Option(None, help="Training images folder (custom dataset)."),
+    train_ann: Path | None = typer.Option(None, help="Training instances JSON (custom dataset)."),
+    val_images: Path | None = typer.Option(None, help="Validation images folder (custom dataset)."),
+    val_ann: Path | None = typer.Option(None, help="Validation instances JSON (custom dataset)."),
+    epochs: int | None = typer.Option(None, min=1, help="Epochs (default: the preset's recipe)."),
+    lr_drop: int | None = typer.Option(None, min=1, help="Epoch after which lr drops x0.1."),
+    batch_size: int | None = typer.Option(None, min=1, help="Images per step and process."),
+    lr: float | None = typer.Option(None, help="Learning rate for a total batch of 16 (scaled by sqrt(batch/16))."),
+    lr_backbone: float | None = typer.Option(None, help="Backbone learning rate for a total batch of 16."),
+    clip_max_norm: float | None = typer.Option(None, help="Gradient clipping norm (0: off)."),
+    image_size: int | None = typer.Option(None, min=32, help="Evaluation shorter side; training scales follow it."),
+    amp: str | None = typer.Option(None, help="Mixed precision: bf16 or fp16."),
+    grad_accum: int | None = typer.Option(None, min=1, help="Batches per optimizer step."),
+    seed: int | None = typer.Option(None, help="Seed of weights, data order and augmentation."),
+    workers: int | None = typer.Option(None, min=0, help="Data loading processes."),
+    iters_per_epoch: int | None = typer.Option(None, min=1, help="Cap on batches per epoch (quick runs)."),
+    checkpoint_every_iters: int | None = typer.Option(None, min=0, help="Also checkpoint every N steps."),
+    output_dir: Path | None = typer.Option(None, help="Run folder (default runs/<preset>)."),
+    resume: Path | None = typer.Option(None, help="Checkpoint (or run folder) to resume from."),
+    tensorboard: bool | None = typer.Option(
+        None, "--tensorboard/--no-tensorboard", help="Also write TensorBoard event files (the tensorboard extra)."
+    ),
+    allow_other_categories: bool | None = typer.Option(
+        None, "--allow-other-categories", help="Resume although the data names other categories."
+    ),
+    device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+) -> None:
+    """Train a model; with no data, the tiny preset on the built-in synthetic dataset.
+
+    The configuration is resolved in layers: the preset (and its training recipe: SPEC §6 for the paper's
+    presets, a CPU recipe for tiny) < --config FILE < --set key=value < the options above. The paper
+    presets start from the reference's ImageNet backbone (--pretrained-backbone); --init CHECKPOINT
+    fine-tunes a released or own checkpoint on this data instead. Works under torchrun (several GPUs, or CPU
+    processes with gloo). The run folder gets config.toml, the checkpoint, metrics.jsonl, per-epoch
+    evaluations and metrics_final.json; an interrupted run resumes from it.
+    """
+    fields = dict(locals())  # the options named after configuration fields, taken before anything else
+    for name in ("config_file", "settings", "print_config"):
+        del fields[name]
+    from sparse_detr.engine import format_metrics, train_run
+    from sparse_detr.engine.initialization import init_model_config
+    from sparse_detr.engine.run_config import merged_settings, option_settings, resolve_run_config
+
+    resolved = merged_settings(config_file, settings or (), option_settings(fields))
+    base = init_model_config(resolved["train.init"]) if "train.init" in resolved and "preset" not in resolved else None
+    run = resolve_run_config(resolved, base)
+    if print_config:
+        console.print(run.to_toml(), markup=False, highlight=False, soft_wrap=True)
+        return
+    if run.data.is_builtin:
+        console.print("no data given: using the built-in synthetic dataset")
+    console.print(format_metrics(train_run(run)))
+    console.print(f"run folder: {run.train.output_dir}")

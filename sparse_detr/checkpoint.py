@@ -30,6 +30,7 @@ from sparse_detr.config import (
     get_preset,
 )
 from sparse_detr.data.coco_categories import COCO_CATEGORY_NAMES, COCO_NUM_CLASSES
+from sparse_detr.data.transforms import COCO_EVAL_SIZE
 from sparse_detr.errors import CheckpointError, ConfigError, MissingFileError
 from sparse_detr.models.backbone import swin_from_official
 from sparse_detr.models.detector import DeformableDETR, build_model
@@ -110,6 +111,12 @@ def model_from_checkpoint(
     model = build_model(config)
     load_state_dict_strict(model, model_state(checkpoint, model), f"checkpoint {path}")
     return model.to(resolve_device(map_location)).eval()
+
+
+def trained_image_size(checkpoint: Mapping[str, Any]) -> int:
+    """The image size (shorter side) a run trained and evaluated at; COCO's 800 for files that do not say
+    (the released ones)."""
+    return int((checkpoint.get("train_config") or {}).get("image_size", COCO_EVAL_SIZE))
 
 
 def is_official(checkpoint: Mapping[str, Any]) -> bool:

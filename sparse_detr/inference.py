@@ -22,6 +22,7 @@ from sparse_detr.checkpoint import (
     checkpoint_categories,
     model_from_checkpoint,
     read_checkpoint,
+    trained_image_size,
 )
 from sparse_detr.config import train_recipe
 from sparse_detr.data import eval_transform, load_coco_annotations, load_rgb_image
@@ -32,7 +33,6 @@ from sparse_detr.utils.device import resolve_device
 from sparse_detr.utils.io import atomic_write_text, check_writable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-DEFAULT_IMAGE_SIZE = 800  # COCO's evaluation shorter side, for checkpoints that do not say theirs
 DEFAULT_PRESET = "tiny"  # what a bare `sdetr train` trains
 
 
@@ -208,7 +208,7 @@ def load_predictor(
     device = resolve_device(device)
     content = read_checkpoint(path, trust_checkpoint=trust_checkpoint)
     if image_size is None:
-        image_size = int((content.get("train_config") or {}).get("image_size", DEFAULT_IMAGE_SIZE))
+        image_size = trained_image_size(content)
     model = model_from_checkpoint(content, path, map_location=device)
     if keep_ratio is not None:
         model.set_keep_ratio(keep_ratio)

@@ -1,11 +1,43 @@
-"""Shared test helpers."""
+"""Shared test helpers: the tiny model the tests build, a one-thread fixture, op inputs, token layouts."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
+from sparse_detr.checkpoint import save_checkpoint
+from sparse_detr.config import apply_overrides, get_preset
+from sparse_detr.models import DeformableDETR, build_model
 from sparse_detr.models.token_layout import TokenLayout
+
+# the classes of the small checkpoints the predict/visualize tests draw (label 0 is the unused slot)
+TINY_CATEGORIES = {1: {"id": 11, "name": "disc"}, 2: {"id": 12, "name": "square"}, 3: {"id": 13, "name": "star"}}
+
+
+def tiny_model(overrides: dict | None = None, seed: int = 0) -> DeformableDETR:
+    """The ``tiny`` preset's model with dotted config ``overrides`` (``{"model.num_queries": 20}``),
+    randomly initialized from ``seed``, in training mode."""
+    torch.manual_seed(seed)
+    return build_model(apply_overrides(get_preset("tiny"), overrides or {}))
+
+
+def save_tiny_checkpoint(path: str | Path, keep_ratio: float = 0.3) -> Path:
+    """A random tiny checkpoint of :data:`TINY_CATEGORIES` (4 classes, 20 queries) trained for 64-pixel
+    inputs, as `sdetr train` stores one."""
+    model = tiny_model({"model.num_classes": 4, "model.num_queries": 20, "model.keep_ratio": keep_ratio})
+    return save_checkpoint(path, model, categories=TINY_CATEGORIES, train_config={"image_size": 64})
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine small models run faster on one, and two threads wait
+    on each other many times over; the tests that use it check no timing."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_op_inputs(

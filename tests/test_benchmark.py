@@ -19,13 +19,7 @@ ALWAYS = ["preset", "backbone", "rho", "tokens", "kept_tokens", "params", "param
 FLOP_COLUMNS = ["gflops", "gflops_with_aux", "gflops_as_reference", "gflops_reference", "gflops_reference_with_aux"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """On a busy machine small models run faster on one thread; the tests check no timing."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.slow

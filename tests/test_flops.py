@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_model
 from fvcore.nn import FlopCountAnalysis
 from torch import nn
 
@@ -11,14 +12,7 @@ from sparse_detr.analysis.reference_figures import reference_gflops
 from sparse_detr.config import get_preset
 from sparse_detr.models import MSDeformAttn, build_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Counting does not depend on threads, and on a busy machine small ops run faster on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # counting does not depend on threads
 
 
 def _analysis(module: nn.Module, *inputs) -> FlopCountAnalysis:
@@ -74,10 +68,9 @@ def test_scaled_dot_product_attention_counts_its_two_matrix_products():
     assert _analysis(Explicit(), *inputs).total() == 2 * 4 * 7 * 9 * (8 + 6)
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    torch.manual_seed(0)
-    return build_model(get_preset("tiny"))
+@pytest.fixture(scope="module", name="tiny_model")
+def tiny_model_fixture():
+    return tiny_model()
 
 
 def test_sparse_gflops_rise_with_the_keep_ratio(tiny_model):

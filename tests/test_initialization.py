@@ -6,6 +6,7 @@ import argparse
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from sparse_detr.checkpoint import save_checkpoint
 from sparse_detr.config import apply_overrides, get_preset
@@ -22,9 +23,7 @@ SHAPE_NAMES = {1: "circle", 2: "square", 3: "triangle", 4: "star", 5: "ring", 6:
 
 
 def tiny(num_classes: int, seed: int, **changes):
-    torch.manual_seed(seed)
-    config = apply_overrides(get_preset("tiny"), {"model.num_classes": num_classes, **changes})
-    return build_model(config)
+    return tiny_model({"model.num_classes": num_classes, **changes}, seed)
 
 
 @pytest.fixture(scope="module")

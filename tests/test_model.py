@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model
 
-from sparse_detr.config import apply_overrides, get_preset
+from sparse_detr.config import get_preset
 from sparse_detr.models.backbone import swin_from_official
 from sparse_detr.models.detector import build_model, pad_images
 from sparse_detr.models.postprocess import postprocess
@@ -21,11 +22,6 @@ PLAIN = {
     "model.use_enc_aux_loss": False,
 }
 TOPK_BBR = {"model.keep_ratio": 0.0, "model.use_enc_aux_loss": False}
-
-
-def tiny(overrides=None, seed=0):
-    torch.manual_seed(seed)
-    return build_model(apply_overrides(get_preset("tiny"), overrides or {}))
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +40,7 @@ def assert_detections(out, batch, queries, classes):
 
 
 def test_sparse_forward_outputs(padded_batch):
-    model = tiny().train()
+    model = tiny_model().train()
     m = model.config.model
     out = model(*padded_batch)
     layout, selection = out["layout"], out["selection"]
@@ -76,7 +72,7 @@ def test_sparse_forward_outputs(padded_batch):
 
 
 def test_loss_only_outputs_are_skipped_in_eval(padded_batch):
-    model = tiny().eval()
+    model = tiny_model().eval()
     with torch.no_grad():
         plain = model(*padded_batch)
         with_aux = model(*padded_batch, return_aux=True)
@@ -86,7 +82,7 @@ def test_loss_only_outputs_are_skipped_in_eval(padded_batch):
 
 
 def test_plain_preset_layout_and_forward(padded_batch):
-    model = tiny(PLAIN).train()
+    model = tiny_model(PLAIN).train()
     keys = model.state_dict().keys()
     assert "query_embed.weight" in keys and "transformer.reference_points.weight" in keys
     assert {k.split(".")[1] for k in keys if k.startswith("class_embed.")} == {"0"}
@@ -101,14 +97,14 @@ def test_plain_preset_layout_and_forward(padded_batch):
 
 
 def test_topk_bbr_preset_has_proposals_but_no_sparsity(padded_batch):
-    model = tiny(TOPK_BBR).train()
+    model = tiny_model(TOPK_BBR).train()
     assert len(model.class_embed) == model.config.model.dec_layers + 1
     out = model(*padded_batch)
     assert "enc_outputs" in out and not {"token_scores", "selection", "enc_aux_outputs"} & out.keys()
 
 
 def test_head_initialization():
-    model = tiny()
+    model = tiny_model()
     m = model.config.model
     assert len(model.class_embed) == len(model.bbox_embed) == m.dec_layers + 1 + m.enc_layers - 1
     for classes, boxes in zip(model.class_embed, model.bbox_embed):
@@ -118,7 +114,7 @@ def test_head_initialization():
 
 
 def test_mask_none_means_no_padding():
-    model = tiny().eval()
+    model = tiny_model().eval()
     images = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         a = model(images)
@@ -127,13 +123,13 @@ def test_mask_none_means_no_padding():
 
 
 def test_too_few_tokens_for_the_queries_is_a_clear_error():
-    model = tiny().eval()  # 50 queries; a 32x32 image gives 16 + 4 + 1 + 1 tokens
+    model = tiny_model().eval()  # 50 queries; a 32x32 image gives 16 + 4 + 1 + 1 tokens
     with pytest.raises(ValueError, match="fewer than the 50 queries"):
         model(torch.randn(1, 3, 32, 32))
 
 
 def test_float64(padded_batch):
-    model = tiny().double().eval()
+    model = tiny_model().double().eval()
     images, mask = padded_batch
     with torch.no_grad():
         out = model(images.double(), mask, return_aux=True)
@@ -143,7 +139,7 @@ def test_float64(padded_batch):
 
 
 def test_same_seed_same_model_and_outputs(padded_batch):
-    first, second = tiny(seed=3).eval(), tiny(seed=3).eval()
+    first, second = tiny_model(seed=3).eval(), tiny_model(seed=3).eval()
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(a, b), name
     with torch.no_grad():
@@ -151,14 +147,14 @@ def test_same_seed_same_model_and_outputs(padded_batch):
     for key in ("pred_logits", "pred_boxes", "token_scores"):
         assert torch.equal(a[key], b[key]), key
     assert torch.equal(a["selection"].indices, b["selection"].indices)
-    assert not torch.equal(tiny(seed=4).class_embed[0].weight, first.class_embed[0].weight)
+    assert not torch.equal(tiny_model(seed=4).class_embed[0].weight, first.class_embed[0].weight)
 
 
 def test_batch_composition_spec_9():
     """SPEC §9: outputs depend on the batch. An image that is the largest of its batch (no padding) gets
     the same outputs as alone: its scores, its count and k do not depend on the others. A padded image
     does not: its scoring network mean-pools over its padded tokens too, and the backbone sees padding."""
-    model = tiny().double().eval()
+    model = tiny_model().double().eval()
     generator = torch.Generator().manual_seed(2)
     large = torch.randn(3, 64, 128, generator=generator, dtype=torch.float64)
     small = torch.randn(3, 64, 64, generator=generator, dtype=torch.float64)

@@ -9,13 +9,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CATEGORIES, save_tiny_checkpoint
 from PIL import Image
 from pycocotools.coco import COCO
 from typer.testing import CliRunner
 
-from sparse_detr.checkpoint import checkpoint_categories, save_checkpoint
+from sparse_detr.checkpoint import checkpoint_categories
 from sparse_detr.cli import app
-from sparse_detr.config import apply_overrides, get_preset
 from sparse_detr.data.coco_categories import COCO_CATEGORY_NAMES
 from sparse_detr.data.synthetic import render_scene
 from sparse_detr.inference import (
@@ -24,19 +24,14 @@ from sparse_detr.inference import (
     image_ids_from_annotations,
     load_predictor,
 )
-from sparse_detr.models import build_model
 
 runner = CliRunner()
-CATEGORIES = {1: {"id": 11, "name": "disc"}, 2: {"id": 12, "name": "square"}, 3: {"id": 13, "name": "star"}}
+CATEGORIES = TINY_CATEGORIES
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    overrides = {"model.num_classes": 4, "model.num_queries": 20}
-    model = build_model(apply_overrides(get_preset("tiny"), overrides))
-    path = tmp_path_factory.mktemp("model") / "checkpoint.pth"
-    return save_checkpoint(path, model, categories=CATEGORIES, train_config={"image_size": 64})
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("model") / "checkpoint.pth")
 
 
 def _images(folder, count=2):

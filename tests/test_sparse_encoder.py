@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import unpadded_layout
+from conftest import tiny_model, unpadded_layout
 
 from sparse_detr.config import apply_overrides, get_preset
 from sparse_detr.models.detector import build_model, pad_images
@@ -13,10 +13,9 @@ from sparse_detr.models.scoring import ScoringNetwork, fill_padded_scores, keep_
 from sparse_detr.models.token_layout import TokenSelection
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    torch.manual_seed(0)
-    return build_model(get_preset("tiny")).eval()
+@pytest.fixture(scope="module", name="tiny_model")
+def tiny_model_fixture():
+    return tiny_model().eval()
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import save_tiny_checkpoint
 from PIL import Image
 from typer.testing import CliRunner
 
-from sparse_detr.checkpoint import save_checkpoint
 from sparse_detr.cli import app
-from sparse_detr.config import apply_overrides, get_preset
 from sparse_detr.data.synthetic import render_scene
 from sparse_detr.inference import load_predictor, resolve_checkpoint
-from sparse_detr.models import build_model
 from sparse_detr.models.scoring import keep_counts
 from sparse_detr.models.token_layout import TokenLayout, TokenSelection
 from sparse_detr.viz import (
@@ -29,16 +27,6 @@ from sparse_detr.viz import (
 
 runner = CliRunner()
 STRIDES = [8, 16, 32, 64]
-CATEGORIES = {1: {"id": 1, "name": "disc"}, 2: {"id": 2, "name": "square"}, 3: {"id": 3, "name": "star"}}
-
-
-def save_tiny_checkpoint(path, keep_ratio: float = 0.3):
-    """A random tiny model (3 classes + the unused slot 0) trained-for 64-pixel inputs, with categories."""
-    torch.manual_seed(0)
-    overrides = {"model.num_classes": 4, "model.num_queries": 20, "model.keep_ratio": keep_ratio}
-    model = build_model(apply_overrides(get_preset("tiny"), overrides))
-    return save_checkpoint(path, model, categories=CATEGORIES, train_config={"image_size": 64})
-
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):

@@ -85,7 +85,7 @@ def model_specs(
         if not Path(checkpoint).is_file():
             raise MissingFileError(f"checkpoint not found: {checkpoint}")
         base = ModelSpec(presets[0] if presets else None, None, str(checkpoint), overrides=overrides)
-        bases = [(base, base.build().keep_ratio > 0)]  # the file says whether the model can sparsify
+        bases = [(base, base.build().config.model.is_sparse)]  # the file says whether the model can sparsify
     elif not presets:
         raise UsageError("name at least one preset")
     else:

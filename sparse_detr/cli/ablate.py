@@ -12,8 +12,8 @@ from sparse_detr.cli._app import app, command, console, log_line, parse_list, pr
 @command(app)
 def ablate(
     experiment: Path | None = typer.Argument(None, help="Sweep file (experiments/*.toml); default: the built-in one."),
-    ranking: str | None = typer.Option(None, help="Comma-separated token rankings: dam, oam, random."),
-    rho: str | None = typer.Option(None, help="Comma-separated keep ratios to train at."),
+    rankings: str | None = typer.Option(None, "--ranking", help="Comma-separated token rankings: dam, oam, random."),
+    keep_ratios: str | None = typer.Option(None, "--rho", help="Comma-separated keep ratios to train at."),
     preset: str | None = typer.Option(None, help="Model preset (without a file: tiny, the default ablation)."),
     backbone: str | None = typer.Option(None, help="Backbone instead of the preset's (r50, swin-t, resnet18...)."),
     data: Path | None = typer.Option(None, help="Dataset folder: COCO 2017 (train2017/, val2017/, annotations/)."),
@@ -22,8 +22,12 @@ def ablate(
     baseline: bool | None = typer.Option(None, "--baseline/--no-baseline", help="Train the unsparsified baseline."),
     random: bool | None = typer.Option(None, "--random/--no-random", help="Also random tokens at each ρ."),
     no_enc_aux: bool | None = typer.Option(None, "--no-enc-aux", help="Also each run without the encoder aux loss."),
-    eval_rho: str | None = typer.Option(None, help="Comma-separated keep ratios for the inference-time sweep."),
-    eval_train_rho: float | None = typer.Option(None, help="Keep ratio of the inference-time sweep's model."),
+    eval_keep_ratios: str | None = typer.Option(
+        None, "--eval-rho", help="Comma-separated keep ratios for the inference-time sweep."
+    ),
+    eval_train_keep_ratio: float | None = typer.Option(
+        None, "--eval-train-rho", help="Keep ratio of the inference-time sweep's model."
+    ),
     name: str | None = typer.Option(None, help="Sweep name: reports/<name>, runs/ablate/<name>."),
     output: Path | None = typer.Option(None, help="Report folder (default reports/<name>)."),
     runs_dir: Path | None = typer.Option(None, help="Folder of the run folders (default runs/ablate/<name>)."),
@@ -40,19 +44,16 @@ def ablate(
     default ablation (sparse_detr/ablation/default.toml: tiny preset on the built-in dataset, about 30 minutes
     on 2 CPU cores), or with --preset that preset's own recipe at ρ 0.1...0.5; options change either.
     """
+    changes = dict(locals())  # the options named after sweep fields, taken before anything else
+    for option in ("experiment", "shard", "report_only"):
+        del changes[option]
     from sparse_detr.ablation import SweepError, parse_shard, resolve_sweep, run_ablation, write_sweep_report
     from sparse_detr.cli._app import plain
 
-    changes = plain({
-        "rankings": tuple(parse_list(ranking, str, "--ranking") or ()) or None,
-        "keep_ratios": tuple(parse_list(rho, float, "--rho") or ()) or None,
-        "eval_keep_ratios": tuple(parse_list(eval_rho, float, "--eval-rho") or ()) or None,
-        "eval_train_keep_ratio": eval_train_rho, "preset": preset, "backbone": backbone, "data": data,
-        "epochs": epochs, "iters_per_epoch": iters_per_epoch, "baseline": baseline, "random": random,
-        "no_enc_aux": no_enc_aux, "name": name, "output": output, "runs_dir": runs_dir, "device": device,
-        "workers": workers,
-    })  # fmt: skip
-    sweep = resolve_sweep(experiment, **changes)
+    for key, kind, option in (("rankings", str, "--ranking"), ("keep_ratios", float, "--rho"),
+                              ("eval_keep_ratios", float, "--eval-rho")):  # fmt: skip
+        changes[key] = tuple(parse_list(changes[key], kind, option) or ()) or None
+    sweep = resolve_sweep(experiment, **plain(changes))
     if report_only:
         report = write_sweep_report(sweep, log_line)
         if report is None:

@@ -228,7 +228,13 @@ def evaluate_checkpoint(
     Returns:
         ``{AP, AP50, ..., ARl}`` on every process.
     """
-    from sparse_detr.checkpoint import category_differences, model_from_checkpoint, read_checkpoint, stored_categories
+    from sparse_detr.checkpoint import (
+        category_differences,
+        model_from_checkpoint,
+        read_checkpoint,
+        stored_categories,
+        trained_image_size,
+    )
     from sparse_detr.data import CocoDetection, eval_transform
 
     info = distributed.init_distributed(device)
@@ -236,7 +242,7 @@ def evaluate_checkpoint(
     out = check_writable(output_dir if output_dir is not None else checkpoint.parent)
     content = read_checkpoint(checkpoint, trust_checkpoint=trust_checkpoint)
     if image_size is None:
-        image_size = int((content.get("train_config") or {}).get("image_size", 800))
+        image_size = trained_image_size(content)
     dataset = CocoDetection(val_images, val_ann, eval_transform(image_size))
     model = model_from_checkpoint(content, checkpoint, map_location=info.device, overrides=overrides)
     num_classes = model.config.model.num_classes

@@ -27,13 +27,13 @@ from sparse_detr.checkpoint import (
 from sparse_detr.config import train_recipe
 from sparse_detr.data import eval_transform, load_coco_annotations, load_rgb_image
 from sparse_detr.engine.evaluate import coco_results
+from sparse_detr.engine.run_config import DEFAULT_PRESET
 from sparse_detr.errors import InputError, MissingFileError
 from sparse_detr.models import DeformableDETR, pad_images
 from sparse_detr.utils.device import resolve_device
 from sparse_detr.utils.io import atomic_write_text, check_writable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-DEFAULT_PRESET = "tiny"  # what a bare `sdetr train` trains
 
 
 def default_checkpoint() -> Path:

@@ -29,6 +29,7 @@ from sparse_detr.config import (
     train_recipe,
 )
 from sparse_detr.data.source import DataSource
+from sparse_detr.engine.run_config import DEFAULT_PRESET
 from sparse_detr.errors import ConfigError
 
 # set by each run, so a sweep may not fix them for all runs
@@ -117,7 +118,7 @@ class Sweep:
     """
 
     name: str = "default"
-    preset: str = "tiny"
+    preset: str = DEFAULT_PRESET
     backbone: str | None = None
     rankings: tuple[str, ...] = ("dam",)
     keep_ratios: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)

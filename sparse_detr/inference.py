@@ -26,10 +26,13 @@ from sparse_detr.checkpoint import (
 )
 from sparse_detr.config import train_recipe
 from sparse_detr.data import eval_transform, load_coco_annotations, load_rgb_image
-from sparse_detr.engine.evaluate import coco_results
+from sparse_detr.data.transforms import COCO_EVAL_SIZE
+from sparse_detr.engine.evaluate import coco_detections, coco_results
 from sparse_detr.engine.run_config import DEFAULT_PRESET
-from sparse_detr.errors import InputError, MissingFileError
+from sparse_detr.errors import InputError, MissingFileError, UsageError
+from sparse_detr.export import OnnxDetector
 from sparse_detr.models import DeformableDETR, pad_images
+from sparse_detr.models.fast_inference import InferenceModel, prepare_for_inference
 from sparse_detr.utils.device import resolve_device
 from sparse_detr.utils.io import atomic_write_text, check_writable
 
@@ -120,9 +123,10 @@ class InputImage:
 
 @dataclass
 class Predictor:
-    """A checkpoint ready for inference at shorter side ``image_size``."""
+    """A checkpoint (prepared for inference: see :func:`~sparse_detr.models.prepare_for_inference`) or an
+    exported ONNX file (run by onnxruntime) ready for inference at shorter side ``image_size``."""
 
-    model: DeformableDETR
+    runner: InferenceModel | OnnxDetector
     categories: dict[int, Category]
     image_size: int
     device: torch.device
@@ -132,6 +136,17 @@ class Predictor:
 
     def __post_init__(self) -> None:
         self.transform = eval_transform(self.image_size)
+
+    @property
+    def model(self) -> DeformableDETR:
+        """The PyTorch detector (its config, keep ratio and scoring network).
+
+        Raises:
+            UsageError: the predictor runs an ONNX file.
+        """
+        if isinstance(self.runner, OnnxDetector):
+            raise UsageError(f"{self.checkpoint} is an ONNX file: this needs the PyTorch checkpoint")
+        return self.runner.model
 
     def read_image(self, path: str | Path) -> InputImage:
         """Load ``path`` (any PIL mode, EXIF orientation applied) and resize it as in evaluation.
@@ -153,17 +168,21 @@ class Predictor:
     def run(
         self, images: Sequence[InputImage], keep_ratio: float | None = None, warm_up: bool = False
     ) -> tuple[dict, float]:
-        """Model outputs for the padded batch of ``images`` (see ``DeformableDETR.forward``) and the
-        seconds the forward pass took (device synchronized). With ``warm_up``, the predictor's first run
-        does one untimed pass before (lazy CUDA and allocator set-up would count otherwise)."""
+        """Model outputs for the padded batch of ``images`` (see ``DeformableDETR.forward``; an ONNX file's
+        named outputs) and the seconds the forward pass took (device synchronized). With ``warm_up``, the
+        predictor's first run does one untimed pass before (lazy CUDA and allocator set-up would count
+        otherwise)."""
         batch, mask = pad_images([image.tensor for image in images])
         batch, mask = batch.to(self.device), mask.to(self.device)
+        extra = {"keep_ratio": keep_ratio}
+        if isinstance(self.runner, OnnxDetector) and self.runner.takes_original_sizes:
+            extra["orig_sizes"] = torch.tensor([image.original_size for image in images])
         if warm_up and not self.warmed_up:
-            self.model(batch, mask, keep_ratio=keep_ratio)
+            self.runner(batch, mask, **extra)
             self.warmed_up = True
         _synchronize(self.device)
         tic = time.perf_counter()
-        outputs = self.model(batch, mask, keep_ratio=keep_ratio)
+        outputs = self.runner(batch, mask, **extra)
         _synchronize(self.device)
         return outputs, time.perf_counter() - tic
 
@@ -177,7 +196,12 @@ class Predictor:
         label_to_category_id = {label: category.id for label, category in self.categories.items()}
         names = {category.id: category.name for category in self.categories.values()}
         paths = dict(zip(image_ids, (str(image.path) for image in images)))
-        results = coco_results(outputs, image_ids, sizes, label_to_category_id, threshold=threshold)
+        if "scores" in outputs:  # an ONNX graph that ends in post-processing
+            per_image = [dict(zip(("scores", "labels", "boxes"), values))
+                         for values in zip(outputs["scores"], outputs["labels"], outputs["boxes"])]  # fmt: skip
+            results = coco_detections(per_image, image_ids, label_to_category_id, threshold)
+        else:
+            results = coco_results(outputs, image_ids, sizes, label_to_category_id, threshold=threshold)
         return [
             {**result, "category_name": names[result["category_id"]], "file_name": paths[result["image_id"]]}
             for result in results
@@ -195,14 +219,18 @@ def load_predictor(
     image_size: int | None = None,
     keep_ratio: float | None = None,
     trust_checkpoint: bool = False,
+    amp: str | None = None,
+    compile: bool = False,
+    fast: bool = True,
 ) -> Predictor:
     """The model of ``checkpoint`` (see :func:`resolve_checkpoint`) on ``device`` (default cuda when
-    available) in eval mode, with its class names.
+    available), prepared for inference, with its class names.
 
     Args:
         image_size: shorter side of the model input; default the run's ``train_config.image_size``,
             else 800.
         keep_ratio: encoder keep ratio ρ instead of the trained one (0: every token, no scoring).
+        amp, compile, fast: how the model runs, see :func:`~sparse_detr.models.prepare_for_inference`.
     """
     path = resolve_checkpoint(checkpoint)
     device = resolve_device(device)
@@ -213,7 +241,16 @@ def load_predictor(
     if keep_ratio is not None:
         model.set_keep_ratio(keep_ratio)
     categories = checkpoint_categories(content, model.config.model.num_classes)
-    return Predictor(model, categories, image_size, device, path)
+    return Predictor(prepare_for_inference(model, amp, compile, fast), categories, image_size, device, path)
+
+
+def load_onnx_predictor(path: str | Path, image_size: int | None = None, threads: int | None = None) -> Predictor:
+    """An ONNX file written by ``sdetr export`` run with onnxruntime on the CPU, with the classes and image
+    size (default the trained one) stored in it; see :class:`~sparse_detr.export.OnnxDetector`."""
+    detector = OnnxDetector(path, threads=threads)
+    if image_size is None:
+        image_size = int(detector.metadata.get("image_size", COCO_EVAL_SIZE))
+    return Predictor(detector, detector.categories, image_size, torch.device("cpu"), Path(path))
 
 
 def image_ids_from_annotations(annotations: str | Path, paths: Sequence[Path]) -> list[int]:
@@ -273,11 +310,15 @@ def predict_files(
     device: str | None = None,
     image_size: int | None = None,
     track: Callable[[Iterable], Iterable] = iter,
+    amp: str | None = None,
+    compile: bool = False,
+    onnx: str | Path | None = None,
 ) -> tuple[list[dict[str, Any]], dict[Path, str], list[Path]]:
     """``sdetr predict``: detect objects in the image files, folders or glob patterns ``inputs`` with
-    ``checkpoint`` (see :func:`load_predictor`) and write the COCO results JSON ``out`` (what finished, even
-    when some images fail). Image ids come from the instances file ``annotations`` (matched by file name),
-    else 1..N.
+    ``checkpoint`` (see :func:`load_predictor`; ``amp`` and ``compile`` choose how it runs) or the exported
+    file ``onnx`` (see :func:`load_onnx_predictor`) and write the COCO results JSON ``out`` (what finished,
+    even when some images fail). Image ids come from the instances file ``annotations`` (matched by file
+    name), else 1..N.
 
     Returns:
         the results, the images that failed with their reason, and the image paths.
@@ -285,7 +326,14 @@ def predict_files(
     paths = expand_image_paths(inputs)
     check_writable(Path(out).parent)
     image_ids = image_ids_from_annotations(annotations, paths) if annotations is not None else None
-    predictor = load_predictor(checkpoint, device, image_size, keep_ratio=keep_ratio)
+    if onnx is not None:
+        if checkpoint is not None or amp is not None or compile:
+            raise UsageError("--onnx runs the exported file: leave out --checkpoint, --amp and --compile")
+        predictor = load_onnx_predictor(onnx, image_size)
+        if keep_ratio is not None and keep_ratio != predictor.runner.keep_ratio:
+            raise UsageError(f"{onnx} encodes with keep ratio {predictor.runner.keep_ratio:g}, fixed at export")
+    else:
+        predictor = load_predictor(checkpoint, device, image_size, keep_ratio, amp=amp, compile=compile)
     results, failures = predict_images(predictor, paths, threshold, image_ids, track)
     atomic_write_text(out, json.dumps(results, indent=1))
     return results, failures, paths

@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from sparse_detr.analysis.benchmark import model_specs, parameter_counts
 from sparse_detr.analysis.fps import measure_fps
+from sparse_detr.models import prepare_for_inference
 from sparse_detr.analysis.latency import ModelSpec, Timing, measure_fps_isolated
 from sparse_detr.analysis.reference_figures import REFERENCE_PUBLISHED_PARAMS, reference_preset
 from sparse_detr.cli import app
@@ -132,7 +133,9 @@ def test_measure_fps_cycles_distinct_images_and_restores_the_mode():
     assert result.iters == 3 and result.batch_size == 2 and result.fps_min <= result.fps <= result.fps_max
     assert result.device == "cpu" and result.dtype == "float32" and result.peak_memory_mib > 0
     with pytest.raises(ValueError, match="amp"):
-        measure_fps(model, images, 1, amp="int8")
+        prepare_for_inference(model, amp="int8")
+    prepared = measure_fps(prepare_for_inference(model, amp="bf16"), images, batch_size=1, warmup=0, iters=1)
+    assert prepared.dtype == "bfloat16 autocast"
 
 
 @pytest.mark.slow

@@ -25,13 +25,14 @@ ALLOWED = {
     "checkpoint": BASE | {"config", "models", "data"},
     "zoo": BASE | {"config", "models", "data", "checkpoint"},
     "engine": BASE | {"ops", "config", "models", "data", "checkpoint", "zoo"},
-    "inference": BASE | {"ops", "config", "models", "data", "checkpoint", "zoo", "engine"},
+    "export": BASE | {"ops", "config", "models", "data", "checkpoint", "zoo"},
+    "inference": BASE | {"ops", "config", "models", "data", "checkpoint", "zoo", "engine", "export"},
     "doctor": BASE | {"ops"},
     "analysis": BASE | {"ops", "config", "models", "data", "checkpoint", "zoo", "engine"},
-    "viz": BASE | {"ops", "config", "models", "data", "checkpoint", "zoo", "engine", "inference"},
+    "viz": BASE | {"ops", "config", "models", "data", "checkpoint", "zoo", "engine", "export", "inference"},
     "ablation": BASE | {"ops", "config", "models", "data", "checkpoint", "zoo", "engine", "analysis"},
     "cli": {part for part in ("errors", "utils", "ops", "config", "models", "data", "checkpoint", "zoo", "engine",
-                              "inference", "doctor", "analysis", "viz", "ablation")},  # fmt: skip
+                              "export", "inference", "doctor", "analysis", "viz", "ablation")},  # fmt: skip
 }
 
 

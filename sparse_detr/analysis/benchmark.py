@@ -20,6 +20,7 @@ from sparse_detr.analysis.reference_figures import (
     reference_published_params,
 )
 from sparse_detr.errors import MissingFileError, UsageError
+from sparse_detr.utils.cpu import cpu_description, cpu_isa, cpu_model
 from sparse_detr.utils.io import check_writable
 
 BENCHMARK_STEM = "benchmark"
@@ -171,7 +172,9 @@ def run_benchmark(
     ``gflops_as_reference``, ``gflops_reference``, ``gflops_reference_with_aux``, ``gflops_diff_pct``
     (``gflops`` against ``gflops_reference``); with FPS, per batch size b ``fps_bs{b}``,
     ``fps_bs{b}_min``, ``fps_bs{b}_max``, ``peak_memory_mib_bs{b}``, then ``peak_memory_mib``; always
-    ``device``, ``dtype``, ``threads``; with FPS ``fps_iters``, ``fps_warmup``.
+    ``device``, ``dtype``, ``threads``; with FPS ``fps_iters``, ``fps_warmup`` and ``mode`` (the inference
+    path, see :attr:`~sparse_detr.analysis.latency.Timing.mode`); on CPU ``cpu`` (its model) and ``cpu_isa``
+    (its AVX2/AVX-512/AVX512-BF16/AMX extensions).
     """
     from sparse_detr.analysis.flops import PARTS
 
@@ -211,11 +214,13 @@ def run_benchmark(
             for op, occurrences in count.skipped.items():
                 skipped[op] = max(skipped.get(op, 0), occurrences)
         if options.fps:
-            row.update(_fps_columns(_time(spec, model, images, options)))
+            row.update(_fps_columns(_time(spec, model, images, options)), mode=options.timing.mode)
         else:
             dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
             device = torch.device(options.timing.device)
             row.update(device=device_name(device), dtype=dtype, threads=torch.get_num_threads())
+        if torch.device(options.timing.device).type == "cpu":
+            row.update(cpu=cpu_model(), cpu_isa=" ".join(cpu_isa()))
         rows.append(row)
         del model
     parts_table = pd.DataFrame(parts)
@@ -251,6 +256,16 @@ def report_notes(frame: pd.DataFrame, options: BenchmarkOptions, source: str, sk
     if options.fps and "fps_iters" in frame:
         iters, warmup = int(frame["fps_iters"].iloc[0]), int(frame["fps_warmup"].iloc[0])
         device = torch.device(options.timing.device).type
+        notes.append(
+            f"Inference path: {options.timing.mode} ("
+            + ("frozen BatchNorm folded into the convolutions, channels_last backbone" if options.timing.fast
+               else "the model as built")
+            + (f", {options.timing.amp} autocast" if options.timing.amp else "")
+            + (", torch.compile with freezing, compiled in the warm-up" if options.timing.compile else "")
+            + "; see docs/PERFORMANCE.md)."
+        )  # fmt: skip
+        if device == "cpu":
+            notes.append(f"CPU: {cpu_description()}, {int(frame['threads'].iloc[0])} thread(s).")
         notes.append(
             f"FPS: images per second, median over {iters} timed forward passes after {warmup} warm-up "
             f"pass{'' if warmup == 1 else 'es'} (min and max beside it); "

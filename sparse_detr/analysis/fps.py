@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sparse_detr.models.detector import pad_images
-from sparse_detr.utils.precision import AMP_DTYPES, autocast
+from sparse_detr.models.fast_inference import InferenceModel
 
 DEFAULT_ITERS = {"cuda": 50, "cpu": 5}
 DEFAULT_WARMUP = {"cuda": 5, "cpu": 1}
@@ -115,53 +115,48 @@ class Timer:
 
 
 def measure_fps(
-    model: nn.Module,
+    model: nn.Module | InferenceModel,
     images: torch.Tensor | Sequence[torch.Tensor],
     batch_size: int,
     warmup: int | None = None,
     iters: int | None = None,
-    amp: str | None = None,
-    compile: bool = False,
 ) -> FpsResult:
-    """Time ``model`` in eval mode without gradients (its mode is restored afterwards).
+    """Time ``model`` in eval mode without gradients (a detector's mode is restored afterwards).
 
     Args:
-        model: the detector, on the device to time.
+        model: the detector as it is, or prepared by
+            :func:`~sparse_detr.models.fast_inference.prepare_for_inference` (fast path, autocast, compile),
+            on the device to time.
         images: a list of (3, H, W) images (batches cycle through them, so distinct images are timed when
             there are enough), an (N, 3, H, W) tensor (the same), or one (3, H, W) image repeated.
             Batches are padded and moved to the model's device before timing.
         batch_size: images per forward pass.
         warmup: untimed passes first (default 5 on GPU, 1 on CPU; ``torch.compile`` compiles in them).
         iters: timed passes (default 50 on GPU, 5 on CPU).
-        amp: ``"bf16"`` or ``"fp16"`` to run under ``torch.autocast``, None for the model's dtype.
-        compile: time ``torch.compile(model)``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    amp_context = autocast(next(model.parameters()).device, amp)  # checks amp first
-    parameter = next(model.parameters())
-    device = parameter.device
+    runner = model if isinstance(model, InferenceModel) else InferenceModel(model, model, amp=None)
+    device = runner.device
     warmup = DEFAULT_WARMUP.get(device.type, 1) if warmup is None else warmup
     iters = DEFAULT_ITERS.get(device.type, 5) if iters is None else iters
     if iters < 1 or warmup < 0:
         raise ValueError(f"iters must be at least 1 and warmup at least 0, got {iters} and {warmup}")
     batches = _batches(_as_image_list(images), batch_size, device)
-    runner = torch.compile(model) if compile else model
-    was_training = model.training
-    model.eval()
+    was_training = runner.model.training
+    runner.model.eval()
     seconds = []
     try:
-        with torch.no_grad(), amp_context:
-            for step in range(warmup + iters):
-                batch, mask = batches[step % len(batches)]
-                if step == warmup and device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                with Timer(device) as timer:
-                    runner(batch, mask)
-                if step >= warmup:
-                    seconds.append(timer.seconds)
+        for step in range(warmup + iters):
+            batch, mask = batches[step % len(batches)]
+            if step == warmup and device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            with Timer(device) as timer:
+                runner(batch, mask)
+            if step >= warmup:
+                seconds.append(timer.seconds)
     finally:
-        model.train(was_training)
+        runner.model.train(was_training)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
@@ -180,8 +175,6 @@ def measure_fps(
         batch_size=batch_size,
         peak_memory_mib=peak,
         device=device_name(device),
-        dtype=f"{str(AMP_DTYPES[amp]).removeprefix('torch.')} autocast"
-        if amp
-        else str(parameter.dtype).removeprefix("torch."),
+        dtype=runner.dtype,
         threads=torch.get_num_threads(),
     )

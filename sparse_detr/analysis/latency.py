@@ -61,8 +61,9 @@ class ModelSpec:
 class Timing:
     """How a model is timed: at every batch size of ``batch_sizes`` (ascending, so that the CPU peak
     resident set read after each is that batch size's), ``warmup`` untimed and ``iters`` timed passes (None:
-    the device's default), under ``amp`` autocast, with ``torch.compile``, on ``device`` with ``threads``
-    CPU threads (None: torch's)."""
+    the device's default), prepared for inference as ``fast``, ``amp`` and ``compile`` say (see
+    :func:`~sparse_detr.models.fast_inference.prepare_for_inference`), on ``device`` with ``threads`` CPU
+    threads (None: torch's)."""
 
     batch_sizes: tuple[int, ...] = (1,)
     warmup: int | None = None
@@ -71,19 +72,27 @@ class Timing:
     compile: bool = False
     device: str = "cpu"
     threads: int | None = None
+    fast: bool = True
+
+    @property
+    def mode(self) -> str:
+        """The inference path in a few words: ``fast float32``, ``fast bf16 compiled``, ``plain float32``."""
+        words = ["fast" if self.fast else "plain", self.amp or "float32"]
+        return " ".join(words + (["compiled"] if self.compile else []))
 
     def __post_init__(self) -> None:
         if self.amp is not None and self.amp not in AMP_DTYPES:
             raise UsageError(f"--amp must be bf16 or fp16, got {self.amp!r}")
 
     def measure(self, model, images: list[torch.Tensor]) -> list[FpsResult]:
-        """:func:`~sparse_detr.analysis.fps.measure_fps` of ``model`` at every batch size, in this process."""
+        """:func:`~sparse_detr.analysis.fps.measure_fps` of ``model`` at every batch size, in this process
+        (``model`` is prepared for inference in place: measure it last)."""
+        from sparse_detr.models.fast_inference import prepare_for_inference
+
         if self.threads:
             torch.set_num_threads(self.threads)
-        return [
-            measure_fps(model, images, batch_size, self.warmup, self.iters, self.amp, self.compile)
-            for batch_size in sorted(self.batch_sizes)
-        ]
+        runner = prepare_for_inference(model, self.amp, self.compile, self.fast)
+        return [measure_fps(runner, images, batch_size, self.warmup, self.iters) for batch_size in sorted(self.batch_sizes)]
 
 
 @dataclass(frozen=True)

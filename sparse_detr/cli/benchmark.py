@@ -41,7 +41,10 @@ def benchmark(
     ),
     warmup: int | None = typer.Option(None, min=0, help="Untimed passes first (default 5 on GPU, 1 on CPU)."),
     amp: str | None = typer.Option(None, help="Time under autocast: bf16 or fp16."),
-    compile: bool = typer.Option(False, "--compile", help="Time torch.compile(model)."),
+    compile: bool = typer.Option(False, "--compile", help="Time torch.compile(model) (with freezing)."),
+    fast: bool = typer.Option(
+        True, "--fast/--plain", help="Fold the frozen BatchNorms and use channels_last (--plain: the model as built)."
+    ),
     isolate: bool | None = typer.Option(
         None, "--isolate/--no-isolate", help="Time each model in a fresh process (default: on CPU, for peak RSS)."
     ),
@@ -66,7 +69,7 @@ def benchmark(
     sizes = parse_list(batch_sizes, int, "--batch-sizes")
     if not sizes or min(sizes) < 1:
         raise UsageError(f"--batch-sizes needs positive integers, got {batch_sizes!r}")
-    timing = Timing(tuple(sorted(set(sizes))), warmup, iters, amp, compile, device, threads)
+    timing = Timing(tuple(sorted(set(sizes))), warmup, iters, amp, compile, device, threads, fast)
     options = bench.BenchmarkOptions(flops, fps, timing, isolate)
     presets = parse_list(preset, str, "--preset") or ([] if checkpoint else parse_list(DEFAULT_PRESETS))
     inputs = bench.BenchmarkInputs(parse_size(input_size) if images is None else None, images)

@@ -28,6 +28,8 @@ def evaluate(
     ),
     image_size: int | None = typer.Option(None, help="Shorter side (default: the run's, else 800)."),
     device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    amp: str | None = typer.Option(None, help="Run under autocast: bf16 (CPUs with AMX, GPUs) or fp16 (GPUs)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (compiles per image size)."),
     workers: int | None = typer.Option(None, min=0, help="Data loading processes (default 2)."),
     allow_other_categories: bool | None = typer.Option(
         None, "--allow-other-categories", help="Evaluate although the checkpoint names other categories."
@@ -43,14 +45,14 @@ def evaluate(
     eval_batch_size, workers and device apply.
     """
     fields = dict(locals())  # the options named after configuration fields, taken before anything else
-    for name in ("checkpoint", "config_file", "settings", "output_dir"):
+    for name in ("checkpoint", "config_file", "settings", "output_dir", "compile"):
         del fields[name]
     from sparse_detr.engine import format_metrics
     from sparse_detr.engine.evaluate import evaluate_settings
     from sparse_detr.engine.run_config import merged_settings, option_settings
 
     resolved = merged_settings(config_file, settings or (), option_settings(fields))
-    console.print(format_metrics(evaluate_settings(checkpoint, resolved, output_dir)))
+    console.print(format_metrics(evaluate_settings(checkpoint, resolved, output_dir, compile)))
 
 
 @command(app)
@@ -70,6 +72,11 @@ def predict(
     image_size: int | None = typer.Option(
         None, min=16, help="Shorter side the model sees (default: the run's, else 800)."
     ),
+    amp: str | None = typer.Option(None, help="Run under autocast: bf16 (CPUs with AMX, GPUs) or fp16 (GPUs)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (compiles per image size)."),
+    onnx: Path | None = typer.Option(
+        None, help="Run this file from `sdetr export` with onnxruntime instead of a checkpoint."
+    ),
 ) -> None:
     """Detect objects in images: COCO results JSON (image_id, category_id, bbox [x, y, w, h] in pixels, score,
     plus category_name and file_name) and a table on screen. One image that fails costs that image only."""
@@ -81,7 +88,7 @@ def predict(
         raise UsageError(f"{out} exists: pass --force to overwrite it or choose another --out")
     results, failures, paths = predict_files(
         images, checkpoint, out, threshold, ann, rho, device, image_size,
-        track=lambda items: track(items, "detecting", console=console),
+        track=lambda items: track(items, "detecting", console=console), amp=amp, compile=compile, onnx=onnx,
     )  # fmt: skip
     shown = 50
     table = Table(title=f"detections scoring at least {threshold:g}")

@@ -21,6 +21,7 @@ from sparse_detr.engine import distributed
 from sparse_detr.engine.sampling import BlockBatchSampler
 from sparse_detr.errors import InputError, UsageError
 from sparse_detr.models import postprocess
+from sparse_detr.models.fast_inference import InferenceModel, prepare_for_inference
 from sparse_detr.utils.io import atomic_write_text, check_writable
 
 MAX_DETECTIONS = 100  # per image, as COCO evaluation counts them
@@ -44,7 +45,7 @@ _DESCRIPTIONS = (
 
 @torch.no_grad()
 def predict(
-    model: nn.Module,
+    model: nn.Module | InferenceModel,
     data_loader: Iterable,
     label_to_category_id: Mapping[int, int],
     device: torch.device | str,
@@ -54,9 +55,11 @@ def predict(
     the ids of the images it saw. Labels without a category (unused slots) are left out.
 
     Batches the data set could not fill (None: unreadable images) are passed over, and so are batches the
-    model cannot take (images too small for its queries), with a warning.
+    model cannot take (images too small for its queries), with a warning. ``model``: the detector (put in
+    eval mode) or one prepared by :func:`~sparse_detr.models.prepare_for_inference`.
     """
-    model.eval()
+    if isinstance(model, nn.Module):
+        model.eval()
     detections, image_ids = [], []
     for batch in data_loader:
         outputs = None if batch is None else _forward(model, *batch, device)
@@ -69,7 +72,7 @@ def predict(
     return detections, image_ids
 
 
-def _forward(model: nn.Module, images, mask, targets, device) -> dict | None:
+def _forward(model: nn.Module | InferenceModel, images, mask, targets, device) -> dict | None:
     """The outputs of a batch, or None with a warning when the model cannot take it (the padded batch is
     too small for its queries: then each of its images is too)."""
     try:
@@ -92,9 +95,21 @@ def coco_results(
     pixels of ``sizes`` (N, 2) (height, width of each original image) and ``score``; best first, at most
     ``top_k`` per image. Labels without a category (unused slots) and scores below ``threshold`` are left
     out; numbers are not rounded (COCOeval scores the numbers the model gave)."""
-    detections = []
     pairs = outputs["pred_logits"].shape[1] * outputs["pred_logits"].shape[2]
-    for image_id, result in zip(image_ids, postprocess(outputs, sizes, top_k=min(top_k, pairs))):
+    results = postprocess(outputs, sizes, top_k=min(top_k, pairs))
+    return coco_detections(results, image_ids, label_to_category_id, threshold)
+
+
+def coco_detections(
+    results: Iterable[Mapping[str, torch.Tensor]],
+    image_ids: Sequence[int],
+    label_to_category_id: Mapping[int, int],
+    threshold: float = 0.0,
+) -> list[dict[str, Any]]:
+    """COCO results of per-image detections (``scores``, ``labels``, ``boxes`` xyxy in pixels, as
+    :func:`~sparse_detr.models.postprocess` gives them), best first; see :func:`coco_results`."""
+    detections = []
+    for image_id, result in zip(image_ids, results):
         boxes = result["boxes"].float().cpu()
         boxes[:, 2:] -= boxes[:, :2]  # xyxy -> xywh
         for score, label, box in zip(result["scores"].tolist(), result["labels"].tolist(), boxes.tolist()):
@@ -138,14 +153,14 @@ def _empty_results(coco_gt: COCO) -> COCO:
 
 
 def evaluate(
-    model: nn.Module,
+    model: nn.Module | InferenceModel,
     data_loader: Iterable,
     coco_gt: COCO,
     label_to_category_id: Mapping[int, int],
     device: torch.device | str,
     detections_file: str | Path | None = None,
 ) -> dict[str, float]:
-    """COCO box metrics of ``model`` on ``data_loader`` (batches of ``collate``: images, mask, targets with
+    """COCO box metrics of ``model`` (see :func:`predict`) on ``data_loader`` (batches of ``collate``: images, mask, targets with
     ``image_id`` and ``orig_size``).
 
     Images the data set or the model could not take are left out, with a warning that counts them: the
@@ -210,8 +225,13 @@ def evaluate_checkpoint(
     trust_checkpoint: bool = False,
     overrides: Mapping[str, Any] | None = None,
     allow_other_categories: bool = False,
+    amp: str | None = None,
+    compile: bool = False,
+    fast: bool = True,
 ) -> dict[str, float]:
-    """Evaluate a checkpoint file (this project's or a released one) on a COCO-format split.
+    """Evaluate a checkpoint file (this project's or a released one) on a COCO-format split, the model
+    prepared for inference as ``amp``, ``compile`` and ``fast`` say (see
+    :func:`~sparse_detr.models.prepare_for_inference`).
 
     Args:
         keep_ratio: the encoder keep ratio ρ at inference instead of the checkpoint's.
@@ -264,22 +284,27 @@ def evaluate_checkpoint(
         model.set_keep_ratio(keep_ratio)
     name = checkpoint.stem + (f"_rho{keep_ratio:g}" if keep_ratio is not None else "")
     loader = build_eval_loader(dataset, batch_size, workers)
+    runner = prepare_for_inference(model, amp, compile, fast)
     metrics = evaluate(
-        model, loader, dataset.coco, dataset.label_to_category_id, info.device, out / f"detections_{name}.json"
+        runner, loader, dataset.coco, dataset.label_to_category_id, info.device, out / f"detections_{name}.json"
     )
     if info.is_main:
-        extra = {"checkpoint": str(checkpoint), "keep_ratio": model.keep_ratio, "image_size": image_size}
+        extra = {"checkpoint": str(checkpoint), "keep_ratio": model.keep_ratio, "image_size": image_size,
+                 "inference": runner.dtype + (", compiled" if compile else "") + ("" if fast else ", plain")}  # fmt: skip
         atomic_write_text(out / f"eval_{name}.json", metrics_json(metrics, **extra))
     return metrics
 
 
-def evaluate_settings(checkpoint: str | Path, settings: Mapping[str, Any], output_dir: str | Path | None = None):
+def evaluate_settings(
+    checkpoint: str | Path, settings: Mapping[str, Any], output_dir: str | Path | None = None, compile: bool = False
+):
     """Evaluate a checkpoint file, run folder or zoo name as dotted ``settings`` say (the keys of
     :mod:`~sparse_detr.engine.run_config`, a run's ``config.toml`` included): ``data.*`` names the split (the
     built-in one by default), ``model.*`` / ``loss.*`` change the loaded model (``model.keep_ratio`` runs it at
     another ρ), and ``train.image_size``, ``eval_batch_size`` (default 2, as the reference),
-    ``workers``, ``device`` and ``allow_other_categories`` apply. Results go to ``output_dir`` (default the
-    checkpoint's folder; ``runs/eval/<name>`` for a zoo name). Returns the metrics."""
+    ``workers``, ``device``, ``amp`` (autocast at inference) and ``allow_other_categories`` apply; ``compile``
+    runs ``torch.compile``. Results go to ``output_dir`` (default the checkpoint's folder; ``runs/eval/<name>``
+    for a zoo name). Returns the metrics."""
     from sparse_detr.data.source import DataSource
     from sparse_detr.engine.run_config import section
     from sparse_detr.zoo import ZOO, resolve_checkpoint
@@ -294,4 +319,5 @@ def evaluate_settings(checkpoint: str | Path, settings: Mapping[str, Any], outpu
         keep_ratio=overrides.pop("model.keep_ratio", None), batch_size=train.get("eval_batch_size", 2),
         image_size=train.get("image_size"), device=train.get("device"), workers=train.get("workers", 2),
         overrides=overrides, allow_other_categories=train.get("allow_other_categories", False),
+        amp=train.get("amp"), compile=compile,
     )  # fmt: skip

@@ -10,6 +10,7 @@ from sparse_detr.models.backbone_weights import (
 from sparse_detr.models.criterion import SetCriterion, build_criterion, build_weight_dict
 from sparse_detr.models.deformable_attention import MSDeformAttn
 from sparse_detr.models.detector import DeformableDETR, build_model, pad_images
+from sparse_detr.models.fast_inference import InferenceModel, fold_batch_norms, prepare_for_inference
 from sparse_detr.models.heads import HeadSlots
 from sparse_detr.models.matcher import HungarianMatcher
 from sparse_detr.models.outputs import Detections, DetectorOutputs
@@ -23,6 +24,7 @@ __all__ = [
     "DetectorOutputs",
     "HeadSlots",
     "HungarianMatcher",
+    "InferenceModel",
     "MSDeformAttn",
     "SetCriterion",
     "TokenLayout",
@@ -35,7 +37,9 @@ __all__ = [
     "check_backbone_trainable",
     "decoder_attention_map",
     "fill_padded_tokens",
+    "fold_batch_norms",
     "pad_images",
     "postprocess",
+    "prepare_for_inference",
     "resolve_backbone_weights",
 ]

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sparse_detr.config import Config
@@ -35,6 +34,22 @@ def pad_images(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
         padded[:, : image.shape[1], : image.shape[2]].copy_(image)
         image_mask[: image.shape[1], : image.shape[2]] = False
     return batch, mask
+
+
+def _nearest_indices(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
+    """(out_size,) int64 source index of every output index under nearest resizing, computed as
+    ``F.interpolate(mode="nearest")`` does (float32 scale in / out, floored, clamped); written out so that
+    an exported graph gives the same indices (ONNX Resize rounds ``i / (out / in)`` differently)."""
+    scale = torch.full((), in_size, dtype=torch.float32, device=device) / out_size
+    index = (torch.arange(out_size, dtype=torch.float32, device=device) * scale).floor().to(torch.int64)
+    return index.clamp(max=in_size - 1)
+
+
+def downsample_mask(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(N, H, W) bool padding mask -> (N, h, w), nearest neighbour (the reference's ``F.interpolate``)."""
+    rows = _nearest_indices(mask.shape[1], size[0], mask.device)
+    cols = _nearest_indices(mask.shape[2], size[1], mask.device)
+    return mask[:, rows][:, :, cols]
 
 
 def _input_projections(in_channels: list[int], hidden_dim: int, num_levels: int) -> nn.ModuleList:
@@ -117,7 +132,7 @@ class DeformableDETR(nn.Module):
         srcs = [projection(feature) for projection, feature in zip(self.input_proj, features)]
         for projection in self.input_proj[len(features) :]:
             srcs.append(projection(features[-1] if len(srcs) == len(features) else srcs[-1]))
-        masks = [F.interpolate(mask[None].float(), size=src.shape[-2:]).to(torch.bool)[0] for src in srcs]
+        masks = [downsample_mask(mask, src.shape[-2:]) for src in srcs]
         pos = [sine_position_encoding(m, src.shape[1] // 2).to(src.dtype) for m, src in zip(masks, srcs)]
         return srcs, masks, pos
 

@@ -62,10 +62,11 @@ def encoder_reference_points(layout: TokenLayout) -> torch.Tensor:
     """
     valid_ratios = layout.valid_ratios  # (N, L, 2)
     points = []
-    for level, (height, width) in enumerate(layout.spatial_shapes.tolist()):
+    for level, (height, width) in enumerate(layout.level_shapes):
+        # 0.5, 1.5, ..., H - 0.5: the reference's linspace, exactly (integer steps in float32)
         ys, xs = torch.meshgrid(
-            torch.linspace(0.5, height - 0.5, height, dtype=torch.float32, device=valid_ratios.device),
-            torch.linspace(0.5, width - 0.5, width, dtype=torch.float32, device=valid_ratios.device),
+            torch.arange(height, dtype=torch.float32, device=valid_ratios.device) + 0.5,
+            torch.arange(width, dtype=torch.float32, device=valid_ratios.device) + 0.5,
             indexing="ij",
         )
         ys = ys.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)  # (H, W) -> (N, H*W)

@@ -6,16 +6,34 @@ import torch
 from torchvision.ops import box_convert
 
 
+def top_detections(
+    logits: torch.Tensor, boxes: torch.Tensor, target_sizes: torch.Tensor, top_k: int = 100
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``top_k`` best (query, class) pairs of each image, batched (also the exported graph's tail).
+
+    Args:
+        logits: (N, Q, C). boxes: (N, Q, 4) cxcywh in [0, 1].
+        target_sizes: (N, 2) (height, width) of each original image.
+        top_k: detections per image (at most Q * C).
+
+    Returns:
+        scores (N, top_k), labels (N, top_k) int64, boxes (N, top_k, 4) xyxy in pixels.
+    """
+    num_classes = logits.shape[2]
+    # one score per (query, class) pair: (N, Q * C)
+    scores, index = logits.sigmoid().flatten(1).topk(top_k, dim=1)
+    queries, labels = index // num_classes, index % num_classes
+    boxes = box_convert(boxes, "cxcywh", "xyxy").gather(1, queries[..., None].expand(-1, -1, 4))
+    height, width = target_sizes.unbind(1)
+    boxes = boxes * torch.stack([width, height, width, height], 1)[:, None].to(boxes)
+    return scores, labels, boxes
+
+
 @torch.no_grad()
 def postprocess(
     outputs: dict, target_sizes: torch.Tensor | list[tuple[int, int]], top_k: int = 100
 ) -> list[dict[str, torch.Tensor]]:
-    """The ``top_k`` best (query, class) pairs of each image.
-
-    Args:
-        outputs: model outputs with ``pred_logits`` (N, Q, C) and ``pred_boxes`` (N, Q, 4) cxcywh in [0, 1].
-        target_sizes: (N, 2) (height, width) of each original image.
-        top_k: detections per image (at most Q * C).
+    """:func:`top_detections` of model outputs with ``pred_logits`` and ``pred_boxes``, per image.
 
     Returns:
         per image {scores (top_k,), labels (top_k,) int64, boxes (top_k, 4) xyxy in pixels}.
@@ -26,11 +44,5 @@ def postprocess(
         raise ValueError(
             f"target_sizes must be ({len(logits)}, 2) (height, width), got {tuple(target_sizes.shape)}"
         )
-    num_classes = logits.shape[2]
-    # one score per (query, class) pair: (N, Q * C)
-    scores, index = logits.sigmoid().flatten(1).topk(top_k, dim=1)
-    queries, labels = index // num_classes, index % num_classes
-    boxes = box_convert(boxes, "cxcywh", "xyxy").gather(1, queries[..., None].expand(-1, -1, 4))
-    height, width = target_sizes.unbind(1)
-    boxes = boxes * torch.stack([width, height, width, height], 1)[:, None].to(boxes)
+    scores, labels, boxes = top_detections(logits, boxes, target_sizes, top_k)
     return [{"scores": s, "labels": c, "boxes": b} for s, c, b in zip(scores, labels, boxes)]

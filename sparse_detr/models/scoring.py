@@ -49,3 +49,9 @@ def keep_counts(padding_mask: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     """
     valid = (~padding_mask).sum(dim=1)
     return (valid.to(torch.float32) * keep_ratio).to(torch.int64) + 1
+
+
+def most_kept(num_tokens: int, keep_ratio: float) -> int:
+    """An upper bound of :func:`keep_counts` from the token-map size S alone (also a symbolic size while
+    traced): ``int(S * keep_ratio) + 2``, one more than the largest count for float32 rounding."""
+    return torch.sym_int(num_tokens * keep_ratio) + 2  # sym_int: no guard on a symbolic S

@@ -27,13 +27,16 @@ class TokenLayout:
     """The level structure and padding of a batch's flattened token map.
 
     Attributes:
-        spatial_shapes: (L, 2) int64, (H_l, W_l) of each level.
+        level_shapes: (H_l, W_l) of each level as ints, read from the maps' shapes (never from a tensor's
+            values, so that traced graphs keep them symbolic: see :mod:`sparse_detr.export`).
+        spatial_shapes: (L, 2) int64, the same as a tensor for the deformable attention op.
         level_start_index: (L,) int64, index of each level's first token.
         valid_ratios: (N, L, 2) float32, (valid width / W_l, valid height / H_l): the share of each level
             that image i covers; the rest is batch padding.
         padding_mask: (N, S) bool, True on padded tokens.
     """
 
+    level_shapes: tuple[tuple[int, int], ...]
     spatial_shapes: torch.Tensor
     level_start_index: torch.Tensor
     valid_ratios: torch.Tensor
@@ -44,12 +47,11 @@ class TokenLayout:
         """The layout of the token map flattened from levels with these padding masks, (N, H_l, W_l) each,
         True on padding."""
         padding_mask = torch.cat([mask.flatten(1) for mask in masks], 1)  # (N, S)
-        spatial_shapes = torch.as_tensor(
-            [mask.shape[-2:] for mask in masks], dtype=torch.int64, device=padding_mask.device
-        )
+        level_shapes = tuple((mask.shape[-2], mask.shape[-1]) for mask in masks)
+        spatial_shapes = torch.tensor(level_shapes, dtype=torch.int64, device=padding_mask.device)
         level_start_index = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
         valid_ratios = torch.stack([_valid_ratios(mask) for mask in masks], 1)  # (N, L, 2)
-        return cls(spatial_shapes, level_start_index, valid_ratios, padding_mask)
+        return cls(level_shapes, spatial_shapes, level_start_index, valid_ratios, padding_mask)
 
     @property
     def num_tokens(self) -> int:
@@ -59,27 +61,32 @@ class TokenLayout:
     @property
     def level_sizes(self) -> list[int]:
         """H_l * W_l, the tokens of each level."""
-        return self.spatial_shapes.prod(1).tolist()
+        return [height * width for height, width in self.level_shapes]
 
     def split_levels(self, values: torch.Tensor) -> list[torch.Tensor]:
         """(..., S) values of every token -> one (..., H_l, W_l) map per level."""
-        shapes = self.spatial_shapes.tolist()
-        levels = values.split([height * width for height, width in shapes], -1)
+        levels = values.split(self.level_sizes, -1)
         # (..., H_l * W_l) -> (..., H_l, W_l), rows first as the levels were flattened
-        return [level.view(*level.shape[:-1], height, width) for level, (height, width) in zip(levels, shapes)]
+        return [
+            level.view(*level.shape[:-1], height, width)
+            for level, (height, width) in zip(levels, self.level_shapes)
+        ]
 
     def image(self, index: int) -> TokenLayout:
         """Image ``index``'s part of this layout as a batch of one (its padding is the batch's)."""
         one = slice(index, index + 1)
-        return TokenLayout(self.spatial_shapes, self.level_start_index, self.valid_ratios[one], self.padding_mask[one])
+        return TokenLayout(
+            self.level_shapes, self.spatial_shapes, self.level_start_index, self.valid_ratios[one], self.padding_mask[one]
+        )
 
 
 @dataclass(frozen=True, eq=False)
 class TokenSelection:
     """The tokens the sparse encoder refines, best first.
 
-    All images share k = min(max(counts), S) so that they batch; image i refines only its first
-    ``counts[i]`` indices, and the rest of its row pads the batch (SPEC §4.5).
+    All images share k = max(counts) so that they batch; image i refines only its first ``counts[i]``
+    indices, and the rest of its row pads the batch (SPEC §4.5). In a traced graph (``torch.compile``,
+    export) k comes from the shapes instead (see :meth:`top`).
 
     Attributes:
         indices: (N, k) int64 token indices into the (N, S) token map.
@@ -90,9 +97,17 @@ class TokenSelection:
     counts: torch.Tensor
 
     @classmethod
-    def top(cls, scores: torch.Tensor, counts: torch.Tensor) -> TokenSelection:
-        """The highest ``scores`` (N, S) of each image, ``counts`` (N,) int64 of them kept."""
-        k = min(int(counts.max()), scores.shape[1])
+    def top(cls, scores: torch.Tensor, counts: torch.Tensor, most: int | None = None) -> TokenSelection:
+        """The highest ``scores`` (N, S) of each image, ``counts`` (N,) int64 of them kept.
+
+        ``most`` bounds the counts from the shapes alone (:func:`~sparse_detr.models.scoring.most_kept`);
+        while traced, k is that bound, because reading max(counts) would end the graph with a Python int.
+        The indices past ``counts[i]`` are not kept, so the encoded tokens are the same either way.
+        """
+        if most is not None and torch.compiler.is_compiling():
+            k = torch.sym_min(most, scores.shape[1])
+        else:
+            k = min(int(counts.max()), scores.shape[1])
         return cls(scores.topk(k, dim=1).indices, counts)
 
     @property

@@ -15,7 +15,7 @@ from sparse_detr.models.encoder import EncoderAuxHeads, EncoderLayer, SparseEnco
 from sparse_detr.models.heads import HeadSlots, box_head, class_head
 from sparse_detr.models.outputs import DecoderOutputs, Detections, EncoderOutputs
 from sparse_detr.models.position_encoding import box_position_encoding
-from sparse_detr.models.scoring import ScoringNetwork, fill_padded_scores, keep_counts
+from sparse_detr.models.scoring import ScoringNetwork, fill_padded_scores, keep_counts, most_kept
 from sparse_detr.models.token_layout import TokenLayout, TokenSelection
 
 
@@ -29,13 +29,13 @@ def token_proposals(layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
     padding_mask = layout.padding_mask
     n = padding_mask.shape[0]
     boxes, start = [], 0
-    for level, (height, width) in enumerate(layout.spatial_shapes.tolist()):
+    for level, (height, width) in enumerate(layout.level_shapes):
         level_mask = padding_mask[:, start : start + height * width].view(n, height, width)
         valid_h = (~level_mask[:, :, 0]).sum(1)
         valid_w = (~level_mask[:, 0, :]).sum(1)
         ys, xs = torch.meshgrid(
-            torch.linspace(0, height - 1, height, dtype=torch.float32, device=padding_mask.device),
-            torch.linspace(0, width - 1, width, dtype=torch.float32, device=padding_mask.device),
+            torch.arange(height, dtype=torch.float32, device=padding_mask.device),
+            torch.arange(width, dtype=torch.float32, device=padding_mask.device),
             indexing="ij",
         )
         valid_size = torch.stack([valid_w, valid_h], -1).view(n, 1, 1, 2)
@@ -217,7 +217,8 @@ class DeformableTransformer(nn.Module):
             scores, head_outputs = self._score_tokens(
                 src + pos, layout.padding_mask, proposals, proposals_valid, with_aux
             )
-            selection = TokenSelection.top(scores, keep_counts(layout.padding_mask, keep_ratio))
+            counts = keep_counts(layout.padding_mask, keep_ratio)
+            selection = TokenSelection.top(scores, counts, most=most_kept(layout.num_tokens, keep_ratio))
             encoded.update(token_scores=scores, selection=selection)
             if head_outputs is not None:
                 encoded["backbone_outputs"] = head_outputs

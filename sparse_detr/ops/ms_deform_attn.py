@@ -87,6 +87,11 @@ def ms_deform_attn(
         (N, Lq, M * D) in value's dtype. float16/bfloat16 values are sampled with float32
         locations, weights and accumulation.
     """
+    if torch.compiler.is_exporting():
+        # one node in the exported graph, whatever the machine builds: sparse_detr.ops.onnx translates it
+        return torch.ops.sparse_detr.ms_deform_attn(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
     chosen = resolve_backend(backend, value.device.type)
     if chosen == "pytorch":
         return ms_deform_attn_pytorch(

@@ -1,0 +1,41 @@
+"""``sdetr export``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from sparse_detr.cli._app import app, command, console, log_line
+from sparse_detr.errors import UsageError
+
+
+@command(app)
+def export(
+    checkpoint: str = typer.Option(..., help="Checkpoint file, run folder or zoo name (sdetr zoo)."),
+    out: Path = typer.Option(Path("model.onnx"), help="ONNX file to write."),
+    rho: float | None = typer.Option(None, help="Keep ratio the graph encodes with (default: the trained one)."),
+    opset: int = typer.Option(18, min=1, help="ONNX opset (16 or later: GridSample)."),
+    postprocess: bool = typer.Option(
+        False, "--postprocess", help="End the graph in the top-100 scores, labels and boxes in pixels (takes orig_sizes)."
+    ),
+    check: bool = typer.Option(True, "--check/--no-check", help="Compare onnxruntime with PyTorch after export."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --out file."),
+) -> None:
+    """Export a detector to one ONNX file with dynamic batch, height and width (needs onnx, onnxscript and
+    onnxruntime: the package's "onnx" extra). The deformable attention op becomes standard ONNX (GridSample), so any
+    runtime runs the file; `sdetr predict --onnx FILE` runs it with onnxruntime."""
+    from sparse_detr.export import export_checkpoint, require_export_packages
+
+    if out.exists() and not force:
+        raise UsageError(f"{out} exists: pass --force to overwrite it or choose another --out")
+    require_export_packages(run=check)
+    console.print(f"exporting {checkpoint} (tracing with torch.export; a minute for R50)", highlight=False)
+    report = export_checkpoint(checkpoint, out, rho, opset, postprocess, check)
+    log_line(
+        f"wrote {report.path} ({report.size_mib:.1f} MiB, opset {report.opset}, keep ratio {report.keep_ratio:g}"
+        f"{', post-processing' if report.postprocess else ''}) in {report.seconds:.0f} s; onnx.checker passed"
+    )
+    if report.max_abs_diff is not None:
+        differences = ", ".join(f"{name} {value:.1e}" for name, value in report.max_abs_diff.items())
+        log_line(f"onnxruntime against PyTorch, largest absolute difference: {differences}")

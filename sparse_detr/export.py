@@ -1,0 +1,329 @@
+"""ONNX export of a detector, and the exported file run with onnxruntime like the detector.
+
+One file serves every batch size and image size: the graph is captured by ``torch.export`` with dynamic
+batch, height and width, and nothing in the model reads a shape from a tensor's values (level shapes come
+from the feature maps' sizes, the sparse encoder's per-image counts stay tensors and its top-k width is a
+bound computed from the token count, see :meth:`~sparse_detr.models.TokenSelection.top`). The deformable
+attention op is written in standard ONNX operators (:mod:`sparse_detr.ops.onnx`), so any runtime runs it.
+
+Inputs: ``images`` (N, 3, H, W) float32 normalized as in evaluation and ``mask`` (N, H, W) bool, True on
+padding; with ``postprocess``, also ``orig_sizes`` (N, 2) int64 (height, width of each original image).
+Outputs: ``pred_logits`` (N, Q, C) and ``pred_boxes`` (N, Q, 4) cxcywh in [0, 1]; with ``postprocess``,
+``scores`` (N, K), ``labels`` (N, K) int64 and ``boxes`` (N, K, 4) xyxy in pixels, K = min(100, Q * C),
+as :func:`~sparse_detr.models.postprocess` gives them. The file's metadata (``sparse_detr`` key, JSON)
+holds the classes, the image size the model was trained for and the keep ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparse_detr.checkpoint import (
+    Category,
+    checkpoint_categories,
+    model_from_checkpoint,
+    read_checkpoint,
+    trained_image_size,
+)
+from sparse_detr.errors import InputError, MissingFileError, UnavailableError, UsageError
+from sparse_detr.models import DeformableDETR, pad_images
+from sparse_detr.models.postprocess import top_detections
+from sparse_detr.utils.io import atomic_write, check_writable
+
+DEFAULT_OPSET = 18
+MAX_DETECTIONS = 100
+METADATA_KEY = "sparse_detr"
+INSTALL_HINT = "pip install 'sparse-detr[onnx]' (onnx, onnxscript and onnxruntime)"
+
+
+def _require(module: str):
+    """Import ``module`` of the optional ONNX extra, or say in one line how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UnavailableError(f"ONNX export and onnxruntime inference need {module}: {INSTALL_HINT}") from None
+
+
+def require_export_packages(run: bool = True) -> None:
+    """Check that onnx and onnxscript (and onnxruntime, to ``run`` the file) can be imported.
+
+    Raises:
+        UnavailableError: one line naming the missing package and how to install it.
+    """
+    for module in ("onnx", "onnxscript") + (("onnxruntime",) if run else ()):
+        _require(module)
+
+
+class _ExportedGraph(nn.Module):
+    """The detector's forward pass as the exported graph sees it: fixed keep ratio, tensors out."""
+
+    def __init__(self, model: DeformableDETR, keep_ratio: float | None, top_k: int | None):
+        super().__init__()
+        self.model, self.keep_ratio, self.top_k = model, keep_ratio, top_k
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor, orig_sizes: torch.Tensor | None = None):
+        outputs = self.model(images, mask, keep_ratio=self.keep_ratio)
+        if self.top_k is None:
+            return outputs["pred_logits"], outputs["pred_boxes"]
+        return top_detections(outputs["pred_logits"], outputs["pred_boxes"], orig_sizes, self.top_k)
+
+
+def _sample_inputs(model: DeformableDETR, postprocess: bool) -> tuple[torch.Tensor, ...]:
+    """Two images of different sizes padded into one batch: the tracing example (its values do not matter,
+    its sizes only need enough tokens for the queries)."""
+    generator = torch.Generator().manual_seed(0)
+    images, mask = pad_images(
+        [torch.randn(3, 320, 416, generator=generator), torch.randn(3, 288, 448, generator=generator)]
+    )
+    if not postprocess:
+        return images, mask
+    return images, mask, torch.tensor([[480, 624], [432, 672]])
+
+
+def export_onnx(
+    model: DeformableDETR,
+    out: str | Path,
+    keep_ratio: float | None = None,
+    opset: int = DEFAULT_OPSET,
+    postprocess: bool = False,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (made float32, on the CPU, in eval mode, at ``keep_ratio``) as one ONNX file ``out`` (atomically) with
+    dynamic batch, height and width; see the module docstring for its inputs and outputs.
+
+    Args:
+        keep_ratio: the encoder keep ratio ρ the graph encodes with (default the model's), fixed in the file.
+        opset: the ONNX opset (16 or later: GridSample).
+        postprocess: end the graph with the top-100 detections in original-image pixels.
+        metadata: JSON-able facts stored in the file (classes, image size); the keep ratio is added.
+
+    Raises:
+        UnavailableError: onnx or onnxscript is not installed.
+        UsageError: an opset below 16.
+    """
+    require_export_packages(run=False)
+    from sparse_detr.ops.onnx import MIN_OPSET, TRANSLATED_OP, ms_deform_attn_translation
+
+    if opset < MIN_OPSET:
+        raise UsageError(f"--opset {opset}: the deformable attention op needs GridSample, opset {MIN_OPSET} or later")
+    model = model.float().cpu().eval()
+    if keep_ratio is not None:
+        model.set_keep_ratio(keep_ratio)  # checks it
+    keep_ratio = model.keep_ratio
+    logits_per_image = model.config.model.num_queries * model.config.model.num_classes
+    top_k = min(MAX_DETECTIONS, logits_per_image) if postprocess else None
+    graph = _ExportedGraph(model, keep_ratio, top_k).eval()
+    dynamic = torch.export.Dim.DYNAMIC
+    dynamic_shapes = {"images": {0: dynamic, 2: dynamic, 3: dynamic}, "mask": {0: dynamic, 1: dynamic, 2: dynamic}}
+    input_names = ["images", "mask"]
+    output_names = ["pred_logits", "pred_boxes"]
+    if postprocess:
+        dynamic_shapes["orig_sizes"] = {0: dynamic}
+        input_names.append("orig_sizes")
+        output_names = ["scores", "labels", "boxes"]
+    optimizer_log = logging.getLogger("onnxscript")  # its notes on folding are not the user's business
+    level = optimizer_log.level
+    optimizer_log.setLevel(logging.ERROR)
+    try:
+        program = torch.onnx.export(
+            graph, _sample_inputs(model, postprocess), dynamo=True, dynamic_shapes=dynamic_shapes,
+            custom_translation_table={TRANSLATED_OP: ms_deform_attn_translation(opset)}, opset_version=opset,
+            input_names=input_names, output_names=output_names, verbose=False,
+        )  # fmt: skip
+    finally:
+        optimizer_log.setLevel(level)
+    facts = {**(metadata or {}), "keep_ratio": keep_ratio, "postprocess": postprocess, "opset": opset}
+    program.model.metadata_props[METADATA_KEY] = json.dumps(facts)
+    return atomic_write(out, lambda tmp: program.save(str(tmp), external_data=False))
+
+
+def check_onnx(path: str | Path) -> None:
+    """``onnx.checker`` on the file (its full check, shape inference included).
+
+    Raises:
+        InputError: naming the file and the checker's first line.
+    """
+    onnx = _require("onnx")
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"{path} is not a valid ONNX model: {first}") from None
+
+
+class OnnxDetector:
+    """An exported detector (see :func:`export_onnx`) run with onnxruntime, called like the detector.
+
+    Attributes:
+        metadata: what the export stored (classes, ``image_size``, ``keep_ratio``, ``postprocess``).
+        takes_original_sizes: the graph ends in post-processing and needs ``orig_sizes``.
+    """
+
+    def __init__(self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int | None = None):
+        ort = _require("onnxruntime")
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise MissingFileError(f"ONNX file not found: {path} (write one with `sdetr export`)")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=list(providers))
+        except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph types
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise InputError(f"{path}: onnxruntime cannot load it ({first})") from None
+        stored = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        if stored is None:
+            raise InputError(f"{path} was not written by `sdetr export` (no '{METADATA_KEY}' metadata)")
+        self.metadata: dict[str, Any] = json.loads(stored)
+        self.takes_original_sizes = bool(self.metadata.get("postprocess"))
+        self.keep_ratio = float(self.metadata["keep_ratio"])
+
+    @property
+    def categories(self) -> dict[int, Category]:
+        """Class label -> category, as the exported checkpoint named them."""
+        return {int(label): Category(int(entry["id"]), str(entry["name"]))
+                for label, entry in self.metadata["categories"].items()}  # fmt: skip
+
+    def __call__(
+        self,
+        images: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        keep_ratio: float | None = None,
+        orig_sizes: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Outputs named as the graph's (``pred_logits``, ``pred_boxes``, or ``scores``, ``labels``,
+        ``boxes`` for a post-processing graph, which needs ``orig_sizes`` (N, 2)), as CPU tensors."""
+        if keep_ratio is not None and keep_ratio != self.keep_ratio:
+            raise UsageError(
+                f"{self.path} encodes with keep ratio {self.keep_ratio:g}, fixed at export; "
+                f"export again with --rho {keep_ratio:g}"
+            )
+        if mask is None:
+            mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool)
+        feeds = {"images": images.detach().cpu().float().numpy(), "mask": mask.cpu().numpy()}
+        if self.takes_original_sizes:
+            if orig_sizes is None:
+                raise UsageError(f"{self.path} ends in post-processing: pass orig_sizes (N, 2) (height, width)")
+            feeds["orig_sizes"] = torch.as_tensor(orig_sizes, dtype=torch.int64).cpu().numpy()
+        names = [output.name for output in self.session.get_outputs()]
+        return {name: torch.from_numpy(value) for name, value in zip(names, self.session.run(names, feeds))}
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What :func:`export_checkpoint` wrote and how closely onnxruntime reproduces PyTorch.
+
+    ``max_abs_diff``: per output, the largest absolute difference between onnxruntime and the PyTorch
+    model over the check batches (None when not checked).
+    """
+
+    path: Path
+    keep_ratio: float
+    opset: int
+    postprocess: bool
+    seconds: float
+    size_mib: float
+    max_abs_diff: dict[str, float] | None
+
+
+def _matched(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``got``'s rows reordered, per image, to the ``expected`` row each is closest to (Hungarian matching on
+    the largest difference over every output): tokens with equal scores (the padding's, whose scoring input
+    is zeroed) may be ranked in any order by a top-k, and detections are a set."""
+    from scipy.optimize import linear_sum_assignment
+
+    def rows(outputs):  # (N, Q, F): every output's values of a row side by side
+        return torch.cat([value.reshape(*value.shape[:2], -1).double() for value in outputs.values()], -1)
+
+    got_rows, expected_rows = rows(got), rows(expected)
+    order = []
+    for got_image, expected_image in zip(got_rows, expected_rows):
+        cost = torch.cdist(expected_image.nan_to_num(posinf=1e30), got_image.nan_to_num(posinf=1e30), p=float("inf"))
+        _, columns = linear_sum_assignment(cost.numpy())
+        order.append(torch.as_tensor(columns))
+    order = torch.stack(order)  # (N, Q): the got row matched to each expected row
+    return {
+        name: value.gather(1, order.view(*order.shape, *([1] * (value.dim() - 2))).expand_as(value))
+        for name, value in got.items()
+    }
+
+
+def compare_with_pytorch(
+    detector: OnnxDetector, model: DeformableDETR, sizes: Sequence[Sequence[tuple[int, int]]]
+) -> dict[str, float]:
+    """Largest absolute difference per output between ``detector`` and ``model`` (float32, its keep ratio)
+    on random batches of images of the (height, width) ``sizes`` (one list per batch; padded as a batch),
+    queries (or detections) matched as sets (see :func:`_matched`)."""
+    generator = torch.Generator().manual_seed(1)
+    worst: dict[str, float] = {}
+    graph = _ExportedGraph(model.float().cpu().eval(), detector.keep_ratio, None)
+    for batch_sizes in sizes:
+        images, mask = pad_images([torch.randn(3, h, w, generator=generator) for h, w in batch_sizes])
+        orig_sizes = torch.tensor([[2 * h, 2 * w] for h, w in batch_sizes])
+        with torch.no_grad():
+            logits, boxes = graph(images, mask)
+            expected = {"pred_logits": logits, "pred_boxes": boxes}
+            if detector.takes_original_sizes:
+                top_k = min(MAX_DETECTIONS, logits[0].numel())
+                scores, labels, pixels = top_detections(logits, boxes, orig_sizes, top_k)
+                expected = {"scores": scores, "labels": labels, "boxes": pixels}
+        got = detector(images, mask, orig_sizes=orig_sizes)
+        got = _matched({name: got[name].to(value.dtype) for name, value in expected.items()}, expected)
+        for name, value in expected.items():
+            finite = torch.isfinite(value)
+            if not torch.equal(finite, torch.isfinite(got[name])):
+                raise AssertionError(f"{name}: onnxruntime and PyTorch disagree on which values are finite")
+            difference = float((got[name] - value)[finite].abs().max()) if finite.any() else 0.0
+            worst[name] = max(worst.get(name, 0.0), difference)
+    return worst
+
+
+CHECK_SIZES = ([(320, 416)], [(256, 352), (304, 288)])
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    keep_ratio: float | None = None,
+    opset: int = DEFAULT_OPSET,
+    postprocess: bool = False,
+    check: bool = True,
+    trust_checkpoint: bool = False,
+) -> ExportReport:
+    """``sdetr export``: a checkpoint file, run folder or zoo name as one ONNX file (see
+    :func:`export_onnx`), checked by ``onnx.checker`` and, with ``check``, run by onnxruntime against
+    PyTorch on a batch of one and a padded batch of two at other sizes than the export's example."""
+    from sparse_detr.zoo import resolve_checkpoint
+
+    require_export_packages(run=check)
+    check_writable(Path(out).parent)
+    path = resolve_checkpoint(checkpoint)
+    content = read_checkpoint(path, trust_checkpoint=trust_checkpoint)
+    model = model_from_checkpoint(content, path, map_location="cpu")
+    categories = checkpoint_categories(content, model.config.model.num_classes)
+    metadata = {
+        "checkpoint": str(path),
+        "image_size": trained_image_size(content),
+        "num_classes": model.config.model.num_classes,
+        "categories": {str(label): {"id": c.id, "name": c.name} for label, c in categories.items()},
+    }
+    start = time.perf_counter()
+    written = export_onnx(model, out, keep_ratio, opset, postprocess, metadata)
+    seconds = time.perf_counter() - start
+    check_onnx(written)
+    differences = compare_with_pytorch(OnnxDetector(written), model, CHECK_SIZES) if check else None
+    return ExportReport(
+        written, model.keep_ratio, opset, postprocess, seconds, written.stat().st_size / 2**20, differences
+    )

@@ -27,3 +27,6 @@ for amp in none bf16; do
 done
 # the device tool brings back at most 8 files from $OUT: one archive for the model benchmark's reports
 tar -czf "$out/model_benchmark.tar.gz" -C "$out" model_benchmark && rm -r "$reports"
+# onnxruntime's CUDA provider, when the machine has onnxruntime-gpu (nothing can be installed there: it is offline)
+python3 -c "import onnxruntime as ort; print('onnxruntime', ort.__version__, ort.get_available_providers())" \
+    > "$out/onnxruntime.txt" 2>&1 || echo "onnxruntime not installed: no ONNX check on the GPU" > "$out/onnxruntime.txt"

@@ -99,8 +99,8 @@ def export_onnx(
     postprocess: bool = False,
     metadata: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``model`` (made float32, on the CPU, in eval mode, at ``keep_ratio``) as one ONNX file ``out`` (atomically) with
-    dynamic batch, height and width; see the module docstring for its inputs and outputs.
+    """Write ``model`` (made float32, on the CPU, in eval mode, at ``keep_ratio``) as one ONNX file ``out``
+    (atomically) with dynamic batch, height and width; see the module docstring for its inputs and outputs.
 
     Args:
         keep_ratio: the encoder keep ratio ρ the graph encodes with (default the model's), fixed in the file.
@@ -170,7 +170,9 @@ class OnnxDetector:
         takes_original_sizes: the graph ends in post-processing and needs ``orig_sizes``.
     """
 
-    def __init__(self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int | None = None):
+    def __init__(
+        self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int | None = None
+    ):
         ort = _require("onnxruntime")
         self.path = Path(path)
         if not self.path.is_file():

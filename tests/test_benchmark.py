@@ -7,12 +7,11 @@ from typer.testing import CliRunner
 
 from sparse_detr.analysis.benchmark import model_specs, parameter_counts
 from sparse_detr.analysis.fps import measure_fps
-from sparse_detr.models import prepare_for_inference
 from sparse_detr.analysis.latency import ModelSpec, Timing, measure_fps_isolated
 from sparse_detr.analysis.reference_figures import REFERENCE_PUBLISHED_PARAMS, reference_preset
 from sparse_detr.cli import app
 from sparse_detr.config import get_preset
-from sparse_detr.models import build_model
+from sparse_detr.models import build_model, prepare_for_inference
 
 runner = CliRunner()
 TINY = ["--preset", "tiny", "--input-size", "64x80", "--iters", "2", "--warmup", "0", "--threads", "1"]

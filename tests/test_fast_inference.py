@@ -16,6 +16,7 @@ from sparse_detr.config import get_preset
 from sparse_detr.models import build_model, fold_batch_norms, pad_images, prepare_for_inference
 from sparse_detr.models.backbone import ResNetBackbone
 from sparse_detr.models.detector import downsample_mask
+from sparse_detr.models.fast_inference import cast_matmul_weights
 from sparse_detr.models.scoring import keep_counts, most_kept
 
 
@@ -96,6 +97,18 @@ def test_bfloat16_reaches_the_backbone_and_the_transformer_and_stays_close(one_t
         difference = got["enc_outputs"][key].float() - expected["enc_outputs"][key]
         assert difference.abs().max() < tolerance, key
     assert got["pred_logits"].dtype == torch.bfloat16  # the heads ran in bfloat16 too
+
+
+def test_weights_cast_once_give_what_autocast_gives(one_thread):
+    model = tiny_model({"model.keep_ratio": 0.3}).eval()
+    cast = copy.deepcopy(model)
+    assert cast_matmul_weights(cast, torch.bfloat16) > 0
+    assert cast.input_proj[0][0].weight.dtype == torch.bfloat16 and cast.transformer.level_embed.dtype == torch.float32
+    images, mask = _padded_batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = model(images, mask), cast(images, mask)
+    for key in ("pred_logits", "pred_boxes"):
+        assert torch.equal(got[key], expected[key]), key
 
 
 def test_downsampled_mask_equals_nearest_interpolation():

@@ -31,8 +31,26 @@ ALLOWED = {
     "analysis": BASE | {"ops", "config", "models", "data", "checkpoint", "zoo", "engine"},
     "viz": BASE | {"ops", "config", "models", "data", "checkpoint", "zoo", "engine", "export", "inference"},
     "ablation": BASE | {"ops", "config", "models", "data", "checkpoint", "zoo", "engine", "analysis"},
-    "cli": {part for part in ("errors", "utils", "ops", "config", "models", "data", "checkpoint", "zoo", "engine",
-                              "export", "inference", "doctor", "analysis", "viz", "ablation")},  # fmt: skip
+    "cli": {
+        part
+        for part in (
+            "errors",
+            "utils",
+            "ops",
+            "config",
+            "models",
+            "data",
+            "checkpoint",
+            "zoo",
+            "engine",
+            "export",
+            "inference",
+            "doctor",
+            "analysis",
+            "viz",
+            "ablation",
+        )
+    },  # fmt: skip
 }
 
 

@@ -92,7 +92,9 @@ class Timing:
         if self.threads:
             torch.set_num_threads(self.threads)
         runner = prepare_for_inference(model, self.amp, self.compile, self.fast)
-        return [measure_fps(runner, images, batch_size, self.warmup, self.iters) for batch_size in sorted(self.batch_sizes)]
+        return [
+            measure_fps(runner, images, batch_size, self.warmup, self.iters) for batch_size in sorted(self.batch_sizes)
+        ]
 
 
 @dataclass(frozen=True)

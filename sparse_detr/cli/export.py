@@ -17,7 +17,9 @@ def export(
     rho: float | None = typer.Option(None, help="Keep ratio the graph encodes with (default: the trained one)."),
     opset: int = typer.Option(18, min=1, help="ONNX opset (16 or later: GridSample)."),
     postprocess: bool = typer.Option(
-        False, "--postprocess", help="End the graph in the top-100 scores, labels and boxes in pixels (takes orig_sizes)."
+        False,
+        "--postprocess",
+        help="End the graph in the top-100 scores, labels and boxes in pixels (takes orig_sizes).",
     ),
     check: bool = typer.Option(True, "--check/--no-check", help="Compare onnxruntime with PyTorch after export."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --out file."),

@@ -160,8 +160,8 @@ def evaluate(
     device: torch.device | str,
     detections_file: str | Path | None = None,
 ) -> dict[str, float]:
-    """COCO box metrics of ``model`` (see :func:`predict`) on ``data_loader`` (batches of ``collate``: images, mask, targets with
-    ``image_id`` and ``orig_size``).
+    """COCO box metrics of ``model`` (see :func:`predict`) on ``data_loader`` (batches of ``collate``: images,
+    mask, targets with ``image_id`` and ``orig_size``).
 
     Images the data set or the model could not take are left out, with a warning that counts them: the
     metrics are those of the images evaluated. Distributed: each process predicts its block of batches
@@ -289,8 +289,9 @@ def evaluate_checkpoint(
         runner, loader, dataset.coco, dataset.label_to_category_id, info.device, out / f"detections_{name}.json"
     )
     if info.is_main:
+        inference = runner.dtype + (", compiled" if compile else "") + ("" if fast else ", plain")
         extra = {"checkpoint": str(checkpoint), "keep_ratio": model.keep_ratio, "image_size": image_size,
-                 "inference": runner.dtype + (", compiled" if compile else "") + ("" if fast else ", plain")}  # fmt: skip
+                 "inference": inference}  # fmt: skip
         atomic_write_text(out / f"eval_{name}.json", metrics_json(metrics, **extra))
     return metrics
 

@@ -59,7 +59,7 @@ class DecoderLayer(nn.Module):
             return_sampling=True,
         )
         tgt = self.norm1(tgt + self.dropout1(attended))
-        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
+        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt), inplace=True)))
         return self.norm3(tgt + self.dropout4(ffn)), locations, weights
 
 
@@ -108,9 +108,7 @@ class Decoder(nn.Module):
             if reference_points.shape[-1] == 4:
                 box = (offset + inverse_sigmoid(reference_points)).sigmoid()
             else:
-                box = torch.cat(
-                    [offset[..., :2] + inverse_sigmoid(reference_points), offset[..., 2:]], -1
-                ).sigmoid()
+                box = torch.cat([offset[..., :2] + inverse_sigmoid(reference_points), offset[..., 2:]], -1).sigmoid()
             if refine_boxes:
                 reference_points = box.detach()
             logits.append(class_heads[index](tgt))

@@ -86,9 +86,9 @@ class MSDeformAttn(nn.Module):
         if reference_points.shape[-1] == 2:
             # offsets are in cells of each level: divide by (W_l, H_l)
             normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1).to(offsets)
-            locations = (
-                reference_points[:, :, None, :, None, :]
-                + offsets / normalizer[None, None, None, :, None, :]
+            # reference + offsets / normalizer in one pass (the same rounding: addcdiv's value is 1)
+            locations = torch.addcdiv(
+                reference_points[:, :, None, :, None, :], offsets, normalizer[None, None, None, :, None, :]
             )
         elif reference_points.shape[-1] == 4:
             # offsets are in units of the reference box: half its size spread over the points
@@ -97,9 +97,7 @@ class MSDeformAttn(nn.Module):
                 + offsets / num_points * reference_points[:, :, None, :, None, 2:] * 0.5
             )
         else:
-            raise ValueError(
-                f"reference_points must end in 2 or 4 coordinates, got {tuple(reference_points.shape)}"
-            )
+            raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {tuple(reference_points.shape)}")
         output = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend)
         output = self.output_proj(output)
         if return_sampling:

@@ -50,7 +50,7 @@ class EncoderLayer(nn.Module):
             layout.padding_mask,
         )
         queries = self.norm1(queries + self.dropout1(attended))
-        ffn = self.linear2(self.dropout2(F.relu(self.linear1(queries))))
+        ffn = self.linear2(self.dropout2(F.relu(self.linear1(queries), inplace=True)))
         return self.norm2(queries + self.dropout3(ffn))
 
 

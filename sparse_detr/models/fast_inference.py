@@ -5,7 +5,8 @@ Folding is exact up to float32 rounding: ``conv(x, W) * s + t`` becomes ``conv(x
 lets oneDNN (CPU) and cuDNN pick their fast convolution kernels, in float32 and above all in bfloat16 (AMX):
 run the prepared model under :func:`sparse_detr.utils.precision.autocast` for mixed precision, which reaches
 the backbone, the input projections and the transformer's linear layers while the deformable attention op
-accumulates in float32. A prepared model is for inference only: folding cannot be undone.
+accumulates in float32. A prepared model is for inference only: folding cannot be undone. Preparing also
+keeps freed host memory in the process for the next pass (:mod:`sparse_detr.utils.memory`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from sparse_detr.models.backbone import ResNetBackbone
 from sparse_detr.models.detector import DeformableDETR
 from sparse_detr.models.outputs import DetectorOutputs
+from sparse_detr.utils.memory import keep_freed_memory
 from sparse_detr.utils.precision import AMP_DTYPES, autocast
 
 _BATCH_NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
@@ -45,6 +47,19 @@ def fold_batch_norms(module: nn.Module) -> int:
             setattr(parent, norm_name, nn.Identity())
             folded += 1
     return folded
+
+
+def cast_matmul_weights(module: nn.Module, dtype: torch.dtype) -> int:
+    """Store the weights and biases of every ``Conv2d`` and ``Linear`` in ``dtype`` (the autocast dtype);
+    returns how many layers changed. Autocast casts them to that dtype at every call anyway (its cache
+    lasts one autocast region, so every forward pass): casting once gives the same numbers without
+    reading every weight twice per pass. Other parameters (norms, embeddings) keep their dtype."""
+    changed = 0
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            layer.to(dtype)
+            changed += 1
+    return changed
 
 
 def _to_channels_last(module: nn.Module, inputs: tuple) -> tuple:
@@ -83,9 +98,11 @@ def prepare_for_inference(
         amp: ``"bf16"`` or ``"fp16"``: run under that autocast; None: the model's dtype.
         compile: ``torch.compile`` the detector, with Inductor's freezing (weights folded into the compiled
             graph as constants); the first call of each input shape compiles.
-        fast: fold the frozen BatchNorms and use channels_last (False: the model as it is, in eval mode).
+        fast: fold the frozen BatchNorms, use channels_last and, with ``amp``, store the convolution and
+            linear weights in its dtype (:func:`cast_matmul_weights`); False: the model as it is, in eval mode.
     """
     autocast(next(model.parameters()).device, amp)  # checks amp before the model changes
+    keep_freed_memory()
     model.eval()
     backbone = model.backbone[0]
     if fast and isinstance(backbone, ResNetBackbone):
@@ -94,6 +111,8 @@ def prepare_for_inference(
         backbone.to(memory_format=torch.channels_last)
         model.input_proj.to(memory_format=torch.channels_last)
         backbone.register_forward_pre_hook(_to_channels_last)
+    if fast and amp is not None:
+        cast_matmul_weights(model, AMP_DTYPES[amp])
     runner: nn.Module = model
     if compile:
         import torch._inductor.config as inductor_config

@@ -41,8 +41,6 @@ def postprocess(
     logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
     target_sizes = torch.as_tensor(target_sizes, device=logits.device)
     if target_sizes.shape != (len(logits), 2):
-        raise ValueError(
-            f"target_sizes must be ({len(logits)}, 2) (height, width), got {tuple(target_sizes.shape)}"
-        )
+        raise ValueError(f"target_sizes must be ({len(logits)}, 2) (height, width), got {tuple(target_sizes.shape)}")
     scores, labels, boxes = top_detections(logits, boxes, target_sizes, top_k)
     return [{"scores": s, "labels": c, "boxes": b} for s, c, b in zip(scores, labels, boxes)]

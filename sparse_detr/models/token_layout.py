@@ -68,15 +68,18 @@ class TokenLayout:
         levels = values.split(self.level_sizes, -1)
         # (..., H_l * W_l) -> (..., H_l, W_l), rows first as the levels were flattened
         return [
-            level.view(*level.shape[:-1], height, width)
-            for level, (height, width) in zip(levels, self.level_shapes)
+            level.view(*level.shape[:-1], height, width) for level, (height, width) in zip(levels, self.level_shapes)
         ]
 
     def image(self, index: int) -> TokenLayout:
         """Image ``index``'s part of this layout as a batch of one (its padding is the batch's)."""
         one = slice(index, index + 1)
         return TokenLayout(
-            self.level_shapes, self.spatial_shapes, self.level_start_index, self.valid_ratios[one], self.padding_mask[one]
+            self.level_shapes,
+            self.spatial_shapes,
+            self.level_start_index,
+            self.valid_ratios[one],
+            self.padding_mask[one],
         )
 
 

@@ -170,9 +170,7 @@ class DeformableTransformer(nn.Module):
         enc_box_logits = box_head_(projected) + proposals  # (N, S, 4)
         top = enc_logits.max(-1).values.topk(self.num_queries, dim=1).indices  # (N, Q)
         top_box_logits = enc_box_logits.gather(1, top[..., None].expand(-1, -1, 4)).detach()
-        query_pos = self.pos_trans_norm(
-            self.pos_trans(box_position_encoding(top_box_logits, self.d_model // 2))
-        )
+        query_pos = self.pos_trans_norm(self.pos_trans(box_position_encoding(top_box_logits, self.d_model // 2)))
         tgt = memory.gather(1, top[..., None].expand(-1, -1, memory.shape[-1]))
         enc_outputs = {"pred_logits": enc_logits, "pred_boxes": enc_box_logits.sigmoid()}
         return tgt, query_pos, top_box_logits.sigmoid(), enc_outputs

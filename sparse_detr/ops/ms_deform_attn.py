@@ -94,20 +94,24 @@ def ms_deform_attn(
         )
     chosen = resolve_backend(backend, value.device.type)
     if chosen == "pytorch":
-        return ms_deform_attn_pytorch(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-        )
+        return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     spatial_shapes = spatial_shapes.to(device=value.device, dtype=torch.int64)
     level_start_index = level_start_index.to(device=value.device, dtype=torch.int64)
     if value.dtype in _REDUCED_PRECISION and chosen == "cpu":
         # The CPU kernel computes in float32 or float64 only.
         output = torch.ops.sparse_detr.ms_deform_attn(
-            value.float(), spatial_shapes, level_start_index,
-            sampling_locations.float(), attention_weights.float(),
+            value.float(),
+            spatial_shapes,
+            level_start_index,
+            sampling_locations.float(),
+            attention_weights.float(),
         )
         return output.to(value.dtype)
     coord_dtype = torch.float32 if value.dtype in _REDUCED_PRECISION else value.dtype
     return torch.ops.sparse_detr.ms_deform_attn(
-        value, spatial_shapes, level_start_index,
-        sampling_locations.to(coord_dtype), attention_weights.to(coord_dtype),
+        value,
+        spatial_shapes,
+        level_start_index,
+        sampling_locations.to(coord_dtype),
+        attention_weights.to(coord_dtype),
     )

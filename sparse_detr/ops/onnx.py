@@ -47,7 +47,10 @@ def ms_deform_attn_translation(opset: int) -> Callable:
             this_level = op.Constant(value_ints=[level])
             level_shape = op.Gather(spatial_shapes, op.Constant(value_int=level), axis=0)  # (2,) H, W
             level_value = op.Slice(
-                value, op.Gather(level_start_index, this_level), op.Gather(level_ends, this_level), op.Constant(value_ints=[1])
+                value,
+                op.Gather(level_start_index, this_level),
+                op.Gather(level_ends, this_level),
+                op.Constant(value_ints=[1]),
             )
             # (N, H*W, M, D) -> (N, M, D, H*W) -> (N*M, D, H, W)
             level_value = op.Transpose(level_value, perm=[0, 2, 3, 1])
@@ -56,22 +59,18 @@ def ms_deform_attn_translation(opset: int) -> Callable:
             grid = op.Gather(grids, op.Constant(value_int=level), axis=3)
             grid = op.Reshape(op.Transpose(grid, perm=[0, 2, 1, 3, 4]), grid_shape)
             # (N*M, D, Lq, P)
-            sampled.append(
-                op.GridSample(level_value, grid, mode=interpolation, padding_mode="zeros", align_corners=0)
-            )
+            sampled.append(op.GridSample(level_value, grid, mode=interpolation, padding_mode="zeros", align_corners=0))
         # (N, Lq, M, L, P) -> (N, M, Lq, L, P) -> (N*M, 1, Lq, L*P)
         weights = op.Transpose(attention_weights, perm=[0, 2, 1, 3, 4])
         weights = op.Reshape(
             weights,
-            op.Concat(op.Constant(value_ints=[-1, 1]), num_queries, op.Constant(value_ints=[num_levels * num_points]), axis=0),
+            op.Concat(
+                op.Constant(value_ints=[-1, 1]), num_queries, op.Constant(value_ints=[num_levels * num_points]), axis=0
+            ),
         )
         # (N*M, D, Lq, L*P) weighted sum over L*P -> (N*M, D, Lq) -> (N, M*D, Lq) -> (N, Lq, M*D)
-        output = op.ReduceSum(
-            op.Mul(op.Concat(*sampled, axis=-1), weights), op.Constant(value_ints=[-1]), keepdims=0
-        )
-        output = op.Reshape(
-            output, op.Concat(batch, op.Constant(value_ints=[heads * channels]), num_queries, axis=0)
-        )
+        output = op.ReduceSum(op.Mul(op.Concat(*sampled, axis=-1), weights), op.Constant(value_ints=[-1]), keepdims=0)
+        output = op.Reshape(output, op.Concat(batch, op.Constant(value_ints=[heads * channels]), num_queries, axis=0))
         return op.Transpose(output, perm=[0, 2, 1])
 
     return ms_deform_attn

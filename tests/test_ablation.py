@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from sparse_detr import engine
 from sparse_detr.ablation import runner as ablation
-from sparse_detr.ablation.report import COLUMNS, INFERENCE_COLUMNS
+from sparse_detr.ablation.report import COLUMNS, COMPARISON_COLUMNS, INFERENCE_COLUMNS, RUN_COLUMNS
 from sparse_detr.ablation.sweep import (
     DEFAULT_SWEEP_FILE,
     Sweep,
@@ -110,9 +110,11 @@ def test_shipped_experiments_load_and_the_default_is_built_in():
     names = {path.stem: load_sweep(path) for path in [*EXPERIMENTS.glob("*.toml"), DEFAULT_SWEEP_FILE]}
     assert {"default", "rho_sweep", "oam_vs_dam", "enc_aux_loss", "inference_rho"} <= set(names)
     assert names["default"] == default_sweep() == resolve_sweep()
-    assert names["default"].data_source.is_builtin and names["default"].preset == "tiny"
+    assert names["default"].data_source.is_builtin and names["default"].preset == "tiny-ablation"
+    assert len(names["default"].run_seeds) >= 2
     for name in ("rho_sweep", "oam_vs_dam", "enc_aux_loss", "inference_rho"):
         assert names[name].data is not None and names[name].backbone is None and names[name].preset != "tiny"
+        assert len(names[name].seeds) >= 2
     assert "oam-rho0.3" in [run.name for run in names["oam_vs_dam"].runs()]
     assert "dam-rho0.5-noaux" in [run.name for run in names["enc_aux_loss"].runs()]
     assert names["inference_rho"].runs()[0].eval_keep_ratios == (0.1, 0.2, 0.3, 0.4, 0.5, 1.0)
@@ -132,7 +134,7 @@ def test_options_override_the_file():
 
 
 def test_shards_split_the_runs_disjointly():
-    runs = Sweep(rankings=("dam", "oam"),keep_ratios=(0.1, 0.2, 0.3)).runs()
+    runs = Sweep(rankings=("dam", "oam"), keep_ratios=(0.1, 0.2, 0.3)).runs()
     shards = [shard_runs(runs, *parse_shard(f"{index}/3")) for index in range(3)]
     names = [run.name for shard in shards for run in shard]
     assert sorted(names) == sorted(run.name for run in runs) and len(set(names)) == len(runs)
@@ -152,22 +154,25 @@ def test_cli_reports_a_bad_sweep_in_one_line(tmp_path):
     assert result.exit_code != 0 and "comma-separated numbers" in result.output
 
 
-# the mini ablation: baseline + dam at rho 0.3 (also evaluated at rho 0.2), 2 batches each
+# the mini ablation: baseline + dam at rho 0.3 (also evaluated at rho 0.2), 2 seeds, 2 batches each
+
+T_975_DF1 = 12.706204736  # Student t, 97.5 % quantile, 1 degree of freedom (two seeds)
 
 
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory):
-    """(sweep file, sweep, CLI output) of a finished 2-run ablation on 4 generated images."""
+    """(sweep file, sweep, CLI output) of a finished 2-variant, 2-seed ablation on 4 generated images."""
     root = tmp_path_factory.mktemp("ablation")
     splits = synthetic_splits(make_synthetic_dataset(root / "synth", num_train=4, num_val=2, image_size=96))
     paths = dict(zip(("train_images", "train_ann", "val_images", "val_ann"), (str(p) for p in splits)))
     path = root / "mini.toml"
     path.write_text(
         'preset = "tiny"\nrankings = ["dam"]\nkeep_ratios = [0.3]\nbaseline = true\neval_keep_ratios = [0.2, 0.3]\n'
+        "seeds = [3, 4]\n"
         + "".join(f'{key} = "{value}"\n' for key, value in paths.items())
         + f'output = "{root / "report"}"\nruns_dir = "{root / "runs"}"\ndevice = "cpu"\n'
-        "[train]\nepochs = 1\niters_per_epoch = 2\nbatch_size = 1\nworkers = 0\nimage_size = 96\n"
-        "[benchmark]\nimages = 1\nwarmup = 0\niters = 1\n"
+        "[train]\nepochs = 1\niters_per_epoch = 2\nbatch_size = 1\nworkers = 0\nimage_size = 96\nlr = 0.01\n"
+        "[benchmark]\nimages = 1\nwarmup = 0\niters = 3\n"
     )
     result = runner.invoke(app, ["ablate", str(path)])
     assert result.exit_code == 0, result.output
@@ -181,31 +186,70 @@ def _forbid(*names):
     return fail
 
 
+def _interval(values):
+    """Mean and 95 % t interval of two values, by hand."""
+    mean = sum(values) / 2
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values))  # n - 1 = 1
+    half = T_975_DF1 * sd / math.sqrt(2)
+    return mean, sd, mean - half, mean + half
+
+
 @pytest.mark.slow
-def test_mini_ablation_writes_the_tables_and_plots(mini):
+def test_mini_ablation_writes_intervals_over_seeds(mini):
     _, sweep, output = mini
-    assert "[1/2] baseline" in output and "[2/2] dam-rho0.3" in output and "ablation mini" in output
+    assert "4 runs (2 variants x 2 seeds)" in output
+    assert "[1/4] baseline (seed 3)" in output and "[4/4] dam-rho0.3 (seed 4)" in output
     report = sweep.report_dir
-    for name in ("ablation.csv", "ablation.md", "ap_vs_rho.png", "ap_vs_gflops.png", "inference_rho.csv",
-                 "inference_rho.md", "inference_rho.png"):  # fmt: skip
+    tables = [
+        f"{stem}.{kind}" for stem in ("ablation", "comparisons", "runs", "inference_rho") for kind in ("csv", "md")
+    ]
+    for name in (*tables, "ap_vs_rho.png", "ap_vs_gflops.png", "inference_rho.png"):
         assert (report / name).stat().st_size > 0, name
+    runs = pd.read_csv(report / "runs.csv")
+    assert list(runs.columns) == RUN_COLUMNS
+    assert list(zip(runs["run"], runs["seed"])) == [("baseline", 3), ("baseline", 4), ("dam-rho0.3", 3),
+                                                    ("dam-rho0.3", 4)]  # fmt: skip
+    # each run's numbers are its result.json's, and the two seeds trained two different models
+    results = {(r, seed): json.loads((sweep.run_root / r / f"seed{seed}" / "result.json").read_text())
+               for r in ("baseline", "dam-rho0.3") for seed in (3, 4)}  # fmt: skip
+    assert results["dam-rho0.3", 3]["settings"]["train"]["seed"] == 3
+    assert results["dam-rho0.3", 3]["dam_coverage"] != results["dam-rho0.3", 4]["dam_coverage"]
     table = pd.read_csv(report / "ablation.csv")
     assert list(table.columns) == COLUMNS
-    assert list(table["run"]) == ["baseline", "dam-rho0.3"]
-    assert list(table["rho"]) == [1.0, 0.3] and list(table["enc_aux_loss"]) == [False, True]
-    assert (table["gflops"] > 0).all() and (table["fps"] > 0).all()
-    assert math.isnan(table["dam_coverage"][0]) and 0 < table["dam_coverage"][1] <= 100
-    # the baseline encodes every token: it costs more than the sparse model
-    assert table["gflops"][0] > table["gflops"][1]
+    assert list(table["run"]) == ["baseline", "dam-rho0.3"] and list(table["seeds"]) == [2, 2]
+    for row, variant in enumerate(("baseline", "dam-rho0.3")):
+        for metric in ("AP", "AP50"):
+            values = [100 * results[variant, seed]["metrics"][metric] for seed in (3, 4)]
+            expected = _interval(values)
+            got = [table[f"{metric}{suffix}"][row] for suffix in ("", "_sd", "_ci_low", "_ci_high")]
+            assert got == pytest.approx(expected, abs=1e-9)
+    coverage = _interval([100 * results["dam-rho0.3", seed]["dam_coverage"] for seed in (3, 4)])
+    assert [table[f"dam_coverage{suffix}"][1] for suffix in ("", "_sd", "_ci_low", "_ci_high")] == pytest.approx(
+        coverage
+    )
+    # GFLOPs by part add up, and sparsity saves in the encoder only
+    parts = table[["gflops_backbone", "gflops_encoder", "gflops_rest"]].sum(axis=1)
+    assert list(parts) == pytest.approx(list(table["gflops"]))
+    assert table["gflops_backbone"][0] == pytest.approx(table["gflops_backbone"][1])
+    assert table["gflops_encoder"][0] > table["gflops_encoder"][1]
+    assert ((table["fps_q1"] <= table["fps"]) & (table["fps"] <= table["fps_q3"])).all()
+    # the paired difference is the interval of the per-seed differences
+    comparisons = pd.read_csv(report / "comparisons.csv")
+    assert list(comparisons.columns) == COMPARISON_COLUMNS
+    ap = comparisons[comparisons["metric"] == "AP"].iloc[0]
+    assert ap["comparison"] == "dam-rho0.3 − baseline" and ap["seeds"] == 2
+    differences = [100 * (results["dam-rho0.3", s]["metrics"]["AP"] - results["baseline", s]["metrics"]["AP"])
+                   for s in (3, 4)]  # fmt: skip
+    mean, sd, low, high = _interval(differences)
+    assert [ap["difference"], ap["sd"], ap["ci_low"], ap["ci_high"]] == pytest.approx([mean, sd, low, high])
+    assert ap["excludes_zero"] == (low > 0 or high < 0)
+    assert "dam_coverage" not in set(comparisons["metric"])  # the baseline has no coverage to compare
     inference = pd.read_csv(report / "inference_rho.csv")
     assert list(inference.columns) == INFERENCE_COLUMNS
-    assert list(inference["eval_rho"]) == [0.2, 0.3] and set(inference["train_rho"]) == {0.3}
-    assert inference["gflops"][0] < inference["gflops"][1]
-    assert inference["AP"][1] == pytest.approx(table["AP"][1])  # ρ 0.3 is the training's own evaluation
-    result = json.loads((sweep.run_root / "dam-rho0.3" / "result.json").read_text())
-    final = json.loads((sweep.run_root / "dam-rho0.3" / "metrics_final.json").read_text())
-    assert result["metrics"]["AP"] == final["AP"] and result["settings"]["train"]["epochs"] == 1
-    assert "| ranking" in (report / "ablation.md").read_text()
+    assert list(inference["eval_rho"]) == [0.2, 0.3] and list(inference["seeds"]) == [2, 2]
+    assert inference["AP"][1] == pytest.approx(table["AP"][1])  # ρ 0.3 is the trainings' own evaluation
+    text = (report / "ablation.md").read_text()
+    assert " ± " in text and "seeds: 3, 4" in text and "median of 3 timed passes" in text
 
 
 @pytest.mark.slow
@@ -216,36 +260,40 @@ def test_rerun_skips_finished_runs_and_report_only_rebuilds(mini, monkeypatch):
     monkeypatch.setattr(ablation, "measure_model", _forbid("measurement"))
     result = runner.invoke(app, ["ablate", str(path)])
     assert result.exit_code == 0, result.output
-    assert "baseline: finished, skipped" in result.output and "dam-rho0.3: finished, skipped" in result.output
+    assert "baseline (seed 3): finished, skipped" in result.output
+    assert "dam-rho0.3 (seed 4): finished, skipped" in result.output
 
     for file in sweep.report_dir.iterdir():
         file.unlink()
     result = runner.invoke(app, ["ablate", str(path), "--report-only"])
     assert result.exit_code == 0, result.output
-    assert {"ablation.csv", "ablation.md", "ap_vs_rho.png", "ap_vs_gflops.png", "inference_rho.png"} <= {
+    assert {"ablation.csv", "comparisons.md", "runs.csv", "ap_vs_rho.png", "inference_rho.png"} <= {
         file.name for file in sweep.report_dir.iterdir()
     }
     # a shard runs only its runs; other settings than the stored ones are refused
     logs = []
     ablation.run_ablation(sweep, (1, 2), logs.append)
-    assert [line for line in logs if line.startswith("[")] == ["[1/1] dam-rho0.3: finished, skipped"]
+    assert [line for line in logs if line.startswith("[")] == [
+        "[1/2] dam-rho0.3 (seed 3): finished, skipped", "[2/2] dam-rho0.3 (seed 4): finished, skipped"
+    ]  # fmt: skip
     result = runner.invoke(app, ["ablate", str(path), "--epochs", "2"])
     assert result.exit_code == 2 and "train.epochs (stored 1, now 2)" in result.output
 
 
 @pytest.mark.slow
-def test_interrupted_run_resumes_from_its_checkpoint(mini, monkeypatch):
+def test_interrupted_seed_resumes_from_its_checkpoint(mini, monkeypatch):
     _, sweep, _ = mini
-    result_file = sweep.run_root / "dam-rho0.3" / "result.json"
+    result_file = sweep.run_root / "dam-rho0.3" / "seed4" / "result.json"
     stored = json.loads(result_file.read_text())
     result_file.unlink()  # as if killed after training, before its result was written
-    # its checkpoint is finished: the run resumes with no training step, and the baseline is skipped
+    # its checkpoint is finished: that seed resumes with no training step, the other runs are skipped
     monkeypatch.setattr(trainer, "train_one_epoch", _forbid("a training epoch"))
     logs = []
     report = ablation.run_ablation(sweep, log=logs.append)
-    assert "[1/2] baseline: finished, skipped" in logs and "[2/2] dam-rho0.3" in logs
-    assert "  training in " + str(sweep.run_root / "dam-rho0.3") + " (resuming from its checkpoint)" in logs
+    skipped = [line for line in logs if line.endswith("finished, skipped")]
+    assert len(skipped) == 3 and "[4/4] dam-rho0.3 (seed 4)" in logs
+    assert "  training in " + str(sweep.run_root / "dam-rho0.3" / "seed4") + " (resuming from its checkpoint)" in logs
     resumed = json.loads(result_file.read_text())
     assert resumed["metrics"] == stored["metrics"] and resumed["settings"] == stored["settings"]
     assert [e["keep_ratio"] for e in resumed["evaluations"]] == [0.2, 0.3]
-    assert list(report.table["run"]) == ["baseline", "dam-rho0.3"]
+    assert list(report.table["run"]) == ["baseline", "dam-rho0.3"] and list(report.table["seeds"]) == [2, 2]

@@ -37,7 +37,9 @@ def test_benchmark_writes_the_report_with_the_documented_columns(tmp_path):
     assert table["gflops_reference"].isna().all()  # the reference has no tiny preset
     assert (table["fps_bs1"] > 0).all() and (table["fps_iters"] == 2).all() and table["device"].eq("cpu").all()
     assert "| preset" in (tmp_path / "benchmark.md").read_text()
-    assert "gflops_encoder" in pd.read_csv(tmp_path / "gflops_by_part.csv")
+    parts = pd.read_csv(tmp_path / "gflops_by_part.csv")
+    assert "gflops_encoder" in parts
+    assert list(parts[["backbone_pct", "encoder_pct", "rest_pct"]].sum(axis=1)) == pytest.approx([100.0] * len(parts))
     for plot in ("gflops_vs_rho.png", "fps_vs_rho.png"):
         assert (tmp_path / plot).read_bytes().startswith(b"\x89PNG")
 

@@ -86,6 +86,9 @@ def test_sparse_gflops_rise_with_the_keep_ratio(tiny_model):
         assert count.by_module["encoder_aux_heads"] > 0
         assert count.gflops == pytest.approx(count.gflops_with_aux - count.by_module["encoder_aux_heads"])
         assert sum(count.by_module.values()) == pytest.approx(count.gflops_with_aux)
+        stages = count.by_stage  # the paper's split of the inference cost
+        assert sum(stages.values()) == pytest.approx(count.gflops) and min(stages.values()) > 0
+        assert stages["encoder"] == pytest.approx(count.by_module["encoder"] + count.by_module["scoring_network"])
         assert count.skipped["aten::softmax"] > 0 and "sparse_detr::ms_deform_attn" not in count.skipped
     # only the encoder (and its aux heads) depends on ρ
     assert counts[0].by_module["backbone"] == counts[2].by_module["backbone"]

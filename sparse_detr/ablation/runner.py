@@ -1,12 +1,14 @@
 """Running an ablation :class:`~sparse_detr.ablation.sweep.Sweep`: train each run, measure it, keep one
 ``result.json`` per run, and rebuild the report from the results that exist.
 
-Each run trains in its own folder ``<runs_dir>/<run>/`` with :func:`sparse_detr.engine.train`, which resumes
-from the folder's checkpoint, so an interrupted sweep continues where it stopped. A finished run is then
-measured: COCO AP (the training's final evaluation; :func:`~sparse_detr.engine.evaluate_checkpoint` at
-each inference-time keep ratio), GFLOPs and FPS on a few validation images at the evaluation size, and
-the DAM coverage on the validation set (:func:`~sparse_detr.analysis.coverage.dam_coverage`: measured on
-held-out images with the final model and at every evaluated ρ, unlike the training log's running value).
+Each run (a variant and a seed) trains in its own folder ``<runs_dir>/<variant>/seed<N>/`` with
+:func:`sparse_detr.engine.train`, which resumes from the folder's checkpoint, so an interrupted sweep continues
+where it stopped. A finished run is then measured: COCO AP (the training's final evaluation;
+:func:`~sparse_detr.engine.evaluate_checkpoint` at each inference-time keep ratio), GFLOPs (in total and by
+backbone, encoder and the rest) and FPS (the median of many timed passes, with its quartiles) on a few
+validation images at the evaluation size, and the DAM coverage on the validation set
+(:func:`~sparse_detr.analysis.coverage.dam_coverage`: measured on held-out images with the final model and at
+every evaluated ρ, unlike the training log's running value).
 The run's ``result.json`` is written last and atomically; a run that has one is skipped.
 
 Several processes (one per GPU, say) share a sweep by taking disjoint shards of its runs; each rebuilds
@@ -16,6 +18,7 @@ the report when it ends, atomically, so the last one to finish leaves the comple
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -47,10 +50,13 @@ _IGNORED_TRAIN_SETTINGS = (
 )
 
 Log = Callable[[str], None]
+# what measure_model gives, with the metrics: the entry of one inference-time evaluation
+MEASUREMENT_KEYS = ("metrics", "gflops", "gflops_backbone", "gflops_encoder", "gflops_rest", "fps", "fps_q1",
+                    "fps_q3", "dam_coverage")  # fmt: skip
 
 
 def result_path(sweep: Sweep, run: Run) -> Path:
-    return sweep.run_root / run.name / RESULT_NAME
+    return sweep.run_root / run.folder / RESULT_NAME
 
 
 def read_result(path: Path) -> dict[str, Any] | None:
@@ -86,10 +92,11 @@ def run_model_config(sweep: Sweep, run: Run) -> Config:
 
 
 def run_train_config(sweep: Sweep, run: Run) -> engine.TrainConfig:
-    """The preset's training recipe with the sweep's ``[train]`` fields, in the run's folder."""
+    """The preset's training recipe with the sweep's ``[train]`` fields and the run's seed, in its folder."""
     device = {"device": sweep.device} if sweep.device else {}
+    output_dir = str(sweep.run_root / run.folder)
     try:
-        return engine.train_recipe(sweep.preset, **sweep.train, **device, output_dir=str(sweep.run_root / run.name))
+        return engine.train_recipe(sweep.preset, **sweep.train, **device, seed=run.seed, output_dir=output_dir)
     except (TypeError, ValueError) as error:
         raise SweepError(f"[train]: {error}") from None
 
@@ -156,8 +163,10 @@ def benchmark_images(val_set, count: int, device: torch.device) -> list[torch.Te
 def measure_model(
     model, images: list[torch.Tensor], val_set, sweep: Sweep, device: torch.device, batch_size: int
 ) -> dict[str, Any]:
-    """GFLOPs and FPS on ``images`` (each (3, H, W)) and the DAM coverage on ``val_set`` in batches of
-    ``batch_size``, at the model's current keep ratio. The random token ranking draws from a fixed seed."""
+    """GFLOPs (total and by part) and FPS on ``images`` (each (3, H, W)) and the DAM coverage on ``val_set``
+    in batches of ``batch_size``, at the model's current keep ratio. The random token ranking draws from a
+    fixed seed. FPS is timed first, after a garbage collection, so that every model is timed in the same
+    process state."""
     from sparse_detr.analysis.coverage import dam_coverage
     from sparse_detr.analysis.flops import count_flops
     from sparse_detr.analysis.fps import measure_fps
@@ -167,10 +176,27 @@ def measure_model(
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(0)
         model.eval()
-        flops = count_flops(model, images)
+        gc.collect()
         fps = measure_fps(model, images, settings.batch_size, warmup=settings.warmup, iters=settings.iters)
+        flops = count_flops(model, images)
         coverage = dam_coverage(model, val_set, device, batch_size, settings.coverage_images)
-    return {"gflops": flops.gflops, "fps": fps.fps, "dam_coverage": coverage}
+    return {
+        "gflops": flops.gflops,
+        **{f"gflops_{stage}": value for stage, value in flops.by_stage.items()},
+        "fps": fps.fps,
+        "fps_q1": fps.fps_q1,
+        "fps_q3": fps.fps_q3,
+        "dam_coverage": coverage,
+    }
+
+
+def ap_by_epoch(run_dir: Path) -> dict[int, float]:
+    """The AP of every evaluation the training made (``eval_epoch{N}.json``), by epoch: the learning curve."""
+    curve = {}
+    for path in run_dir.glob("eval_epoch*.json"):
+        evaluation = json.loads(path.read_text())
+        curve[int(evaluation.get("epoch", path.stem.removeprefix("eval_epoch")))] = evaluation.get("AP")
+    return dict(sorted(curve.items()))
 
 
 def _evaluations(result: dict[str, Any]) -> dict[float, dict[str, Any]]:
@@ -197,10 +223,12 @@ def execute_run(sweep: Sweep, run: Run, data: _SweepData, stored: dict[str, Any]
         images = benchmark_images(val_set, sweep.benchmark.images, device)
         result = {
             "run": run.name,
+            "seed": run.seed,
             "ranking": run.ranking,
             "keep_ratio": run.keep_ratio,
             "enc_aux_loss": run.enc_aux_loss,
             "metrics": metrics,
+            "ap_by_epoch": ap_by_epoch(run_dir),
             **measure_model(model, images, val_set, sweep, device, train_config.batch_size_eval),
             "evaluations": [],
             "settings": run_settings(sweep, run),
@@ -221,7 +249,7 @@ def execute_run(sweep: Sweep, run: Run, data: _SweepData, stored: dict[str, Any]
             continue
         log(f"  evaluating at rho {keep_ratio:g}")
         if keep_ratio == run.keep_ratio:  # the training's own evaluation
-            entry = {key: result[key] for key in ("metrics", "gflops", "fps", "dam_coverage")}
+            entry = {key: value for key, value in result.items() if key in MEASUREMENT_KEYS}
         else:
             metrics = engine.evaluate_checkpoint(
                 checkpoint, data.splits.val_images, data.splits.val_ann, output_dir=run_dir, keep_ratio=keep_ratio,
@@ -256,19 +284,22 @@ def run_ablation(sweep: Sweep, shard: tuple[int, int] = (0, 1), log: Log = print
     runs = shard_runs(sweep.runs(), *shard)
     data = _SweepData(sweep)
     shard_text = f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""
-    log(f"ablation {sweep.name}{shard_text}: {len(runs)} runs, run folders in {sweep.run_root}")
+    seeds = sweep.run_seeds
+    log(f"ablation {sweep.name}{shard_text}: {len(runs)} runs ({len(sweep.variants())} variants x {len(seeds)} "
+        f"seed{'s' if len(seeds) > 1 else ''}), run folders in {sweep.run_root}")  # fmt: skip
     for k, run in enumerate(runs, 1):
         path = result_path(sweep, run)
         stored = read_result(path)
         if stored is not None:
             check_same_settings(stored, run_settings(sweep, run), path)
             if set(run.eval_keep_ratios) <= set(_evaluations(stored)):
-                log(f"[{k}/{len(runs)}] {run.name}: finished, skipped")
+                log(f"[{k}/{len(runs)}] {run.label}: finished, skipped")
                 continue
-        log(f"[{k}/{len(runs)}] {run.name}")
+        log(f"[{k}/{len(runs)}] {run.label}")
         result = execute_run(sweep, run, data, stored, log)
         write_result(path, result)
-        log(f"[{k}/{len(runs)}] {run.name}: AP {percent(result['metrics']['AP']):.1f}, GFLOPs {result['gflops']:.2f}")
+        log(f"[{k}/{len(runs)}] {run.label}: AP {percent(result['metrics']['AP']):.1f}, "
+            f"GFLOPs {result['gflops']:.3f}, FPS {result['fps']:.1f}")  # fmt: skip
     return write_sweep_report(sweep, log)
 
 

@@ -34,8 +34,8 @@ from sparse_detr.errors import ConfigError
 
 # set by each run, so a sweep may not fix them for all runs
 RUN_MODEL_FIELDS = ("keep_ratio", "token_ranking", "use_enc_aux_loss")
-# where each run's files go is decided by the sweep
-RUN_TRAIN_FIELDS = ("output_dir", "resume", "auto_resume")
+# where each run's files go, and its seed, are decided by the sweep
+RUN_TRAIN_FIELDS = ("output_dir", "resume", "auto_resume", "seed")
 DATA_FIELDS = ("data", "train_images", "train_ann", "val_images", "val_ann")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -49,14 +49,14 @@ class BenchmarkSettings:
     """How each trained model is measured besides its AP.
 
     GFLOPs and FPS use the first ``images`` validation images at the evaluation size, FPS in batches of
-    ``batch_size`` after ``warmup`` untimed passes, over ``iters`` timed passes. The DAM coverage uses the
-    first ``coverage_images`` validation images (all when None).
+    ``batch_size`` after ``warmup`` untimed passes: the median of ``iters`` timed passes, with their
+    quartiles. The DAM coverage uses the first ``coverage_images`` validation images (all when None).
     """
 
-    images: int = 4
+    images: int = 8
     batch_size: int = 1
-    warmup: int = 1
-    iters: int = 8
+    warmup: int = 4
+    iters: int = 40
     coverage_images: int | None = None
 
     def __post_init__(self) -> None:
@@ -71,16 +71,27 @@ class BenchmarkSettings:
 
 @dataclass(frozen=True)
 class Run:
-    """One model to train: ``ranking`` ranks the tokens (``baseline``: every token is encoded, no
-    scoring network), ``keep_ratio`` is the keep ratio it trains at (0 for the baseline), ``enc_aux_loss``
-    whether the sparse encoder's auxiliary heads are trained, and ``eval_keep_ratios`` the keep ratios it
-    is also evaluated at (the inference-time sweep)."""
+    """One model to train: the variant ``name`` trained with ``seed``. ``ranking`` ranks the tokens
+    (``baseline``: every token is encoded, no scoring network), ``keep_ratio`` is the keep ratio it trains
+    at (0 for the baseline), ``enc_aux_loss`` whether the sparse encoder's auxiliary heads are trained, and
+    ``eval_keep_ratios`` the keep ratios it is also evaluated at (the inference-time sweep)."""
 
     name: str
     ranking: str
     keep_ratio: float
     enc_aux_loss: bool
     eval_keep_ratios: tuple[float, ...] = ()
+    seed: int = TrainConfig.seed
+
+    @property
+    def folder(self) -> str:
+        """The run's folder under the sweep's ``runs_dir``: ``dam-rho0.1/seed42``."""
+        return f"{self.name}/seed{self.seed}"
+
+    @property
+    def label(self) -> str:
+        """``dam-rho0.1 (seed 42)``."""
+        return f"{self.name} (seed {self.seed})"
 
     def model_overrides(self) -> dict[str, Any]:
         """Dotted :func:`~sparse_detr.config.apply_overrides` keys that make the preset this run's model."""
@@ -109,7 +120,8 @@ class Sweep:
     ``no_enc_aux``, each (ranking, ρ) again without the encoder auxiliary loss. ``eval_keep_ratios``
     evaluates the model trained at ``eval_train_keep_ratio`` with ``eval_ranking`` at each of those keep
     ratios (the inference-time sweep; that model is trained when no other run is it). They default to the
-    first ρ and the first ranking.
+    first ρ and the first ranking. Every run is trained once per seed in ``seeds`` (empty: the recipe's
+    seed), so that the report can give intervals over seeds.
 
     Data: a COCO root (``data``), the four explicit paths, or neither for the built-in synthetic set.
     ``train`` overrides fields of the preset's training recipe (``train_recipe``), ``model`` fields of the
@@ -128,6 +140,7 @@ class Sweep:
     eval_keep_ratios: tuple[float, ...] = ()
     eval_train_keep_ratio: float | None = None
     eval_ranking: str | None = None
+    seeds: tuple[int, ...] = ()
     data: str | None = None
     train_images: str | None = None
     train_ann: str | None = None
@@ -156,6 +169,8 @@ class Sweep:
             raise SweepError(
                 "eval_keep_ratios needs eval_train_keep_ratio (the keep ratio that model trains at) or keep_ratios"
             )
+        if len(set(self.seeds)) != len(self.seeds) or any(seed < 0 for seed in self.seeds):
+            raise SweepError(f"seeds must be distinct integers of at least 0, got {list(self.seeds)}")
         if self.eval_train_keep_ratio is not None and not 0 < self.eval_train_keep_ratio <= 1:
             raise SweepError(f"eval_train_keep_ratio must be in (0, 1], got {self.eval_train_keep_ratio}")
         explicit = [getattr(self, key) for key in DATA_FIELDS[1:]]
@@ -180,6 +195,11 @@ class Sweep:
         return self.eval_ranking or (self.rankings[0] if self.rankings else "dam")
 
     @property
+    def run_seeds(self) -> tuple[int, ...]:
+        """The seeds every run trains with: ``seeds``, else the training recipe's one seed."""
+        return self.seeds or (train_recipe(self.preset, **self.train).seed,)
+
+    @property
     def report_dir(self) -> Path:
         return Path(self.output) if self.output else Path("reports") / self.name
 
@@ -192,9 +212,9 @@ class Sweep:
         """Where the sweep's images and annotations are (``data`` is a dataset folder)."""
         return DataSource(self.data, self.train_images, self.train_ann, self.val_images, self.val_ann)
 
-    def runs(self) -> list[Run]:
-        """The runs in a fixed order (baseline, rankings x ρ, without aux loss, random, inference model);
-        the order decides the shards."""
+    def variants(self) -> list[Run]:
+        """The models to compare, each once (with the first seed), in a fixed order: baseline, rankings x ρ,
+        without aux loss, random, inference model."""
         specs: list[tuple[str, float, bool]] = [("baseline", 0.0, False)] if self.baseline else []
         specs += [(ranking, keep_ratio, True) for ranking in self.rankings for keep_ratio in self.keep_ratios]
         if self.no_enc_aux:
@@ -210,9 +230,12 @@ class Sweep:
         if self.eval_keep_ratios:
             name = run_name(self.eval_model_ranking, self.eval_model_keep_ratio)
             runs[name] = dataclasses.replace(runs[name], eval_keep_ratios=tuple(self.eval_keep_ratios))
-        return list(runs.values())
+        return [dataclasses.replace(run, seed=self.run_seeds[0]) for run in runs.values()]
 
-
+    def runs(self) -> list[Run]:
+        """Every variant with every seed, seed by seed (so that an interrupted sweep has whole seeds); the
+        order decides the shards."""
+        return [dataclasses.replace(run, seed=seed) for seed in self.run_seeds for run in self.variants()]
 
 
 def _check_values(sweep: Sweep) -> None:
@@ -275,6 +298,12 @@ def _strings(key: str, value: Any) -> tuple[str, ...]:
     return tuple(_string(key, v) for v in value)
 
 
+def _integers(key: str, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+        raise SweepError(f"{key} must be a list of integers such as [0, 1, 2], got {value!r}")
+    return tuple(value)
+
+
 def _numbers(key: str, value: Any) -> tuple[float, ...]:
     if not isinstance(value, list):
         raise SweepError(f"{key} must be a list of numbers such as [0.1, 0.3], got {value!r}")
@@ -310,6 +339,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "eval_keep_ratios": _numbers,
     "eval_train_keep_ratio": _number,
     "eval_ranking": _string,
+    "seeds": _integers,
     **dict.fromkeys(DATA_FIELDS, _string),
     "output": _string,
     "runs_dir": _string,
@@ -344,8 +374,15 @@ def load_sweep(path: str | Path) -> Sweep:
 
 def with_changes(sweep: Sweep, **changes: Any) -> Sweep:
     """``sweep`` with the given fields replaced (None: unchanged). ``epochs``, ``iters_per_epoch`` and
-    ``workers`` go into the ``train`` table."""
+    ``workers`` go into the ``train`` table; ``seed_count`` N trains every run with N seeds: the sweep's
+    first seed and the ones after it."""
     changes = {key: value for key, value in changes.items() if value is not None}
+    if "seed_count" in changes:
+        count = changes.pop("seed_count")
+        if count < 1:
+            raise SweepError(f"--seeds must be at least 1, got {count}")
+        first = (changes.get("seeds") or sweep.run_seeds)[0]
+        changes["seeds"] = tuple(range(first, first + count))
     train_keys = [key for key in ("epochs", "iters_per_epoch", "workers") if key in changes]
     if train_keys:
         changes["train"] = {**sweep.train, **{key: changes.pop(key) for key in train_keys}}

@@ -25,6 +25,7 @@ from sparse_detr.utils.io import check_writable
 
 BENCHMARK_STEM = "benchmark"
 PARTS_STEM = "gflops_by_part"
+STAGE_SHARES = ("backbone_pct", "encoder_pct", "rest_pct")  # of gflops, by FlopCount.by_stage
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,7 @@ def run_benchmark(
             parts.append(
                 {key: row[key] for key in ("preset", "backbone", "rho")}
                 | {f"gflops_{part}": value for part, value in count.by_module.items()}
+                | {f"{stage}_pct": 100 * value / count.gflops for stage, value in count.by_stage.items()}
             )
             for op, occurrences in count.skipped.items():
                 skipped[op] = max(skipped.get(op, 0), occurrences)
@@ -225,7 +227,7 @@ def run_benchmark(
         del model
     parts_table = pd.DataFrame(parts)
     if parts:  # the parts' order, whichever model came first
-        order = ["preset", "backbone", "rho", *(f"gflops_{part}" for part in PARTS)]
+        order = ["preset", "backbone", "rho", *(f"gflops_{part}" for part in PARTS), *STAGE_SHARES]
         parts_table = parts_table[[column for column in order if column in parts_table]]
     return BenchmarkResult(pd.DataFrame(rows), parts_table, skipped)
 
@@ -250,6 +252,8 @@ def report_notes(frame: pd.DataFrame, options: BenchmarkOptions, source: str, sk
             "`gflops_as_reference` adds what the reference computes twice: with box refinement its decoder "
             "runs every layer's box head once to refine and once more for the outputs; this model reuses the "
             "first result (`gflops_decoder_box_heads` in gflops_by_part.md).",
+            "gflops_by_part: `backbone_pct`, `encoder_pct` (with the scoring network) and `rest_pct` split "
+            "`gflops` as the paper does; what token sparsity can save is the encoder's share.",
             "Ops fvcore skipped (occurrences in one forward pass): "
             + ", ".join(f"{op.split('::')[-1]} {n}" for op, n in sorted(skipped.items())),
         ]

@@ -33,6 +33,8 @@ PARTS = (
 )
 # The parts that only feed training losses: run with ``return_aux``, not at inference.
 TRAINING_ONLY_PARTS = ("encoder_aux_heads", "oam_box_head")
+# The paper's split of the inference cost: what sparsification can save is the encoder's share.
+STAGES = {"backbone": ("backbone",), "encoder": ("scoring_network", "encoder")}  # "rest": everything else
 
 
 def ms_deform_attn_flop_jit(inputs: list, outputs: list) -> int:
@@ -79,6 +81,13 @@ class FlopCount:
     by_operator: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     images: int = 1
+
+    @property
+    def by_stage(self) -> dict[str, float]:
+        """Inference GFLOPs split as the paper does: ``backbone``, ``encoder`` (with its scoring network)
+        and ``rest`` (input projections, two-stage proposals, decoder and heads); they sum to ``gflops``."""
+        stages = {stage: sum(self.by_module.get(part, 0.0) for part in parts) for stage, parts in STAGES.items()}
+        return {**stages, "rest": self.gflops - sum(stages.values())}
 
 
 class TraceableDetector(nn.Module):

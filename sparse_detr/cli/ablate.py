@@ -28,6 +28,9 @@ def ablate(
     eval_train_keep_ratio: float | None = typer.Option(
         None, "--eval-train-rho", help="Keep ratio of the inference-time sweep's model."
     ),
+    seed_count: int | None = typer.Option(
+        None, "--seeds", min=1, help="Train every variant with N seeds (for confidence intervals)."
+    ),
     name: str | None = typer.Option(None, help="Sweep name: reports/<name>, runs/ablate/<name>."),
     output: Path | None = typer.Option(None, help="Report folder (default reports/<name>)."),
     runs_dir: Path | None = typer.Option(None, help="Folder of the run folders (default runs/ablate/<name>)."),
@@ -38,11 +41,12 @@ def ablate(
 ) -> None:
     """Train and compare token-sparsity variants: keep ratios, DAM/OAM/random token rankings, encoder aux loss.
 
-    One run per (ranking, ρ), plus the baseline and the inference-time sweep; each is measured (COCO AP,
-    GFLOPs, FPS, DAM coverage) into its result.json, and the report (ablation.csv/.md, plots) is rebuilt
-    from the finished runs. Re-running skips finished runs and resumes interrupted ones. With no file: the
-    default ablation (sparse_detr/ablation/default.toml: tiny preset on the built-in dataset, about 30 minutes
-    on 2 CPU cores), or with --preset that preset's own recipe at ρ 0.1...0.5; options change either.
+    One variant per (ranking, ρ), plus the baseline and the inference-time sweep, each trained once per seed;
+    each run is measured (COCO AP, GFLOPs by part, FPS, DAM coverage) into its result.json, and the report
+    (ablation.csv/.md with 95 % intervals over seeds, comparisons.csv/.md with paired differences, plots) is
+    rebuilt from the finished runs. Re-running skips finished runs and resumes interrupted ones. With no
+    file: the default ablation (sparse_detr/ablation/default.toml), or with --preset that preset's own
+    recipe at ρ 0.1...0.5; options change either.
     """
     changes = dict(locals())  # the options named after sweep fields, taken before anything else
     for option in ("experiment", "shard", "report_only"):
@@ -61,8 +65,18 @@ def ablate(
     else:
         report = run_ablation(sweep, parse_shard(shard) if shard else (0, 1), log_line)
     if report is not None:  # the columns that fit a terminal; the report files have them all
-        costs = ["AP", "AP50", "AP75", "gflops", "fps", "dam_coverage"]
-        print_frame(report.table[["run", *costs]], f"ablation {sweep.name} (AP and DAM coverage in %)")
+        from sparse_detr.ablation.report import readable, readable_comparisons
+
+        columns = ["AP", "AP50", "AP75", "dam_coverage", "gflops", "gflops_encoder", "fps"]
+        table = readable(report.table)[["run", "seeds", *columns]]
+        print_frame(table, f"ablation {sweep.name} (AP and DAM coverage in %, ± 95 % interval over seeds)")
+        compared = report.comparisons[report.comparisons["metric"] == "AP"]
+        if len(compared):
+            shown = readable_comparisons(compared)[
+                ["comparison", "seeds", "difference", "ci_low", "ci_high", "excludes_zero"]
+            ]
+            print_frame(shown, f"ablation {sweep.name}: AP differences paired by seed")
         if len(report.inference):
-            print_frame(report.inference[["run", "eval_rho", *costs]], f"ablation {sweep.name}: inference-time ρ")
+            inference = readable(report.inference)[["run", "eval_rho", "seeds", *columns]]
+            print_frame(inference, f"ablation {sweep.name}: inference-time ρ")
         console.print(f"report: {sweep.report_dir}")

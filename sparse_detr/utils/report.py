@@ -18,15 +18,17 @@ def write_table(
     title: str | None = None,
     notes: list[str] | None = None,
     float_format: str = ".3f",
+    markdown: pd.DataFrame | None = None,
 ) -> tuple[Path, Path]:
     """Write ``directory/stem.csv`` and ``directory/stem.md`` (a ``# title``, the table, then ``notes``
-    as bullet points); returns both paths."""
+    as bullet points); returns both paths. ``markdown``: a frame to show in the Markdown file instead of
+    ``frame`` (the same rows, formatted for reading)."""
     directory = Path(directory)
     buffer = io.StringIO()
     frame.to_csv(buffer, index=False)
     csv_path = atomic_write_text(directory / f"{stem}.csv", buffer.getvalue())
     parts = [f"# {title}\n"] if title else []
-    parts.append(frame.to_markdown(index=False, floatfmt=float_format))
+    parts.append((frame if markdown is None else markdown).to_markdown(index=False, floatfmt=float_format))
     if notes:
         parts.append("\n" + "\n".join(f"- {note}" for note in notes))
     md_path = atomic_write_text(directory / f"{stem}.md", "\n".join(parts) + "\n")

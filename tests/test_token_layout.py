@@ -82,6 +82,10 @@ EXPECTED_SLOTS = {
     "deformable-topk-bbr": (HeadSlots(slice(0, 6), 6, slice(7, 7), False), 7, ["decoder"] * 6 + ["proposal"]),
     **{preset: SPARSE_SLOTS for preset in PRESETS if preset.startswith("sparse-rho")},
     "tiny": (HeadSlots(slice(0, 3), 3, slice(4, 6), False), 6, ["decoder"] * 3 + ["proposal"] + ["encoder_aux"] * 2),
+    # tiny with 6 encoder layers: 5 encoder aux heads
+    "tiny-ablation": (
+        HeadSlots(slice(0, 3), 3, slice(4, 9), False), 9, ["decoder"] * 3 + ["proposal"] + ["encoder_aux"] * 5
+    ),
 }
 
 

@@ -337,12 +337,10 @@ def plot_inference_rho(inference: pd.DataFrame, table: pd.DataFrame) -> Figure:
 
 def learning_curve(results: list[dict[str, Any]], run: str = "baseline") -> dict[int, float]:
     """AP (%) by evaluated epoch of ``run``, mean over its seeds: does it plateau within its schedule?"""
-    curves = [result.get("ap_by_epoch", {}) for result in results if result["run"] == run]
-    epochs = sorted({int(epoch) for curve in curves for epoch in curve})
-    return {
-        epoch: mean_interval([percent(curve.get(str(epoch), curve.get(epoch))) for curve in curves]).mean
-        for epoch in epochs
-    }
+    # JSON keys are strings
+    curves = [{int(epoch): ap for epoch, ap in r.get("ap_by_epoch", {}).items()} for r in results if r["run"] == run]
+    epochs = sorted({epoch for curve in curves for epoch in curve})
+    return {epoch: mean_interval([percent(curve.get(epoch)) for curve in curves]).mean for epoch in epochs}
 
 
 def _notes(results: list[dict[str, Any]], table: pd.DataFrame, run_root: Path) -> list[str]:

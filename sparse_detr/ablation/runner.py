@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from sparse_detr import engine
-from sparse_detr.ablation.report import RESULT_NAME, percent, write_report
+from sparse_detr.ablation.report import FPS_KEYS, GFLOP_KEYS, RESULT_NAME, percent, write_report
 from sparse_detr.ablation.sweep import Run, Sweep, SweepError, shard_runs
 from sparse_detr.config import Config, apply_overrides, config_to_dict, get_preset
 from sparse_detr.data.source import DataSplits
@@ -51,8 +51,7 @@ _IGNORED_TRAIN_SETTINGS = (
 
 Log = Callable[[str], None]
 # what measure_model gives, with the metrics: the entry of one inference-time evaluation
-MEASUREMENT_KEYS = ("metrics", "gflops", "gflops_backbone", "gflops_encoder", "gflops_rest", "fps", "fps_q1",
-                    "fps_q3", "dam_coverage")  # fmt: skip
+MEASUREMENT_KEYS = ("metrics", *GFLOP_KEYS, *FPS_KEYS, "dam_coverage")
 
 
 def result_path(sweep: Sweep, run: Run) -> Path:

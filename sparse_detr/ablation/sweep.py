@@ -230,12 +230,14 @@ class Sweep:
         if self.eval_keep_ratios:
             name = run_name(self.eval_model_ranking, self.eval_model_keep_ratio)
             runs[name] = dataclasses.replace(runs[name], eval_keep_ratios=tuple(self.eval_keep_ratios))
-        return [dataclasses.replace(run, seed=self.run_seeds[0]) for run in runs.values()]
+        first_seed = self.run_seeds[0]
+        return [dataclasses.replace(run, seed=first_seed) for run in runs.values()]
 
     def runs(self) -> list[Run]:
         """Every variant with every seed, seed by seed (so that an interrupted sweep has whole seeds); the
         order decides the shards."""
-        return [dataclasses.replace(run, seed=seed) for seed in self.run_seeds for run in self.variants()]
+        variants = self.variants()
+        return [dataclasses.replace(run, seed=seed) for seed in self.run_seeds for run in variants]
 
 
 def _check_values(sweep: Sweep) -> None:

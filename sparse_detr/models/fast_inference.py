@@ -105,14 +105,14 @@ def prepare_for_inference(
     keep_freed_memory()
     model.eval()
     backbone = model.backbone[0]
-    if fast and isinstance(backbone, ResNetBackbone):
-        fold_batch_norms(backbone.body)
     if fast:
+        if isinstance(backbone, ResNetBackbone):
+            fold_batch_norms(backbone.body)
         backbone.to(memory_format=torch.channels_last)
         model.input_proj.to(memory_format=torch.channels_last)
         backbone.register_forward_pre_hook(_to_channels_last)
-    if fast and amp is not None:
-        cast_matmul_weights(model, AMP_DTYPES[amp])
+        if amp is not None:
+            cast_matmul_weights(model, AMP_DTYPES[amp])
     runner: nn.Module = model
     if compile:
         import torch._inductor.config as inductor_config

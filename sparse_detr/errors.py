@@ -53,3 +53,14 @@ class NonFiniteError(SparseDetrError, RuntimeError):
 
 class OutputError(SparseDetrError, OSError):
     """A file or folder that cannot be written."""
+
+
+class Interrupted(SparseDetrError):
+    """Ctrl-C (exit code 130) or SIGTERM (143) stopped a command; the message says what was kept and how to
+    go on."""
+
+    exit_code = 130
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -197,7 +197,7 @@ def _interval(values):
 @pytest.mark.slow
 def test_mini_ablation_writes_intervals_over_seeds(mini):
     _, sweep, output = mini
-    assert "4 runs (2 variants x 2 seeds)" in output
+    assert "plan: 4 runs = 2 variants x 2 seeds" in output
     assert "[1/4] baseline (seed 3)" in output and "[4/4] dam-rho0.3 (seed 4)" in output
     report = sweep.report_dir
     tables = [

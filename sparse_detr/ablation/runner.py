@@ -26,16 +26,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 import torch
 
 from sparse_detr import engine
+from sparse_detr.ablation.plan import TimeEstimate, describe_plan
 from sparse_detr.ablation.report import FPS_KEYS, GFLOP_KEYS, RESULT_NAME, percent, write_report
-from sparse_detr.ablation.sweep import Run, Sweep, SweepError, shard_runs
-from sparse_detr.config import Config, apply_overrides, config_to_dict, get_preset
+from sparse_detr.ablation.sweep import Run, Sweep, SweepError, placement_free, shard_runs, sweep_to_dict
+from sparse_detr.config import Config, apply_overrides, config_to_dict, get_preset, load_toml
 from sparse_detr.data.source import DataSplits
+from sparse_detr.errors import ConfigError, Interrupted
 from sparse_detr.utils.io import atomic_write_text, check_writable
 
 BUILTIN_DATA = "built-in synthetic dataset"
+SWEEP_FILE = "sweep.toml"  # in the report folder: the sweep it reports on (an experiment file)
 # training settings that do not change the trained model
 _IGNORED_TRAIN_SETTINGS = (
     "output_dir",
@@ -202,8 +206,16 @@ def _evaluations(result: dict[str, Any]) -> dict[float, dict[str, Any]]:
     return {entry["keep_ratio"]: entry for entry in result.get("evaluations", [])}
 
 
-def execute_run(sweep: Sweep, run: Run, data: _SweepData, stored: dict[str, Any] | None, log: Log) -> dict[str, Any]:
-    """Train (or resume) ``run``, measure it, and evaluate it at the keep ratios ``stored`` lacks."""
+def execute_run(
+    sweep: Sweep,
+    run: Run,
+    data: _SweepData,
+    stored: dict[str, Any] | None,
+    log: Log,
+    on_first_epoch: Callable[[float], None] | None = None,
+) -> dict[str, Any]:
+    """Train (or resume) ``run``, measure it, and evaluate it at the keep ratios ``stored`` lacks;
+    ``on_first_epoch`` gets the seconds of the first epoch trained here (its evaluation included)."""
     from sparse_detr.analysis.fps import device_name
     from sparse_detr.checkpoint import CHECKPOINT_NAME, load_model
     from sparse_detr.utils.device import resolve_device
@@ -216,7 +228,7 @@ def execute_run(sweep: Sweep, run: Run, data: _SweepData, stored: dict[str, Any]
     result = stored
     if result is None:
         log(f"  training in {run_dir}" + (" (resuming from its checkpoint)" if checkpoint.is_file() else ""))
-        metrics = engine.train(model_config, train_config, train_set, val_set)
+        metrics = engine.train(model_config, train_config, train_set, val_set, on_first_epoch=on_first_epoch)
         log("  measuring GFLOPs, FPS and DAM coverage")
         model = load_model(checkpoint, map_location=device)
         images = benchmark_images(val_set, sweep.benchmark.images, device)
@@ -271,8 +283,70 @@ def _refuse_torchrun() -> None:
         )
 
 
-def run_ablation(sweep: Sweep, shard: tuple[int, int] = (0, 1), log: Log = print):
+def _stored_sweep(report_dir: Path) -> dict[str, Any] | None:
+    """The sweep recorded in a report folder; None when there is none (or it cannot be read)."""
+    path = report_dir / SWEEP_FILE
+    try:
+        return load_toml(path, "sweep record") if path.is_file() else None
+    except ConfigError:
+        return None
+
+
+def claim_report_folder(sweep: Sweep, chosen: bool = False, force: bool = False, log: Log = print) -> Sweep:
+    """``sweep`` placed where it writes into no other sweep's report, its own recorded there (``sweep.toml``).
+
+    A report folder that records the same sweep (or is empty) is taken. One that holds another sweep's report:
+    when its place was chosen (``chosen``: the user named it, or the sweep file sets ``output``) a
+    :class:`SweepError` naming the first differences, unless ``force``; otherwise the sweep takes the next
+    numbered name (``default-2``, ...) whose folder is free or records this sweep, its run folders moving with
+    it unless ``runs_dir`` places them.
+    """
+    document = sweep_to_dict(sweep)
+
+    def conflict(candidate: Sweep) -> str | None:
+        """Why ``candidate``'s report folder is another sweep's (None: it is free or this sweep's)."""
+        folder = candidate.report_dir
+        if not folder.is_dir() or not any(folder.iterdir()):
+            return None
+        stored = _stored_sweep(folder)
+        if stored is None:
+            return f"no {SWEEP_FILE} says which sweep it reports on"
+        differences = _differences(placement_free(stored), placement_free(document))
+        return "; ".join(differences[:3]) or None
+
+    placed, reason = sweep, conflict(sweep)
+    if reason is not None and (chosen or sweep.output is not None) and not force:
+        raise SweepError(
+            f"{sweep.report_dir} holds the report of another sweep ({reason}): choose another --name or --output, "
+            "or add --force to replace that report"
+        )
+    if reason is not None and not force:
+        number = 2
+        while conflict(placed := dataclasses.replace(sweep, name=f"{sweep.name}-{number}")) is not None:
+            number += 1
+        log(f"{sweep.report_dir} holds another sweep's report ({reason}): this one is {placed.name}, its report "
+            f"in {placed.report_dir} (--name chooses another)")  # fmt: skip
+    check_writable(placed.report_dir)
+    _record_sweep(placed)
+    return placed
+
+
+def _record_sweep(sweep: Sweep) -> None:
+    atomic_write_text(sweep.report_dir / SWEEP_FILE, tomli_w.dumps(sweep_to_dict(sweep)))
+
+
+def run_ablation(
+    sweep: Sweep,
+    shard: tuple[int, int] = (0, 1),
+    log: Log = print,
+    source: str = "the experiment file",
+    asked: frozenset[str] | set[str] = frozenset(),
+):
     """Run this shard's unfinished runs of ``sweep``, then rebuild the report from every finished run.
+
+    The plan is logged first (:func:`~sparse_detr.ablation.plan.describe_plan`: ``source`` is where the
+    settings the user did not ``ask`` for come from), then the estimated time left, from the first epoch on.
+    Ctrl-C or SIGTERM stops with an :class:`~sparse_detr.errors.Interrupted` that says where and how to go on.
 
     Returns:
         The :class:`~sparse_detr.ablation.report.AblationReport` written to ``sweep.report_dir``.
@@ -282,26 +356,48 @@ def run_ablation(sweep: Sweep, shard: tuple[int, int] = (0, 1), log: Log = print
     check_writable(sweep.report_dir)
     runs = shard_runs(sweep.runs(), *shard)
     data = _SweepData(sweep)
+    stored = {run: read_result(result_path(sweep, run)) for run in runs}
+    for run, result in stored.items():
+        if result is not None:
+            check_same_settings(result, run_settings(sweep, run), result_path(sweep, run))
+    finished = [run for run, result in stored.items() if result is not None and _complete(run, result)]
     shard_text = f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""
-    seeds = sweep.run_seeds
-    log(f"ablation {sweep.name}{shard_text}: {len(runs)} runs ({len(sweep.variants())} variants x {len(seeds)} "
-        f"seed{'s' if len(seeds) > 1 else ''}), run folders in {sweep.run_root}")  # fmt: skip
+    log(f"ablation {sweep.name}{shard_text}: run folders in {sweep.run_root}, report in {sweep.report_dir}")
+    for line in describe_plan(sweep, source, asked, runs, len(finished)):
+        log(line)
+    to_train = [run for run in runs if run not in finished]
+    estimate = TimeEstimate(len(to_train), run_train_config(sweep, runs[0]).epochs if runs else 0)
     for k, run in enumerate(runs, 1):
-        path = result_path(sweep, run)
-        stored = read_result(path)
-        if stored is not None:
-            check_same_settings(stored, run_settings(sweep, run), path)
-            if set(run.eval_keep_ratios) <= set(_evaluations(stored)):
-                log(f"[{k}/{len(runs)}] {run.label}: finished, skipped")
-                continue
+        if run in finished:
+            log(f"[{k}/{len(runs)}] {run.label}: finished, skipped")
+            continue
         log(f"[{k}/{len(runs)}] {run.label}")
-        result = execute_run(sweep, run, data, stored, log)
-        write_result(path, result)
+        estimate.start_run()
+        on_first_epoch = (lambda seconds: log(estimate.first_epoch(seconds))) if not estimate.run_seconds else None
+        try:
+            result = execute_run(sweep, run, data, stored[run], log, on_first_epoch)
+        except (KeyboardInterrupt, Interrupted) as interrupt:
+            done = len(finished) + len(estimate.run_seconds)
+            raise Interrupted(
+                f"ablation {sweep.name} stopped during run {k}/{len(runs)} ({run.label}); {done} runs are finished "
+                "and the interrupted one keeps its checkpoint: run the same command again to continue",
+                exit_code=getattr(interrupt, "exit_code", Interrupted.exit_code),
+            ) from None
+        write_result(result_path(sweep, run), result)
         log(f"[{k}/{len(runs)}] {run.label}: AP {percent(result['metrics']['AP']):.1f}, "
-            f"GFLOPs {result['gflops']:.3f}, FPS {result['fps']:.1f}")  # fmt: skip
+            f"GFLOPs {result['gflops']:.3f}, FPS {result['fps']:.1f}; {estimate.end_run()}")  # fmt: skip
     return write_sweep_report(sweep, log)
 
 
+def _complete(run: Run, result: dict[str, Any]) -> bool:
+    """Whether a stored result holds every evaluation ``run`` asks for."""
+    return set(run.eval_keep_ratios) <= set(_evaluations(result))
+
+
 def write_sweep_report(sweep: Sweep, log: Log = print):
-    """Rebuild ``sweep``'s report from its finished runs (None when none has finished)."""
-    return write_report(sweep.run_root, sweep.report_dir, sweep.runs(), title=f"Ablation: {sweep.name}", log=log)
+    """Rebuild ``sweep``'s report from its finished runs (None when none has finished), with the sweep
+    itself as ``sweep.toml``."""
+    report = write_report(sweep.run_root, sweep.report_dir, sweep.runs(), title=f"Ablation: {sweep.name}", log=log)
+    if report is not None:
+        _record_sweep(sweep)
+    return report

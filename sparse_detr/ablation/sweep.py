@@ -300,9 +300,11 @@ def _strings(key: str, value: Any) -> tuple[str, ...]:
     return tuple(_string(key, v) for v in value)
 
 
-def _integers(key: str, value: Any) -> tuple[int, ...]:
+def _seeds(key: str, value: Any) -> tuple[int, ...]:
     if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
         raise SweepError(f"{key} must be a list of integers such as [0, 1, 2], got {value!r}")
+    if not value:
+        raise SweepError(f"{key} = [] lists no seed: give at least one, or leave {key} out for the recipe's seed")
     return tuple(value)
 
 
@@ -341,7 +343,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "eval_keep_ratios": _numbers,
     "eval_train_keep_ratio": _number,
     "eval_ranking": _string,
-    "seeds": _integers,
+    "seeds": _seeds,
     **dict.fromkeys(DATA_FIELDS, _string),
     "output": _string,
     "runs_dir": _string,
@@ -359,6 +361,28 @@ def sweep_from_dict(data: dict[str, Any], default_name: str = "default") -> Swee
         raise SweepError(f"unknown key {unknown[0]!r}; known: {', '.join(_PARSERS)}")
     values = {key: _PARSERS[key](key, value) for key, value in data.items()}
     return Sweep(**{"name": default_name, **values})
+
+
+def sweep_to_dict(sweep: Sweep) -> dict[str, Any]:
+    """The experiment file that gives ``sweep`` back (unset fields left out, tuples as lists)."""
+
+    def toml_ready(values: dict[str, Any]) -> dict[str, Any]:
+        return {
+            key: toml_ready(value) if isinstance(value, dict) else list(value) if isinstance(value, tuple) else value
+            for key, value in values.items()
+            if value is not None and value != {}
+        }
+
+    return toml_ready(dataclasses.asdict(sweep))
+
+
+# what does not change a sweep's results: where they are written and on which device
+_PLACEMENT_FIELDS = ("name", "output", "runs_dir", "device")
+
+
+def placement_free(document: dict[str, Any]) -> dict[str, Any]:
+    """A :func:`sweep_to_dict` document without where and on what it runs: what decides its results."""
+    return {key: value for key, value in document.items() if key not in _PLACEMENT_FIELDS}
 
 
 def load_sweep(path: str | Path) -> Sweep:

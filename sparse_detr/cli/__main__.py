@@ -1,5 +1,5 @@
 """``python -m sparse_detr.cli`` (what torchrun starts): the ``sdetr`` command line."""
 
-from sparse_detr.cli import app
+from sparse_detr.cli import main
 
-app()
+main()

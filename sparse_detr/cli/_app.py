@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from sparse_detr.errors import SparseDetrError, UsageError
+from sparse_detr.errors import Interrupted, SparseDetrError, UsageError
 
 T = TypeVar("T")
 
@@ -26,8 +26,9 @@ app = typer.Typer(
     help="Sparse DETR and Deformable DETR: train, evaluate, benchmark, ablate and visualize.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,
 )
-data_app = typer.Typer(help="Datasets: the built-in synthetic dataset.", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets: the built-in synthetic dataset.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(data_app, name="data")
 console = Console()
 _debug = {"on": False}
@@ -54,7 +55,7 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 def command(typer_app: typer.Typer, *args, **kwargs):
     """``typer_app.command(...)`` whose function reports :class:`~sparse_detr.errors.SparseDetrError` as one
-    red line with its exit code (its traceback with --debug)."""
+    red line with its exit code (its traceback with --debug), and Ctrl-C as one line with exit code 130."""
 
     def register(function):
         @functools.wraps(function)
@@ -67,6 +68,11 @@ def command(typer_app: typer.Typer, *args, **kwargs):
                 message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
                 raise typer.Exit(code=error.exit_code) from None
+            except KeyboardInterrupt:  # commands that keep partial work catch it themselves and say what they kept
+                if _debug["on"]:
+                    raise
+                console.print("[red]error:[/red] interrupted", highlight=False)
+                raise typer.Exit(code=Interrupted.exit_code) from None
 
         return typer_app.command(*args, **kwargs)(run)
 

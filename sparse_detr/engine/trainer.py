@@ -16,7 +16,7 @@ import math
 import os
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,6 +118,7 @@ def train(
     train_set,
     val_set,
     initial_weights: InitialWeights | None = None,
+    on_first_epoch: Callable[[float], None] | None = None,
 ) -> dict[str, float]:
     """Train ``model_config`` on ``train_set``, evaluate on ``val_set``, and return the final COCO metrics.
 
@@ -129,7 +130,8 @@ def train(
     ``train_config.output_dir``: ``config.toml`` (the resolved configuration), ``initial_weights.json``,
     ``metrics.jsonl``, ``checkpoint.pth``, ``eval_epoch{N}.json``, ``detections_epoch{N}.json`` and
     ``metrics_final.json``. Resumes from ``train_config.resume`` or, with ``auto_resume``, from the
-    folder's own checkpoint. Raises :class:`NonFiniteLossError` if training diverges.
+    folder's own checkpoint. Raises :class:`NonFiniteLossError` if training diverges. ``on_first_epoch``
+    gets the seconds of the first epoch this call trains, its evaluation included (for time estimates).
     """
     info = distributed.init_distributed(train_config.device)
     progress = Progress(info.is_main, train_config.log_every)
@@ -148,7 +150,7 @@ def train(
         initial_weights = distributed.main_first(lambda: resolve_initial_weights(model_config, train_config.init))
     run = _set_up(model_config, train_config, train_set, val_set, info, progress, resume_path, initial_weights)
     try:
-        return fit(run)
+        return fit(run, on_first_epoch)
     finally:
         run.log.close()
 
@@ -243,9 +245,10 @@ def _restore(model, state: TrainingState, checkpoint: dict[str, Any], path: Path
     )
 
 
-def fit(run: Run) -> dict[str, float]:
+def fit(run: Run, on_first_epoch: Callable[[float], None] | None = None) -> dict[str, float]:
     """Train from the run's position to ``config.epochs``, checkpointing after every epoch and evaluating
-    when due; returns the final metrics (a finished run returns its stored ones)."""
+    when due; returns the final metrics (a finished run returns its stored ones). ``on_first_epoch`` gets
+    the seconds of the first epoch trained here, its evaluation included."""
     config, final = run.config, run.output_dir / FINAL_METRICS_FILE
     start = run.state.position
     if start.epoch >= config.epochs and final.is_file():
@@ -255,12 +258,15 @@ def fit(run: Run) -> dict[str, float]:
     if start.iteration == 0 and start.epoch > 0 and _evaluation_due(config, start.epoch):
         metrics = evaluate_epoch(run, start.epoch, skip_if_done=True)  # killed before its evaluation
     for epoch in range(start.epoch, config.epochs):
+        epoch_start = time.perf_counter()
         train_one_epoch(run, epoch)
         run.state.end_epoch()
         distributed.average_buffers(run.model)
         save(run)
         if _evaluation_due(config, epoch + 1):
             metrics = evaluate_epoch(run, epoch + 1)
+        if on_first_epoch is not None and epoch == start.epoch:
+            on_first_epoch(time.perf_counter() - epoch_start)
     if metrics is None:
         metrics = evaluate_epoch(run, config.epochs)
     if run.info.is_main:

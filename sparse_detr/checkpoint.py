@@ -24,7 +24,10 @@ from sparse_detr.config import (
     PRESETS,
     Config,
     ModelConfig,
+    TrainConfig,
     apply_overrides,
+    check_field,
+    check_keep_ratio,
     config_from_dict,
     config_to_dict,
     get_preset,
@@ -66,7 +69,8 @@ def checkpoint_file(path: str | Path, what: str = "checkpoint") -> Path:
 
 
 def save_checkpoint(path: str | Path, model: DeformableDETR, **extra: Any) -> Path:
-    """Write ``model`` (config and state dict) and ``extra`` entries (optimizer, epoch, …) atomically."""
+    """Write ``model`` (config and state dict) and ``extra`` entries (optimizer, epoch, …) atomically: on a
+    full disk the previous file stays and the error says so."""
     content = {
         "format": FORMAT,
         "version": VERSION,
@@ -74,7 +78,14 @@ def save_checkpoint(path: str | Path, model: DeformableDETR, **extra: Any) -> Pa
         "model": model.state_dict(),
         **extra,
     }
-    return atomic_write(path, lambda tmp: torch.save(content, tmp))
+
+    def write(tmp: Path) -> None:
+        # through a Python file: a failed write raises OSError with its errno (ENOSPC), where torch's own
+        # file writer only says "file write failed"
+        with tmp.open("wb") as file:
+            torch.save(content, file)
+
+    return atomic_write(path, write)
 
 
 def load_model(
@@ -158,11 +169,7 @@ def stored_categories(checkpoint: Mapping[str, Any], num_classes: int) -> dict[i
     COCO 2017 categories for a 91-class file without them (the released checkpoints); None otherwise."""
     stored = checkpoint.get("categories")
     if stored:
-        try:
-            return {int(label): Category(int(entry["id"]), str(entry["name"])) for label, entry in stored.items()}
-        except (AttributeError, KeyError, TypeError, ValueError):
-            expected = "class label -> {'id': int, 'name': str}"
-            raise CheckpointError(f"the checkpoint's 'categories' must map {expected}") from None
+        return _parse_categories(stored, "the checkpoint")
     if num_classes == COCO_NUM_CLASSES:
         return {category_id: Category(category_id, name) for category_id, name in COCO_CATEGORY_NAMES.items()}
     return None
@@ -186,6 +193,23 @@ def category_differences(stored: Mapping[int, Category] | None, dataset_names: M
             theirs = repr(category.name) if category is not None else "no class"
             differences.append(f"label {label}: {name!r} here, {theirs} in the checkpoint")
     return differences
+
+
+def _parse_categories(stored: Any, source: str) -> dict[int, Category]:
+    """``stored`` (class label -> ``{"id": int, "name": str}``) as categories; ``source`` names the file in
+    the :class:`CheckpointError` that a bad entry raises."""
+    expected = "class label -> {'id': int, 'name': str}"
+    if not isinstance(stored, Mapping):
+        raise CheckpointError(f"{source}: 'categories' must map {expected}, got {stored!r}")
+    categories = {}
+    for label, entry in stored.items():
+        try:
+            if not (isinstance(entry, Mapping) and isinstance(entry["name"], str)) or isinstance(entry["id"], bool):
+                raise TypeError
+            categories[int(label)] = Category(int(entry["id"]), entry["name"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{source}: 'categories' must map {expected}; entry {label!r} is {entry!r}") from None
+    return categories
 
 
 def checkpoint_categories(checkpoint: Mapping[str, Any], num_classes: int) -> dict[int, Category]:
@@ -229,7 +253,35 @@ def read_checkpoint(path: str | Path, trust_checkpoint: bool = False) -> dict:
     if not isinstance(content, dict) or not isinstance(content.get("model"), Mapping):
         found = f"keys {format_keys(map(str, content))}" if isinstance(content, dict) else type(content).__name__
         raise CheckpointError(f"{path} is not a detector checkpoint: no 'model' state dict ({found})")
+    _check_stored(content, path)
     return content
+
+
+def _check_stored(content: dict, path: str | Path) -> None:
+    """Refuse, naming ``path`` and the key, a newer format and the stored entries that later steps read but
+    cannot use: ``config`` (checked when the model is built), ``train_config.image_size``, ``categories``."""
+    if content.get("format") == FORMAT:
+        version = content.get("version", VERSION)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise CheckpointError(f"{path}: its format 'version' is {version!r}, not a version number")
+        if version > VERSION:
+            raise CheckpointError(
+                f"{path} was written by a newer sparse_detr (checkpoint format version {version}; this one reads "
+                f"up to {VERSION}): upgrade sparse_detr to load it"
+            )
+        if "config" not in content:
+            raise CheckpointError(f"{path} is not a detector checkpoint: it has no 'config' to build the model from")
+    train_config = content.get("train_config")
+    if train_config is not None:
+        if not isinstance(train_config, Mapping):
+            raise CheckpointError(f"{path} stores a 'train_config' that is no mapping: {train_config!r}")
+        if "image_size" in train_config:
+            try:
+                check_field(TrainConfig, "image_size", train_config["image_size"], "train_config.image_size")
+            except ConfigError as error:
+                raise CheckpointError(f"{path} stores a bad training setting: {error}") from None
+    if content.get("categories"):
+        _parse_categories(content["categories"], str(path))
 
 
 def official_config(
@@ -237,19 +289,24 @@ def official_config(
 ) -> Config:
     """The configuration of an official checkpoint: ``preset`` when given, else read from its ``args``."""
     num_classes = state_dict["class_embed.0.weight"].shape[0] if "class_embed.0.weight" in state_dict else 91
-    backbone = _official_backbone(args, state_dict)
+    if args is not None and not isinstance(args, argparse.Namespace):
+        raise CheckpointError(f"{path} stores 'args' that are no argparse.Namespace (the reference's): {args!r:.80}")
+    backbone = _official_backbone(args, state_dict, path)
     if preset is not None:
         return _preset_like(preset, backbone, num_classes)
     if args is None:
         presets = ", ".join(PRESETS)
         raise CheckpointError(f"{path} has no 'args' to tell its architecture; pass preset= (one of {presets})")
-    defaults = ModelConfig()
-    model = ModelConfig(
-        backbone=backbone,
-        num_classes=num_classes,
-        keep_ratio=float(getattr(args, "rho", 0.0)),
-        **{name: getattr(args, name, getattr(defaults, name)) for name in OFFICIAL_ARGS},
-    )
+    stored = {name: getattr(args, name) for name in OFFICIAL_ARGS if hasattr(args, name)}
+    try:
+        model = ModelConfig(
+            backbone=backbone,
+            num_classes=num_classes,
+            keep_ratio=check_keep_ratio(getattr(args, "rho", 0.0), "args.rho", dense=True),
+            **{name: check_field(ModelConfig, name, value, f"args.{name}") for name, value in stored.items()},
+        )
+    except ConfigError as error:
+        raise CheckpointError(f"{path} stores arguments this model cannot be built from: {error}") from None
     return Config(name=_matching_preset(model), model=model)
 
 
@@ -293,8 +350,13 @@ def _alias_target(key: str, own_keys, encoder_head_offset: int) -> str | None:
     return None
 
 
-def _official_backbone(args: argparse.Namespace | None, state_dict: Mapping[str, Tensor]) -> str:
+def _official_backbone(args: argparse.Namespace | None, state_dict: Mapping[str, Tensor], path) -> str:
     if args is not None and hasattr(args, "backbone"):
+        if not isinstance(args.backbone, str):
+            raise CheckpointError(
+                f"{path} stores arguments this model cannot be built from: args.backbone must be a string, "
+                f"got {args.backbone!r}"
+            )
         return OFFICIAL_BACKBONES.get(args.backbone, args.backbone)
     return "swin-t" if f"{BODY_PREFIX}patch_embed.proj.weight" in state_dict else "r50"
 

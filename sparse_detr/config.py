@@ -11,6 +11,8 @@ as ``"model.keep_ratio"``) or the config files of :mod:`sparse_detr.engine.run_c
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -24,6 +26,8 @@ BACKBONES = ("r50", "swin-t")
 TOKEN_RANKINGS = ("dam", "oam", "random")
 KEEP_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
 BACKBONE_NORMS = ("frozen_bn", "batch_norm")
+MAX_IMAGE_SIZE = 8192  # the largest image size (shorter side) a run may ask for, 10x COCO's: beyond, no memory holds it
+MAX_QUERIES = 10_000  # decoder self-attention grows with the square of the queries
 
 
 @dataclass
@@ -69,22 +73,9 @@ class ModelConfig:
     aux_loss: bool = True
 
     def __post_init__(self) -> None:
-        if self.pretrained_backbone is None:  # checkpoints written before "none" was a name
-            self.pretrained_backbone = "none"
-        if self.token_ranking not in TOKEN_RANKINGS:
-            raise ConfigError(f"token_ranking must be one of {TOKEN_RANKINGS}, got {self.token_ranking!r}")
-        if self.backbone_norm not in BACKBONE_NORMS:
-            raise ConfigError(f"backbone_norm must be one of {BACKBONE_NORMS}, got {self.backbone_norm!r}")
-        if not 0 <= self.backbone_frozen_stages <= 5:
-            raise ConfigError(f"backbone_frozen_stages must be in 0..5, got {self.backbone_frozen_stages}")
-        if not 0.0 <= self.keep_ratio <= 1.0:
-            raise ConfigError(f"keep_ratio must be in [0, 1], got {self.keep_ratio}")
-        if self.hidden_dim % 32 != 0:
-            raise ConfigError(f"hidden_dim must be a multiple of 32 (GroupNorm(32)), got {self.hidden_dim}")
+        check_fields(self)
         if self.hidden_dim % self.nheads != 0:
             raise ConfigError(f"hidden_dim ({self.hidden_dim}) must be divisible by nheads ({self.nheads})")
-        if self.num_feature_levels < 3:
-            raise ConfigError(f"num_feature_levels must be at least 3, got {self.num_feature_levels}")
 
     @property
     def is_sparse(self) -> bool:
@@ -104,6 +95,9 @@ class LossConfig:
     set_cost_class: float = 2.0
     set_cost_bbox: float = 5.0
     set_cost_giou: float = 2.0
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass
@@ -170,8 +164,6 @@ class TrainConfig:
     find_unused_parameters: bool = True
 
     def __post_init__(self) -> None:
-        self.backbone_names = tuple(self.backbone_names)
-        self.linear_proj_names = tuple(self.linear_proj_names)
         self.output_dir = str(self.output_dir)
         if self.resume is not None:
             self.resume = str(self.resume)
@@ -181,15 +173,7 @@ class TrainConfig:
                 raise ConfigError(
                     "init starts a new run from a checkpoint's weights and resume continues a run: give one"
                 )
-        if self.amp not in AMP_MODES:
-            raise ConfigError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
-        positive = ("epochs", "lr_drop", "batch_size", "grad_accum", "image_size", "eval_every_epochs", "log_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("workers", "checkpoint_every_iters"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be at least 0, got {getattr(self, name)}")
+        check_fields(self)
         if self.iters_per_epoch is not None and self.iters_per_epoch < self.grad_accum:
             raise ConfigError(
                 f"iters_per_epoch ({self.iters_per_epoch}) must be at least grad_accum ({self.grad_accum})"
@@ -347,24 +331,115 @@ def field_names(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
+@dataclass(frozen=True)
+class Allowed:
+    """The values a setting may take, beyond its type: ``test(value)`` and how to say them in a message."""
+
+    test: Callable[[Any], bool]
+    text: str
+
+
+def _at_least(low: int) -> Allowed:
+    return Allowed(lambda value: value >= low, f"at least {low}")
+
+
+def _from_to(low: int, high: int) -> Allowed:
+    return Allowed(lambda value: low <= value <= high, f"from {low} to {high}")
+
+
+def _one_of(choices: tuple) -> Allowed:
+    return Allowed(lambda value: value in choices, f"one of {choices}")
+
+
+POSITIVE_FINITE = Allowed(lambda value: math.isfinite(value) and value > 0, "a positive finite number")
+NON_NEGATIVE_FINITE = Allowed(lambda value: math.isfinite(value) and value >= 0, "a finite number >= 0")
+
+
+def keep_ratio_range(dense: bool = False) -> Allowed:
+    """The keep ratios ρ: (0, 1]; with ``dense`` also 0, a model that encodes every token and ranks none."""
+    if dense:
+        return Allowed(lambda value: 0 <= value <= 1, "a number in [0, 1] (0: every token encoded)")
+    return Allowed(lambda value: 0 < value <= 1, "a number in (0, 1]")
+
+
+def check_keep_ratio(value: Any, key: str = "keep_ratio", dense: bool = False, source: str = "") -> float:
+    """``value`` as a keep ratio ρ (see :func:`keep_ratio_range`): the one rule for every ρ a user gives.
+
+    Raises:
+        ConfigError: ``"{source}{key} must be a number in (0, 1], got {value!r}"``.
+    """
+    allowed = keep_ratio_range(dense)
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and allowed.test(value)):
+        raise ConfigError(f"{source}{key} must be {allowed.text}, got {value!r}")
+    return float(value)
+
+
+# the allowed values of the fields whose type alone does not say them; None (an unset optional field) passes
+FIELD_RANGES: dict[tuple[type, str], Allowed] = {
+    (ModelConfig, "token_ranking"): _one_of(TOKEN_RANKINGS),
+    (ModelConfig, "backbone_norm"): _one_of(BACKBONE_NORMS),
+    (ModelConfig, "backbone_frozen_stages"): _from_to(0, 5),
+    (ModelConfig, "hidden_dim"): Allowed(lambda value: value > 0 and value % 32 == 0, "a positive multiple of 32"),
+    **{(ModelConfig, name): _at_least(1) for name in ("nheads", "enc_layers", "dec_layers", "dim_feedforward")},
+    (ModelConfig, "dropout"): Allowed(lambda value: 0 <= value < 1, "a number in [0, 1)"),
+    (ModelConfig, "num_feature_levels"): _at_least(3),
+    (ModelConfig, "enc_n_points"): _at_least(1),
+    (ModelConfig, "dec_n_points"): _at_least(1),
+    (ModelConfig, "num_queries"): _from_to(1, MAX_QUERIES),
+    (ModelConfig, "num_classes"): _at_least(1),
+    (ModelConfig, "keep_ratio"): keep_ratio_range(dense=True),
+    **{(LossConfig, name): NON_NEGATIVE_FINITE for name in field_names(LossConfig) if name != "focal_alpha"},
+    (LossConfig, "focal_alpha"): Allowed(lambda value: 0 <= value <= 1, "a number in [0, 1]"),
+    **{(TrainConfig, name): POSITIVE_FINITE for name in ("lr", "lr_backbone", "lr_linear_proj_mult")},
+    (TrainConfig, "weight_decay"): NON_NEGATIVE_FINITE,
+    (TrainConfig, "clip_max_norm"): NON_NEGATIVE_FINITE,
+    (TrainConfig, "amp"): _one_of(tuple(mode for mode in AMP_MODES if mode is not None)),
+    (TrainConfig, "image_size"): _from_to(1, MAX_IMAGE_SIZE),
+    **{(TrainConfig, name): _at_least(1) for name in ("epochs", "lr_drop", "batch_size", "grad_accum")},
+    **{(TrainConfig, name): _at_least(1) for name in ("eval_every_epochs", "log_every", "eval_batch_size")},
+    (TrainConfig, "iters_per_epoch"): _at_least(1),
+    (TrainConfig, "seed"): _from_to(0, 2**32 - 1),
+    (TrainConfig, "workers"): _at_least(0),
+    (TrainConfig, "checkpoint_every_iters"): _at_least(0),
+}
+
+
+@functools.cache
+def _type_hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 def check_field(cls, name: str, value: Any, key: str | None = None, source: str = "") -> Any:
-    """``value`` for field ``name`` of the dataclass ``cls``, checked against the field's type.
+    """``value`` for field ``name`` of the dataclass ``cls``, checked against the field's type and its
+    :data:`FIELD_RANGES` entry.
 
     Integers are accepted for float fields (and returned as floats), lists for tuple fields. Messages
     call the field ``key`` (default ``name``; e.g. ``"train.lr"``) and start with ``source`` (e.g.
     ``"run.toml: "``).
 
     Raises:
-        ConfigError: the key is not a field (the message lists the fields), or the value has a wrong type.
+        ConfigError: the key is not a field (the message lists the fields), or the value has a wrong type or
+            is out of range (the message says the allowed values).
     """
     key = key or name
-    hints = typing.get_type_hints(cls)
     if name not in field_names(cls):
         raise ConfigError(f"{source}unknown config key {key!r}; known: {', '.join(field_names(cls))}")
+    kind = _type_hints(cls)[name]
     try:
-        return _checked(hints[name], value)
+        value = _checked(kind, value)
     except TypeError:
-        raise ConfigError(f"{source}{key} must be {_describe(hints[name])}, got {value!r}") from None
+        raise ConfigError(f"{source}{key} must be {_describe(kind)}, got {value!r}") from None
+    allowed = FIELD_RANGES.get((cls, name))
+    if allowed is not None and value is not None and not allowed.test(value):
+        raise ConfigError(f"{source}{key} must be {allowed.text}, got {value!r}")
+    return value
+
+
+def check_fields(instance) -> None:
+    """Check every field of a configuration dataclass ``instance`` with :func:`check_field`, storing the
+    converted values (a list as a tuple, an integer as a float)."""
+    for name in field_names(type(instance)):
+        setattr(instance, name, check_field(type(instance), name, getattr(instance, name)))
 
 
 def _checked(kind: Any, value: Any) -> Any:
@@ -409,18 +484,29 @@ _NESTED = {(Config, "model"): ModelConfig, (Config, "loss"): LossConfig}
 
 # fields renamed since checkpoints were first written: old name -> new name
 _RENAMED = {(ModelConfig, "saliency_criterion"): "token_ranking"}
+# fields that older checkpoints stored as None, and what that is called today
+_NONE_WAS = {(ModelConfig, "pretrained_backbone"): "none"}
 
 
-def _from_dict(cls, data: dict[str, Any], path: str):
+def _from_dict(cls, data: Any, path: str):
+    """``cls`` from the plain dict ``data``, every value checked (:func:`check_field`) and named by its
+    dotted key (``path`` + field name)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path.rstrip('.') or 'config'} must be a table of fields, got {data!r}")
     data = {_RENAMED.get((cls, key), key): value for key, value in data.items()}
     known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
+    unknown = sorted(set(data) - set(known), key=str)
     if unknown:
         raise ConfigError(f"unknown {path or 'config'} field(s) {unknown}; known: {sorted(known)}")
     kwargs = {}
     for key, value in data.items():
         nested = _NESTED.get((cls, key))
-        kwargs[key] = _from_dict(nested, value, f"{path}{key}.") if nested is not None else value
+        if nested is not None:
+            kwargs[key] = _from_dict(nested, value, f"{path}{key}.")
+            continue
+        if value is None and (cls, key) in _NONE_WAS:
+            value = _NONE_WAS[(cls, key)]
+        kwargs[key] = check_field(cls, key, value, f"{path}{key}")
     return cls(**kwargs)
 
 
@@ -439,7 +525,7 @@ def load_toml(path: str | Path, kind: str = "config file") -> dict[str, Any]:
 
     path = Path(path)
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8-sig"))  # -sig: drops a byte-order mark
     except FileNotFoundError:
         raise ConfigError(f"{kind} not found: {path}") from None
     except (OSError, UnicodeDecodeError) as error:

@@ -33,3 +33,12 @@ def environment() -> dict[str, str]:
 def op_backends() -> list[BackendStatus]:
     """Status of the ``cuda``, ``cpu`` and ``pytorch`` backends, building kernels if needed."""
     return backend_status()
+
+
+def backend_detail(status: BackendStatus) -> str:
+    """One line on a backend: why it cannot run, else what happened to its cached library and its build log."""
+    if not status.available:
+        return status.reason
+    if status.build_log is None:
+        return "always available"
+    return "; ".join(filter(None, (status.note, f"build log: {status.build_log}")))

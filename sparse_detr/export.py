@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from sparse_detr.checkpoint import (
     read_checkpoint,
     trained_image_size,
 )
+from sparse_detr.config import MAX_IMAGE_SIZE, keep_ratio_range
 from sparse_detr.errors import InputError, MissingFileError, UnavailableError, UsageError
 from sparse_detr.models import DeformableDETR, pad_images
 from sparse_detr.models.postprocess import top_detections
@@ -42,6 +43,7 @@ from sparse_detr.utils.io import atomic_write, check_writable
 DEFAULT_OPSET = 18
 MAX_DETECTIONS = 100
 METADATA_KEY = "sparse_detr"
+IMAGE_SIZES = range(16, MAX_IMAGE_SIZE + 1)  # the shorter sides a file's metadata may give (a forged one is refused)
 INSTALL_HINT = "pip install 'sparse-detr[onnx]' (onnx, onnxscript and onnxruntime)"
 
 
@@ -63,6 +65,39 @@ def require_export_packages(run: bool = True) -> None:
     """
     for module in ("onnx", "onnxscript") + (("onnxruntime",) if run else ()):
         _require(module)
+
+
+def supported_opsets() -> range:
+    """The ONNX opsets ``sdetr export`` writes: from the lowest one torch's exporter implements (it converts
+    to a lower one asked for, and silently keeps its own when the conversion fails) and the deformable
+    attention op's GridSample needs, to the highest one the exporter knows."""
+    from sparse_detr.ops.onnx import MIN_OPSET
+
+    try:
+        from torch.onnx import _constants
+        from torch.onnx._internal.exporter import _constants as exporter_constants
+
+        lowest, highest = exporter_constants.TORCHLIB_OPSET, _constants.ONNX_MAX_OPSET
+    except (ImportError, AttributeError):  # private names: another torch release may move them
+        lowest, highest = MIN_OPSET, _require("onnx").defs.onnx_opset_version()
+    return range(max(MIN_OPSET, lowest), highest + 1)
+
+
+def check_opset(opset: int) -> None:
+    """Refuse an opset ``sdetr export`` cannot write (see :func:`supported_opsets`) before any work.
+
+    Raises:
+        UsageError: naming --opset and the supported range.
+    """
+    from sparse_detr.ops.onnx import MIN_OPSET
+
+    opsets = supported_opsets()
+    if opset not in opsets:
+        raise UsageError(
+            f"--opset {opset} is not supported: give {opsets[0]} to {opsets[-1]} (the opsets torch "
+            f"{torch.__version__.split('+')[0]} exports; the deformable attention op needs GridSample, opset "
+            f"{MIN_OPSET} or later)"
+        )
 
 
 class _ExportedGraph(nn.Module):
@@ -98,25 +133,30 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     postprocess: bool = False,
     metadata: Mapping[str, Any] | None = None,
+    verify: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``model`` (made float32, on the CPU, in eval mode, at ``keep_ratio``) as one ONNX file ``out``
-    (atomically) with dynamic batch, height and width; see the module docstring for its inputs and outputs.
+    with dynamic batch, height and width; see the module docstring for its inputs and outputs.
+
+    The file is written to a temporary beside ``out`` and checked there (``onnx.checker``, the opset, then
+    ``verify(temporary)`` when given) before it takes its name: a failed export leaves no file, and an
+    existing ``out`` stays as it was.
 
     Args:
         keep_ratio: the encoder keep ratio ρ the graph encodes with (default the model's), fixed in the file.
-        opset: the ONNX opset (16 or later: GridSample).
+        opset: the ONNX opset (see :func:`supported_opsets`).
         postprocess: end the graph with the top-100 detections in original-image pixels.
         metadata: JSON-able facts stored in the file (classes, image size); the keep ratio is added.
 
     Raises:
         UnavailableError: onnx or onnxscript is not installed.
-        UsageError: an opset below 16.
+        UsageError: an opset outside :func:`supported_opsets`.
+        InputError: the written graph fails its checks (nothing is left on disk).
     """
     require_export_packages(run=False)
-    from sparse_detr.ops.onnx import MIN_OPSET, TRANSLATED_OP, ms_deform_attn_translation
+    check_opset(opset)
+    from sparse_detr.ops.onnx import TRANSLATED_OP, ms_deform_attn_translation
 
-    if opset < MIN_OPSET:
-        raise UsageError(f"--opset {opset}: the deformable attention op needs GridSample, opset {MIN_OPSET} or later")
     model = model.float().cpu().eval()
     if keep_ratio is not None:
         model.set_keep_ratio(keep_ratio)  # checks it
@@ -145,11 +185,26 @@ def export_onnx(
         optimizer_log.setLevel(level)
     facts = {**(metadata or {}), "keep_ratio": keep_ratio, "postprocess": postprocess, "opset": opset}
     program.model.metadata_props[METADATA_KEY] = json.dumps(facts)
-    return atomic_write(out, lambda tmp: program.save(str(tmp), external_data=False))
+
+    def save_checked(tmp: Path) -> None:
+        program.save(str(tmp), external_data=False)
+        written = program.model.opset_imports.get("", opset)
+        if written != opset:
+            raise InputError(f"torch's exporter wrote opset {written} instead of {opset}: {out} was not written")
+        check_onnx(tmp, name=out)
+        if verify is not None:
+            verify(tmp)
+
+    return atomic_write(out, save_checked)
 
 
-def check_onnx(path: str | Path) -> None:
-    """``onnx.checker`` on the file (its full check, shape inference included).
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def check_onnx(path: str | Path, name: str | Path | None = None) -> None:
+    """``onnx.checker`` on the file (its full check, shape inference included); ``name``: what the message
+    calls the file (its final name, for a temporary).
 
     Raises:
         InputError: naming the file and the checker's first line.
@@ -158,39 +213,125 @@ def check_onnx(path: str | Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"{path} is not a valid ONNX model: {first}") from None
+        raise InputError(f"{name or path} is not a valid ONNX model: {_first_line(error)}") from None
+
+
+def _check_number(value: Any, name: str | Path, key: str, allowed: str, valid: Callable[[float], bool]) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not valid(value):
+        raise InputError(
+            f"{name}: its metadata's '{key}' must be {allowed}, got {value!r}: export the checkpoint again "
+            "with `sdetr export`"
+        )
+
+
+def read_metadata(stored: str | None, name: str | Path) -> dict[str, Any]:
+    """The ``sparse_detr`` metadata of the exported file ``name``, checked: ``image_size`` a whole number of
+    pixels in :data:`IMAGE_SIZES`, ``keep_ratio`` in [0, 1], ``categories`` a mapping of class labels
+    (``"0"``, ``"1"``, ...; below ``num_classes`` when given) to ``{"id": int, "name": str}`` with distinct ids.
+
+    Raises:
+        InputError: one line naming the file and the key that is missing or malformed.
+    """
+    if stored is None:
+        raise InputError(f"{name} was not written by `sdetr export` (no '{METADATA_KEY}' metadata)")
+    again = "export the checkpoint again with `sdetr export`"
+    try:
+        metadata = json.loads(stored)
+    except json.JSONDecodeError as error:
+        raise InputError(f"{name}: its '{METADATA_KEY}' metadata is not valid JSON ({error.msg}): {again}") from None
+    if not isinstance(metadata, dict):
+        raise InputError(f"{name}: its '{METADATA_KEY}' metadata is not a JSON object: {again}")
+    for key in ("categories", "image_size", "keep_ratio"):
+        if key not in metadata:
+            raise InputError(f"{name}: its '{METADATA_KEY}' metadata has no '{key}': {again}")
+    sizes = f"a whole number of pixels from {IMAGE_SIZES[0]} to {IMAGE_SIZES[-1]}"
+    _check_number(metadata["image_size"], name, "image_size", sizes, lambda v: isinstance(v, int) and v in IMAGE_SIZES)
+    keep_ratios = keep_ratio_range(dense=True)
+    _check_number(metadata["keep_ratio"], name, "keep_ratio", keep_ratios.text, keep_ratios.test)
+    num_classes = metadata.get("num_classes")
+    if num_classes is not None:
+        _check_number(
+            num_classes, name, "num_classes", "a positive whole number", lambda v: isinstance(v, int) and v >= 1
+        )
+    categories, ids = metadata["categories"], set()
+    if not isinstance(categories, dict) or not categories:
+        raise InputError(f"{name}: its metadata's 'categories' must map class labels to categories: {again}")
+    for label, entry in categories.items():
+        well_formed = (
+            label.isdigit() and (num_classes is None or int(label) < num_classes) and isinstance(entry, dict)
+            and isinstance(entry.get("id"), int) and not isinstance(entry["id"], bool)
+            and isinstance(entry.get("name"), str) and entry["id"] not in ids
+        )  # fmt: skip
+        if not well_formed:
+            raise InputError(
+                f"{name}: its metadata's 'categories' entry {label!r}: {entry!r} is not a class label below "
+                f"num_classes with a distinct integer 'id' and a 'name': {again}"
+            )
+        ids.add(entry["id"])
+    return metadata
 
 
 class OnnxDetector:
     """An exported detector (see :func:`export_onnx`) run with onnxruntime, called like the detector.
 
     Attributes:
-        metadata: what the export stored (classes, ``image_size``, ``keep_ratio``, ``postprocess``).
+        metadata: what the export stored (classes, ``image_size``, ``keep_ratio``, ``postprocess``), checked
+            by :func:`read_metadata`.
         takes_original_sizes: the graph ends in post-processing and needs ``orig_sizes``.
+        name: what messages call the file (``path`` unless given: the final name of a temporary).
     """
 
     def __init__(
-        self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int | None = None
+        self,
+        path: str | Path,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        threads: int | None = None,
+        name: str | Path | None = None,
     ):
         ort = _require("onnxruntime")
         self.path = Path(path)
+        self.name = name or path
         if not self.path.is_file():
-            raise MissingFileError(f"ONNX file not found: {path} (write one with `sdetr export`)")
+            raise MissingFileError(f"ONNX file not found: {self.name} (write one with `sdetr export`)")
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=list(providers))
         except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph types
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise InputError(f"{path}: onnxruntime cannot load it ({first})") from None
-        stored = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-        if stored is None:
-            raise InputError(f"{path} was not written by `sdetr export` (no '{METADATA_KEY}' metadata)")
-        self.metadata: dict[str, Any] = json.loads(stored)
-        self.takes_original_sizes = bool(self.metadata.get("postprocess"))
+            raise InputError(f"{self.name}: onnxruntime cannot load it ({_first_line(error)})") from None
+        self.metadata = read_metadata(self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY), self.name)
+        self.takes_original_sizes = self._check_interface()
         self.keep_ratio = float(self.metadata["keep_ratio"])
+
+    def _check_interface(self) -> bool:
+        """Whether the graph ends in post-processing (it takes ``orig_sizes``), checked against its outputs
+        and the metadata's ``postprocess``.
+
+        Raises:
+            InputError: the graph's inputs or outputs are not an exported detector's, or the metadata
+                disagrees with them.
+        """
+        inputs = [value.name for value in self.session.get_inputs()]
+        outputs = [value.name for value in self.session.get_outputs()]
+        postprocess = "orig_sizes" in inputs
+        expected = ["scores", "labels", "boxes"] if postprocess else ["pred_logits", "pred_boxes"]
+        if inputs[:2] != ["images", "mask"] or outputs != expected:
+            raise InputError(
+                f"{self.name}: inputs {', '.join(inputs)} and outputs {', '.join(outputs)} are not those of a "
+                "detector from `sdetr export`"
+            )
+        if self.metadata.get("postprocess", postprocess) != postprocess:
+            raise InputError(
+                f"{self.name}: its metadata's 'postprocess' is {self.metadata['postprocess']!r}, but the graph "
+                f"{'ends' if postprocess else 'does not end'} in post-processing: export the checkpoint again"
+            )
+        return postprocess
+
+    @property
+    def image_size(self) -> int:
+        """The shorter side the exported model was trained for."""
+        return int(self.metadata["image_size"])
 
     @property
     def categories(self) -> dict[int, Category]:
@@ -209,7 +350,7 @@ class OnnxDetector:
         ``boxes`` for a post-processing graph, which needs ``orig_sizes`` (N, 2)), as CPU tensors."""
         if keep_ratio is not None and keep_ratio != self.keep_ratio:
             raise UsageError(
-                f"{self.path} encodes with keep ratio {self.keep_ratio:g}, fixed at export; "
+                f"{self.name} encodes with keep ratio {self.keep_ratio:g}, fixed at export; "
                 f"export again with --rho {keep_ratio:g}"
             )
         if mask is None:
@@ -217,10 +358,14 @@ class OnnxDetector:
         feeds = {"images": images.detach().cpu().float().numpy(), "mask": mask.cpu().numpy()}
         if self.takes_original_sizes:
             if orig_sizes is None:
-                raise UsageError(f"{self.path} ends in post-processing: pass orig_sizes (N, 2) (height, width)")
+                raise UsageError(f"{self.name} ends in post-processing: pass orig_sizes (N, 2) (height, width)")
             feeds["orig_sizes"] = torch.as_tensor(orig_sizes, dtype=torch.int64).cpu().numpy()
         names = [output.name for output in self.session.get_outputs()]
-        return {name: torch.from_numpy(value) for name, value in zip(names, self.session.run(names, feeds))}
+        try:
+            values = self.session.run(names, feeds)
+        except Exception as error:  # onnxruntime's own types; e.g. an image too small for the queries
+            raise InputError(f"{self.name}: onnxruntime cannot run it on this input ({_first_line(error)})") from None
+        return {name: torch.from_numpy(value) for name, value in zip(names, values)}
 
 
 @dataclass(frozen=True)
@@ -306,10 +451,12 @@ def export_checkpoint(
 ) -> ExportReport:
     """``sdetr export``: a checkpoint file, run folder or zoo name as one ONNX file (see
     :func:`export_onnx`), checked by ``onnx.checker`` and, with ``check``, run by onnxruntime against
-    PyTorch on a batch of one and a padded batch of two at other sizes than the export's example."""
+    PyTorch on a batch of one and a padded batch of two at other sizes than the export's example. The file
+    takes its name only when these checks pass; the opset is checked before anything is loaded."""
     from sparse_detr.zoo import resolve_checkpoint
 
     require_export_packages(run=check)
+    check_opset(opset)
     check_writable(Path(out).parent)
     path = resolve_checkpoint(checkpoint)
     content = read_checkpoint(path, trust_checkpoint=trust_checkpoint)
@@ -321,11 +468,15 @@ def export_checkpoint(
         "num_classes": model.config.model.num_classes,
         "categories": {str(label): {"id": c.id, "name": c.name} for label, c in categories.items()},
     }
+    differences: dict[str, float] = {}
+
+    def compare(tmp: Path) -> None:
+        differences.update(compare_with_pytorch(OnnxDetector(tmp, name=out), model, CHECK_SIZES))
+
     start = time.perf_counter()
-    written = export_onnx(model, out, keep_ratio, opset, postprocess, metadata)
+    written = export_onnx(model, out, keep_ratio, opset, postprocess, metadata, verify=compare if check else None)
     seconds = time.perf_counter() - start
-    check_onnx(written)
-    differences = compare_with_pytorch(OnnxDetector(written), model, CHECK_SIZES) if check else None
+    size_mib = written.stat().st_size / 2**20
     return ExportReport(
-        written, model.keep_ratio, opset, postprocess, seconds, written.stat().st_size / 2**20, differences
+        written, model.keep_ratio, opset, postprocess, seconds, size_mib, differences if check else None
     )

@@ -26,10 +26,10 @@ from sparse_detr.checkpoint import (
 )
 from sparse_detr.config import train_recipe
 from sparse_detr.data import eval_transform, load_coco_annotations, load_rgb_image
-from sparse_detr.data.transforms import COCO_EVAL_SIZE
-from sparse_detr.engine.evaluate import coco_detections, coco_results
+from sparse_detr.engine.evaluate import check_image_size, coco_detections, coco_results, require_finite_outputs
+from sparse_detr.engine.interrupts import StopSignals
 from sparse_detr.engine.run_config import DEFAULT_PRESET
-from sparse_detr.errors import InputError, MissingFileError, UsageError
+from sparse_detr.errors import InputError, Interrupted, MissingFileError, UsageError
 from sparse_detr.export import OnnxDetector
 from sparse_detr.models import DeformableDETR, pad_images
 from sparse_detr.models.fast_inference import InferenceModel, prepare_for_inference
@@ -171,7 +171,11 @@ class Predictor:
         """Model outputs for the padded batch of ``images`` (see ``DeformableDETR.forward``; an ONNX file's
         named outputs) and the seconds the forward pass took (device synchronized). With ``warm_up``, the
         predictor's first run does one untimed pass before (lazy CUDA and allocator set-up would count
-        otherwise)."""
+        otherwise).
+
+        Raises:
+            NonFiniteError: the outputs hold NaN or infinite values (broken weights), naming the checkpoint.
+        """
         batch, mask = pad_images([image.tensor for image in images])
         batch, mask = batch.to(self.device), mask.to(self.device)
         extra = {"keep_ratio": keep_ratio}
@@ -184,7 +188,9 @@ class Predictor:
         tic = time.perf_counter()
         outputs = self.runner(batch, mask, **extra)
         _synchronize(self.device)
-        return outputs, time.perf_counter() - tic
+        seconds = time.perf_counter() - tic
+        require_finite_outputs(outputs, str(self.checkpoint), getattr(self.runner, "amp", None))
+        return outputs, seconds
 
     def detections(
         self, outputs: dict, images: Sequence[InputImage], image_ids: Sequence[int], threshold: float = 0.0
@@ -238,6 +244,7 @@ def load_predictor(
     if image_size is None:
         image_size = trained_image_size(content)
     model = model_from_checkpoint(content, path, map_location=device)
+    check_image_size(model, image_size, path)
     if keep_ratio is not None:
         model.set_keep_ratio(keep_ratio)
     categories = checkpoint_categories(content, model.config.model.num_classes)
@@ -248,9 +255,8 @@ def load_onnx_predictor(path: str | Path, image_size: int | None = None, threads
     """An ONNX file written by ``sdetr export`` run with onnxruntime on the CPU, with the classes and image
     size (default the trained one) stored in it; see :class:`~sparse_detr.export.OnnxDetector`."""
     detector = OnnxDetector(path, threads=threads)
-    if image_size is None:
-        image_size = int(detector.metadata.get("image_size", COCO_EVAL_SIZE))
-    return Predictor(detector, detector.categories, image_size, torch.device("cpu"), Path(path))
+    size = image_size if image_size is not None else detector.image_size
+    return Predictor(detector, detector.categories, size, torch.device("cpu"), Path(path))
 
 
 def image_ids_from_annotations(annotations: str | Path, paths: Sequence[Path]) -> list[int]:
@@ -272,32 +278,94 @@ def image_ids_from_annotations(annotations: str | Path, paths: Sequence[Path]) -
     return [ids[path.name] for path in paths]
 
 
+@dataclass
+class Predictions:
+    """What :func:`predict_images` has finished: the COCO results of each image that ran (see
+    :meth:`Predictor.detections`) and the one-line reason of each that failed. Each image is recorded in one
+    step, so an interrupt never leaves half an image."""
+
+    detections: dict[Path, list[dict[str, Any]]] = field(default_factory=dict)
+    failures: dict[Path, str] = field(default_factory=dict)
+
+    @property
+    def results(self) -> list[dict[str, Any]]:
+        """Every finished image's results, in the order the images ran."""
+        return [result for results in self.detections.values() for result in results]
+
+    @property
+    def done(self) -> int:
+        """Images finished, the failed ones included."""
+        return len(self.detections) + len(self.failures)
+
+
 def predict_images(
     predictor: Predictor,
     paths: Sequence[Path],
     threshold: float = 0.0,
     image_ids: Sequence[int] | None = None,
     track: Callable[[Iterable], Iterable] = iter,
-) -> tuple[list[dict[str, Any]], dict[Path, str]]:
+    predictions: Predictions | None = None,
+) -> Predictions:
     """COCO results (see :meth:`Predictor.detections`) of every image, one forward pass each, and the images
     that failed (unreadable, or too small for the model) with a one-line reason each: one bad image costs
-    that image only.
+    that image only. They go into ``predictions`` (a new one by default) as each image finishes, so what
+    finished is kept there when an interrupt stops the loop.
 
     ``image_ids`` default to 1..N in the order of ``paths``; ``track`` wraps the loop (a progress bar).
     """
     image_ids = list(image_ids) if image_ids is not None else list(range(1, len(paths) + 1))
     if len(image_ids) != len(paths):
         raise ValueError(f"got {len(image_ids)} image ids for {len(paths)} images")
-    results, failures = [], {}
+    predictions = predictions if predictions is not None else Predictions()
     for path, image_id in track(list(zip(paths, image_ids))):
         try:
             image = predictor.read_image(path)
             outputs, _ = predictor.run([image])
         except InputError as error:
-            failures[path] = str(error) if str(path) in str(error) else f"{path}: {error}"
+            predictions.failures[path] = str(error) if str(path) in str(error) else f"{path}: {error}"
             continue
-        results.extend(predictor.detections(outputs, [image], [image_id], threshold))
-    return results, failures
+        predictions.detections[path] = predictor.detections(outputs, [image], [image_id], threshold)
+    return predictions
+
+
+def _checkpoint_or_onnx(
+    checkpoint: str | Path | None,
+    onnx: str | Path | None,
+    device: str | None,
+    image_size: int | None,
+    keep_ratio: float | None,
+    amp: str | None,
+    compile: bool,
+) -> Predictor:
+    """The predictor of ``sdetr predict``: the exported file ``onnx`` when given, else the checkpoint."""
+    if onnx is None:
+        return load_predictor(checkpoint, device, image_size, keep_ratio, amp=amp, compile=compile)
+    if checkpoint is not None or amp is not None or compile:
+        raise UsageError("--onnx runs the exported file: leave out --checkpoint, --amp and --compile")
+    predictor = load_onnx_predictor(onnx, image_size)
+    if keep_ratio is not None and keep_ratio != predictor.runner.keep_ratio:
+        raise UsageError(f"{onnx} encodes with keep ratio {predictor.runner.keep_ratio:g}, fixed at export")
+    return predictor
+
+
+def _interrupted(predictions: Predictions, paths: Sequence[Path], out: str | Path, exit_code: int) -> Interrupted:
+    """Write the detections of the images that finished to ``out`` (none finished: nothing is written) and
+    say in one line what was kept and how to go on."""
+    if not predictions.done:
+        return Interrupted(f"interrupted before the first image finished: nothing was written to {out}", exit_code)
+    atomic_write_text(out, json.dumps(predictions.results, indent=1))
+    left = [path for path in paths if path not in predictions.detections and path not in predictions.failures]
+    failed = f" ({len(predictions.failures)} more failed)" if predictions.failures else ""
+    rest = (
+        f"the other {len(left)}, from {left[0]} on, were not run: run sdetr predict on them with another --out"
+        if left
+        else "every image had finished"
+    )
+    return Interrupted(
+        f"interrupted: wrote the detections of {len(predictions.detections)} of {len(paths)} images to {out}"
+        f"{failed}; {rest}",
+        exit_code,
+    )
 
 
 def predict_files(
@@ -322,18 +390,20 @@ def predict_files(
 
     Returns:
         the results, the images that failed with their reason, and the image paths.
+
+    Raises:
+        Interrupted: Ctrl-C (exit code 130) or SIGTERM (143); the detections of the images that finished
+            are written to ``out`` first, and the message says how many and which images were not run.
     """
     paths = expand_image_paths(inputs)
     check_writable(Path(out).parent)
     image_ids = image_ids_from_annotations(annotations, paths) if annotations is not None else None
-    if onnx is not None:
-        if checkpoint is not None or amp is not None or compile:
-            raise UsageError("--onnx runs the exported file: leave out --checkpoint, --amp and --compile")
-        predictor = load_onnx_predictor(onnx, image_size)
-        if keep_ratio is not None and keep_ratio != predictor.runner.keep_ratio:
-            raise UsageError(f"{onnx} encodes with keep ratio {predictor.runner.keep_ratio:g}, fixed at export")
-    else:
-        predictor = load_predictor(checkpoint, device, image_size, keep_ratio, amp=amp, compile=compile)
-    results, failures = predict_images(predictor, paths, threshold, image_ids, track)
-    atomic_write_text(out, json.dumps(results, indent=1))
-    return results, failures, paths
+    predictions = Predictions()
+    try:
+        with StopSignals().installed():  # SIGTERM too raises a KeyboardInterrupt, with its exit code
+            predictor = _checkpoint_or_onnx(checkpoint, onnx, device, image_size, keep_ratio, amp, compile)
+            predict_images(predictor, paths, threshold, image_ids, track, predictions)
+    except KeyboardInterrupt as interrupt:
+        raise _interrupted(predictions, paths, out, getattr(interrupt, "exit_code", Interrupted.exit_code)) from None
+    atomic_write_text(out, json.dumps(predictions.results, indent=1))
+    return predictions.results, predictions.failures, paths

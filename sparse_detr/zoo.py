@@ -4,14 +4,19 @@ the resolution of a ``--checkpoint`` value (a file, a run folder or a zoo name).
 The 15 files of the kakaobrain/sparse-detr README are 50-epoch COCO 2017 models (91 class slots) with
 top-k queries and box refinement: an R50 (ImageNet backbone), a Swin-T and an R50 whose backbone started
 from SCRL self-supervised weights, each at ρ = 0.1 … 0.5. A download is checked to load as the entry's
-model before it takes its name in the cache, so the cache holds only whole, verified files.
+model before it takes its name in the cache, so the cache holds only whole, verified files. The release
+publishes no checksums, so the sha256 of each file is recorded beside it (``<file>.sha256``, in
+``sha256sum`` format) once it is checked, and every later use verifies it: a cached file that changed is
+refused.
 """
 
 from __future__ import annotations
 
+import difflib
 import http.client
 import math
 import os
+import re
 import time
 import urllib.error
 from collections.abc import Callable
@@ -23,14 +28,16 @@ import torch.hub
 
 from sparse_detr.checkpoint import CHECKPOINT_NAME, checkpoint_file, load_model
 from sparse_detr.config import KEEP_RATIOS
-from sparse_detr.errors import CheckpointError, MissingFileError, UnavailableError
-from sparse_detr.utils.cache import user_cache_dir
-from sparse_detr.utils.io import atomic_write
+from sparse_detr.errors import CheckpointError, MissingFileError, OutputError, UnavailableError
+from sparse_detr.utils.cache import user_cache_dir, writable_cache_folder
+from sparse_detr.utils.io import atomic_write, atomic_write_text, file_sha256
 
 if TYPE_CHECKING:
     import pandas
 
 RELEASE_URL = "https://arena.kakaocdn.net/brainrepo/sparse_detr/"
+ZOO_DIR_VARIABLE = "SDETR_ZOO_DIR"
+RECORD_SUFFIX = ".sha256"  # beside each cached file: its sha256 when it was downloaded and checked
 # a download in progress writes every few seconds; temp files untouched for longer were left by a killed one
 STALE_DOWNLOAD_SECONDS = 600
 ZOO_NOTE = (
@@ -106,12 +113,13 @@ def zoo_url() -> str:
 def zoo_dir() -> Path:
     """The cache of downloaded checkpoints: ``$SDETR_ZOO_DIR`` if set, else ``<user cache>/checkpoints``
     (``$XDG_CACHE_HOME/sparse_detr/checkpoints``, ``~/.cache/sparse_detr/checkpoints``)."""
-    folder = os.environ.get("SDETR_ZOO_DIR")
+    folder = os.environ.get(ZOO_DIR_VARIABLE)
     return Path(folder) if folder else user_cache_dir() / "checkpoints"
 
 
 def fetch_checkpoint(name: str, progress: bool = True, log: Callable[[str], None] | None = None) -> Path:
-    """The cached file of the zoo checkpoint ``name``, downloaded and checked first if not cached yet.
+    """The cached file of the zoo checkpoint ``name``, downloaded and checked first if not cached yet, and
+    verified against its recorded sha256 (:func:`verified_cache_file`) if it is.
 
     Args:
         progress: show a download progress bar on stderr.
@@ -120,13 +128,15 @@ def fetch_checkpoint(name: str, progress: bool = True, log: Callable[[str], None
     Raises:
         KeyError: ``name`` is no zoo name.
         CheckpointUnavailableError: the download failed; one line naming the link and the alternative.
-        ValueError: the downloaded file is not that released checkpoint (it is deleted).
+        CheckpointError: the download is not that released checkpoint (it is deleted), or the cached file
+            changed since it was checked.
+        OutputError: the cache folder cannot be written; one line naming it and ``$SDETR_ZOO_DIR``.
     """
     entry = ZOO[name]
     path = zoo_dir() / entry.file_name
     if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
+        return verified_cache_file(entry, path)
+    writable_cache_folder(path.parent, ZOO_DIR_VARIABLE)
     _remove_stale_downloads(path)
     url = entry.url
     if log is not None:
@@ -137,7 +147,56 @@ def fetch_checkpoint(name: str, progress: bool = True, log: Callable[[str], None
         _check_release(entry, url, tmp)
 
     # atomic_write deletes the temp file on any error and renames it into place only once checked
-    return atomic_write(path, download_and_check)
+    atomic_write(path, download_and_check)
+    _record_sha256(path)
+    return path
+
+
+def record_file(path: Path) -> Path:
+    """Where the sha256 of the cached checkpoint ``path`` is recorded."""
+    return path.with_name(path.name + RECORD_SUFFIX)
+
+
+def _record_sha256(path: Path) -> None:
+    atomic_write_text(record_file(path), f"{file_sha256(path)}  {path.name}\n")
+
+
+def _recorded_sha256(path: Path) -> str | None:
+    """The sha256 recorded for ``path``; None when there is no readable record."""
+    try:
+        digest = record_file(path).read_text().split()[0]
+    except (OSError, UnicodeDecodeError, IndexError):
+        return None
+    return digest.lower() if re.fullmatch(r"[0-9a-fA-F]{64}", digest) else None
+
+
+def verified_cache_file(entry: ZooEntry, path: Path) -> Path:
+    """``path``, the cached file of ``entry``, once its sha256 is the one recorded when it was downloaded and
+    checked. A file cached without a record (by an older version, or copied in by hand) is checked as a
+    download is and then recorded (when the cache can be written; a read-only one is checked every time).
+
+    Raises:
+        CheckpointError: the file changed since it was checked, or is not the release: one line saying to
+            delete it and download it again.
+    """
+    again = f"delete {path} and run again to download it anew"
+    recorded = _recorded_sha256(path)
+    if recorded is None:
+        try:
+            _check_release(entry, str(path), path, "the file")
+        except CheckpointError as error:
+            raise CheckpointError(f"{error}; {again}") from None
+        try:
+            _record_sha256(path)
+        except OutputError:  # a read-only cache that someone filled: checked again next time
+            pass
+        return path
+    if file_sha256(path) != recorded:
+        raise CheckpointError(
+            f"{path}, the cached zoo checkpoint {entry.name}, changed since it was downloaded and checked (its "
+            f"sha256 is not the one in {record_file(path).name}): {again}"
+        )
+    return path
 
 
 def _download(entry: ZooEntry, url: str, destination: Path, progress: bool) -> None:
@@ -159,14 +218,15 @@ def _short_reason(error: Exception) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def _check_release(entry: ZooEntry, url: str, path: Path) -> None:
-    """Raise ``ValueError`` naming ``url`` unless ``path`` loads as ``entry``'s model."""
-    refused = f"{url} is not the released checkpoint {entry.name}"
+def _check_release(entry: ZooEntry, source: str, path: Path, called: str = "the download") -> None:
+    """Raise :class:`CheckpointError` naming ``source`` (the link) unless ``path`` loads as ``entry``'s model;
+    the reason calls the file ``called``."""
+    refused = f"{source} is not the released checkpoint {entry.name}"
     try:
         config = load_model(path).config.model
     except (ValueError, RuntimeError) as error:  # not a checkpoint, or one that does not build or fit
         # the temp file's name means nothing to the reader: it is deleted
-        raise CheckpointError(f"{refused}: {str(error).replace(str(path), 'the download')}") from None
+        raise CheckpointError(f"{refused}: {str(error).replace(str(path), called)}") from None
     if config.backbone != entry.backbone or not math.isclose(config.keep_ratio, entry.keep_ratio):
         raise CheckpointError(
             f"{refused}: it holds a {config.backbone} model with keep ratio {config.keep_ratio}, "
@@ -200,9 +260,19 @@ def resolve_checkpoint(spec: str | Path, progress: bool = True, log: Callable[[s
         return checkpoint_file(path)
     if str(spec) in ZOO:
         return fetch_checkpoint(str(spec), progress=progress, log=log)
+    close = _close_names(str(spec))
+    guess = f"did you mean {' or '.join(close)}? " if close else ""
     raise MissingFileError(
-        f"checkpoint not found: {spec} (not a file, a run folder or a zoo name; `sdetr zoo` lists the names)"
+        f"checkpoint not found: {spec} (not a file, a run folder or a zoo name; {guess}`sdetr zoo` lists the names)"
     )
+
+
+def _close_names(spec: str) -> list[str]:
+    """The zoo names most like a mistyped ``spec`` (difflib): the closest, and a second one as close (``rho0.15``
+    is as close to ``rho0.1`` as to ``rho0.5``), in registry order; none when nothing is close."""
+    matches = difflib.get_close_matches(spec, ZOO, n=2)
+    ratios = [difflib.SequenceMatcher(None, spec, name).ratio() for name in matches]
+    return sorted((name for name, ratio in zip(matches, ratios) if ratio == ratios[0]), key=list(ZOO).index)
 
 
 def zoo_table() -> pandas.DataFrame:

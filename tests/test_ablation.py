@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -86,15 +88,15 @@ def test_sweep_file_round_trip(tmp_path):
         ("[model]\nkeep_ratio = 0.2", "[model] keep_ratio is set by each run"),
         ("[benchmark]\nimage = 2", "unknown key [benchmark] 'image'"),
         ("keep_ratios = 0.1", "keep_ratios must be a list of numbers"),
-        ("keep_ratios = [1.5]", "keep_ratios values must be in (0, 1]"),
+        ("keep_ratios = [1.5]", "keep_ratios: each value must be a number in (0, 1]"),
         ("rankings = ['dam', 'xyz']", "unknown ranking 'xyz'"),
         ("preset = 'big'", "unknown preset 'big'"),
         ("baseline = 'yes'", "baseline must be true or false"),
         ("keep_ratios = []\nbaseline = false", "the sweep has no runs"),
         ("data = 'coco'\nval_ann = 'a.json'", "give either data"),
         ("keep_ratios = [0.1", "is not valid TOML"),
-        ("[train]\nepochs = 0", "[train]: epochs must be at least 1"),
-        ("[model]\nbackbone_norm = 'group'", "[model]: backbone_norm must be one of"),
+        ("[train]\nepochs = 0", "[train] epochs must be at least 1"),
+        ("[model]\nbackbone_norm = 'group'", "[model] backbone_norm must be one of"),
     ],
 )
 def test_sweep_file_errors_name_the_file_and_key(tmp_path, text, message):
@@ -297,3 +299,31 @@ def test_interrupted_seed_resumes_from_its_checkpoint(mini, monkeypatch):
     assert resumed["metrics"] == stored["metrics"] and resumed["settings"] == stored["settings"]
     assert [e["keep_ratio"] for e in resumed["evaluations"]] == [0.2, 0.3]
     assert list(report.table["run"]) == ["baseline", "dam-rho0.3"] and list(report.table["seeds"]) == [2, 2]
+
+
+@pytest.mark.slow
+def test_a_run_another_process_holds_is_skipped(mini, monkeypatch):
+    _, sweep, _ = mini
+    run_dir = sweep.run_root / "baseline" / "seed3"
+    result_file = run_dir / "result.json"
+    stored = result_file.read_bytes()
+    result_file.unlink()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom sparse_detr.utils.lock import folder_lock\n"
+         "with folder_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n", str(run_dir)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(engine, "train", _forbid("training"))
+        logs = []
+        ablation.run_ablation(sweep, log=logs.append)
+        assert any(
+            line.startswith("[1/4] baseline (seed 3): skipped, ") and f"in use by another run: process {holder.pid}"
+            in line for line in logs
+        ), logs  # fmt: skip
+        assert not result_file.exists() and sum(line.endswith("finished, skipped") for line in logs) == 3
+    finally:
+        holder.kill()
+        holder.wait()
+        result_file.write_bytes(stored)

@@ -92,7 +92,7 @@ def test_config_and_set_change_every_model(tmp_path):
         (["--checkpoint", "sparse-detr-r51-rho0.1"], "checkpoint not found: sparse-detr-r51-rho0.1"),
         (["--input-size", "850by1040"], "HEIGHTxWIDTH"),
         (["--checkpoint", "missing.pth"], "checkpoint not found"),
-        (["--preset", "tiny", "--rho", "0,0.3"], "keep ratios must be in (0, 1]"),
+        (["--preset", "tiny", "--rho", "0,0.3"], "--rho must be a number in (0, 1]"),
         (["--amp", "fp8"], "bf16 or fp16"),
     ],
 )

@@ -30,8 +30,8 @@ def _worker(data_dir: str, out_dir: str) -> None:
 
     fit = trainer.fit
 
-    def fit_and_dump(run):
-        metrics = fit(run)
+    def fit_and_dump(run, *args):
+        metrics = fit(run, *args)
         torch.save(run.model.state_dict(), Path(out_dir) / f"rank{run.info.rank}.pt")
         return metrics
 
@@ -96,6 +96,7 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path):
     assert scores[0].keys() == scores[1].keys() and len(scores[0]) == 5
     for image, values in scores[0].items():
         assert values == pytest.approx(scores[1][image], abs=1e-5), image
+
 
 if __name__ == "__main__":
     _worker(*sys.argv[1:3])

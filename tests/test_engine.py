@@ -174,7 +174,8 @@ def test_tiny_end_to_end(datasets, tmp_path):
     assert all(math.isnan(v) or 0 <= v <= 1 for v in metrics.values())
     out = tmp_path / "run"
     final = json.loads((out / "metrics_final.json").read_text())
-    assert list(final) == list(METRIC_KEYS)
+    assert list(final) == [*METRIC_KEYS, "images_skipped", "skipped_image_ids"]
+    assert final["images_skipped"] == 0 and final["skipped_image_ids"] == []
     assert json.loads((out / "eval_epoch1.json").read_text())["epoch"] == 1
     detections = json.loads((out / "detections_epoch1.json").read_text())
     assert detections and set(detections[0]) == {"image_id", "category_id", "bbox", "score"}

@@ -25,6 +25,8 @@ pytest.importorskip("onnxscript")
 runner = CliRunner()
 # three image sizes, other than the export's example; batches of one and of two padded differently
 SIZES = ([(96, 128)], [(160, 120), (128, 176)], [(200, 150)], [(72, 300), (96, 96)])
+# what `sdetr export` stores beside a graph (OnnxDetector refuses a file without it)
+METADATA = {"categories": {"1": {"id": 11, "name": "disc"}}, "image_size": 64}
 
 
 def _realistic(model):
@@ -134,7 +136,7 @@ def test_postprocessing_graph_equals_postprocess(tiny_checkpoint, tmp_path):
     from sparse_detr.checkpoint import load_model
 
     model = load_model(tiny_checkpoint)
-    path = export_onnx(model, tmp_path / "post.onnx", postprocess=True, metadata={"categories": {}})
+    path = export_onnx(model, tmp_path / "post.onnx", postprocess=True, metadata=METADATA)
     detector = OnnxDetector(path)
     assert detector.takes_original_sizes
     differences = compare_with_pytorch(detector, model, SIZES)
@@ -146,7 +148,7 @@ def test_postprocessing_graph_equals_postprocess(tiny_checkpoint, tmp_path):
 def test_r50_presets_export_from_one_file(preset, tmp_path, one_thread):
     torch.manual_seed(0)
     model = _realistic(build_model(get_preset(preset)))
-    path = export_onnx(model, tmp_path / f"{preset}.onnx", metadata={"categories": {}})
+    path = export_onnx(model, tmp_path / f"{preset}.onnx", metadata=METADATA)
     r50_sizes = ([(256, 320)], [(320, 256), (288, 352)], [(400, 300)])
     differences = compare_with_pytorch(OnnxDetector(path), model, r50_sizes)
     assert differences["pred_logits"] < 1e-4 and differences["pred_boxes"] < 1e-4, differences

@@ -104,7 +104,8 @@ def test_a_released_coco_checkpoint_carries_coco_names(tmp_path):
 
 def test_initial_weights_of_a_fine_tuning_run_record_the_file(shapes_checkpoint):
     _, path = shapes_checkpoint
-    weights = resolve_initial_weights(get_preset("sparse-rho0.1"), init=str(path.parent))  # a run folder
+    weights = resolve_initial_weights(get_preset("tiny"), init=str(path.parent))  # a run folder, the same backbone
     assert weights.backbone is None and weights.checkpoint.file == path
-    assert weights.to_dict()["init"] == {"source": str(path.parent), "file": str(path), "sha256": file_sha256(path)}
+    record = {"source": str(path.parent), "file": str(path), "sha256": file_sha256(path), "with_backbone": True}
+    assert weights.to_dict()["init"] == record
     assert resolve_initial_weights(get_preset("tiny")) == InitialWeights()  # tiny learns from scratch

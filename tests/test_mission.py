@@ -46,6 +46,8 @@ def test_criterion_and_ranking_name_one_option():
     assert "--ranking" in option.opts
     assert option.opts[0] == "--criterion"  # the name --help shows and the environment variable follows
     assert option.envvar == "SDETR_ABLATE_CRITERION"
+    force = next(parameter for parameter in ablate.params if parameter.name == "force")
+    assert force.envvar is None  # deleting work is only ever typed
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +97,7 @@ def test_sdetr_train(trained):
     final = json.loads((run / "metrics_final.json").read_text())
     assert 0.0 <= final["AP"] <= 1.0
     assert (Path(env["XDG_CACHE_HOME"]) / "sparse_detr" / "synthetic-shapes" / "annotations").is_dir()
+    assert "writing the synthetic dataset (500 + 100 images) to " in result.stderr  # the first run's long step
     # the COCO summary once, the project's table; not pycocotools' own print
     assert result.stdout.count("AP50") >= 1
     assert "Average Precision  (AP) @[" not in result.stdout

@@ -28,6 +28,7 @@ from sparse_detr.viz import (
 runner = CliRunner()
 STRIDES = [8, 16, 32, 64]
 
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return save_tiny_checkpoint(tmp_path_factory.mktemp("model") / "checkpoint.pth")
@@ -204,7 +205,7 @@ def test_cli_errors_are_one_clear_line(checkpoint, scene, tmp_path, monkeypatch)
     assert result.exit_code == 1 and "broken.png: cannot read image" in result.output
 
     result = runner.invoke(app, ["visualize", str(scene), "--checkpoint", str(checkpoint), "--rho", "1.5"])
-    assert result.exit_code == 2 and "rho must be in (0, 1]" in result.output  # a usage error
+    assert result.exit_code == 2 and "--rho must be a number in (0, 1]" in result.output  # a usage error
 
     dense = save_tiny_checkpoint(tmp_path / "dense.pth", keep_ratio=0.0)
     result = runner.invoke(app, ["visualize", str(scene), "--checkpoint", str(dense)])

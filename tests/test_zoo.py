@@ -110,7 +110,8 @@ def test_fetch_downloads_once_into_the_cache(mirror, downloads, small_model):
     folder, cache = mirror
     messages = []
     path = zoo.fetch_checkpoint(SMALL.name, progress=False, log=messages.append)
-    assert path == cache / SMALL.file_name and os.listdir(cache) == [SMALL.file_name]  # no temp file left
+    record = SMALL.file_name + zoo.RECORD_SUFFIX
+    assert path == cache / SMALL.file_name and sorted(os.listdir(cache)) == [SMALL.file_name, record]  # no temp file
     assert downloads == [SMALL.url] and messages == [f"downloading {SMALL.name} from {SMALL.url} to {path}"]
     model = load_model(path)
     assert model.config == small_model.config
@@ -175,7 +176,7 @@ def test_temp_files_of_killed_downloads_are_cleaned(mirror, monkeypatch):
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", download)
     zoo.fetch_checkpoint(SMALL.name, progress=False)
-    assert sorted(os.listdir(cache)) == sorted([SMALL.file_name, in_progress.name])
+    assert sorted(os.listdir(cache)) == sorted([SMALL.file_name, SMALL.file_name + zoo.RECORD_SUFFIX, in_progress.name])
 
 
 @pytest.mark.parametrize("failure", ["missing-file-link", "no-network", "http-404"])
@@ -221,11 +222,19 @@ def test_resolve_checkpoint_files_run_folders_and_zoo_names(mirror, downloads, t
     assert zoo.resolve_checkpoint(SMALL.name).resolve() == tmp_path / SMALL.name and len(downloads) == 1
 
 
-@pytest.mark.parametrize("spec", ["sparse-detr-r50-rho0.6", "empty-folder"])
-def test_resolve_checkpoint_of_an_unknown_name(tmp_path, monkeypatch, spec):
+@pytest.mark.parametrize(
+    ("spec", "guess"),
+    [
+        ("sparse-detr-r50-rho0.6", "did you mean sparse-detr-r50-rho0.4 or sparse-detr-r50-rho0.5? "),
+        ("empty-folder", ""),
+    ],
+)
+def test_resolve_checkpoint_of_an_unknown_name(tmp_path, monkeypatch, spec, guess):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty-folder").mkdir()
-    message = f"checkpoint not found: {spec} (not a file, a run folder or a zoo name; `sdetr zoo` lists the names)"
+    message = (
+        f"checkpoint not found: {spec} (not a file, a run folder or a zoo name; {guess}`sdetr zoo` lists the names)"
+    )
     with pytest.raises(FileNotFoundError, match=f"^{re.escape(message)}$"):
         zoo.resolve_checkpoint(spec)
     with pytest.raises(FileNotFoundError, match=re.escape(message)):

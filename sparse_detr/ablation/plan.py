@@ -103,6 +103,10 @@ class TimeEstimate:
             f"of {self.epochs_per_run} epochs, plus measuring each (refined after every run)"
         )
 
+    def skip_run(self) -> None:
+        """A run another process took: it no longer counts."""
+        self.runs_left -= 1
+
     def end_run(self) -> str:
         """Record a finished run; the estimate from the runs finished so far."""
         self.run_seconds.append(time.perf_counter() - self._run_start)

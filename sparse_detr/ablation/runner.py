@@ -35,8 +35,10 @@ from sparse_detr.ablation.report import FPS_KEYS, GFLOP_KEYS, RESULT_NAME, perce
 from sparse_detr.ablation.sweep import Run, Sweep, SweepError, placement_free, shard_runs, sweep_to_dict
 from sparse_detr.config import Config, apply_overrides, config_to_dict, get_preset, load_toml
 from sparse_detr.data.source import DataSplits
+from sparse_detr.engine.interrupts import StopSignals
 from sparse_detr.errors import ConfigError, Interrupted
 from sparse_detr.utils.io import atomic_write_text, check_writable
+from sparse_detr.utils.lock import FolderInUseError, folder_lock
 
 BUILTIN_DATA = "built-in synthetic dataset"
 SWEEP_FILE = "sweep.toml"  # in the report folder: the sweep it reports on (an experiment file)
@@ -368,14 +370,26 @@ def run_ablation(
     to_train = [run for run in runs if run not in finished]
     estimate = TimeEstimate(len(to_train), run_train_config(sweep, runs[0]).epochs if runs else 0)
     for k, run in enumerate(runs, 1):
+        step = f"[{k}/{len(runs)}] {run.label}"
         if run in finished:
-            log(f"[{k}/{len(runs)}] {run.label}: finished, skipped")
+            log(f"{step}: finished, skipped")
             continue
-        log(f"[{k}/{len(runs)}] {run.label}")
-        estimate.start_run()
-        on_first_epoch = (lambda seconds: log(estimate.first_epoch(seconds))) if not estimate.run_seconds else None
-        try:
-            result = execute_run(sweep, run, data, stored[run], log, on_first_epoch)
+        try:  # the run folder is locked while this process trains and measures it (shards run side by side)
+            with StopSignals().installed(), folder_lock(run_train_config(sweep, run).output_dir):
+                stored[run] = read_result(result_path(sweep, run))  # another shard may have finished it since
+                if stored[run] is not None and _complete(run, stored[run]):
+                    log(f"{step}: finished by another process, skipped")
+                    estimate.skip_run()
+                    continue
+                log(step)
+                estimate.start_run()
+                first = (lambda seconds: log(estimate.first_epoch(seconds))) if not estimate.run_seconds else None
+                result = execute_run(sweep, run, data, stored[run], log, first)
+                write_result(result_path(sweep, run), result)
+        except FolderInUseError as error:
+            log(f"{step}: skipped, {error}")
+            estimate.skip_run()
+            continue
         except (KeyboardInterrupt, Interrupted) as interrupt:
             done = len(finished) + len(estimate.run_seconds)
             raise Interrupted(
@@ -383,9 +397,8 @@ def run_ablation(
                 "and the interrupted one keeps its checkpoint: run the same command again to continue",
                 exit_code=getattr(interrupt, "exit_code", Interrupted.exit_code),
             ) from None
-        write_result(result_path(sweep, run), result)
-        log(f"[{k}/{len(runs)}] {run.label}: AP {percent(result['metrics']['AP']):.1f}, "
-            f"GFLOPs {result['gflops']:.3f}, FPS {result['fps']:.1f}; {estimate.end_run()}")  # fmt: skip
+        log(f"{step}: AP {percent(result['metrics']['AP']):.1f}, GFLOPs {result['gflops']:.3f}, "
+            f"FPS {result['fps']:.1f}; {estimate.end_run()}")  # fmt: skip
     return write_sweep_report(sweep, log)
 
 

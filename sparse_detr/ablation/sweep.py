@@ -25,6 +25,7 @@ from sparse_detr.config import (
     check_field,
     field_names,
     get_preset,
+    keep_ratio_range,
     load_toml,
     train_recipe,
 )
@@ -161,18 +162,19 @@ class Sweep:
         for ranking in (*self.rankings, *([self.eval_ranking] if self.eval_ranking else [])):
             if ranking not in TOKEN_RANKINGS:
                 raise SweepError(f"unknown ranking {ranking!r}; rankings: {', '.join(TOKEN_RANKINGS)}")
+        keep_ratios = keep_ratio_range()
         for key, values in (("keep_ratios", self.keep_ratios), ("eval_keep_ratios", self.eval_keep_ratios)):
-            bad = [v for v in values if not 0 < v <= 1]
+            bad = [v for v in values if not keep_ratios.test(v)]
             if bad:
-                raise SweepError(f"{key} values must be in (0, 1], got {bad}")
+                raise SweepError(f"{key}: each value must be {keep_ratios.text}, got {bad}")
         if self.eval_keep_ratios and self.eval_model_keep_ratio is None:
             raise SweepError(
                 "eval_keep_ratios needs eval_train_keep_ratio (the keep ratio that model trains at) or keep_ratios"
             )
         if len(set(self.seeds)) != len(self.seeds) or any(seed < 0 for seed in self.seeds):
             raise SweepError(f"seeds must be distinct integers of at least 0, got {list(self.seeds)}")
-        if self.eval_train_keep_ratio is not None and not 0 < self.eval_train_keep_ratio <= 1:
-            raise SweepError(f"eval_train_keep_ratio must be in (0, 1], got {self.eval_train_keep_ratio}")
+        if self.eval_train_keep_ratio is not None and not keep_ratios.test(self.eval_train_keep_ratio):
+            raise SweepError(f"eval_train_keep_ratio must be {keep_ratios.text}, got {self.eval_train_keep_ratio}")
         explicit = [getattr(self, key) for key in DATA_FIELDS[1:]]
         if any(explicit) and (self.data is not None or not all(explicit)):
             raise SweepError("give either data (a COCO root) or all of train_images, train_ann, val_images, val_ann")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,14 @@ from sparse_detr.analysis.reference_figures import (
     reference_preset,
     reference_published_params,
 )
+from sparse_detr.config import check_keep_ratio
 from sparse_detr.errors import MissingFileError, UsageError
 from sparse_detr.utils.cpu import cpu_description, cpu_isa, cpu_model
 from sparse_detr.utils.io import check_writable
 
+# a lower bound of the memory inference takes per input pixel of a batch (activations, input included):
+# peak RSS grows by 160 bytes per pixel for tiny and 320 to 480 for R50 (sparse, dense) on a CPU
+MIN_BYTES_PER_PIXEL = 100
 BENCHMARK_STEM = "benchmark"
 PARTS_STEM = "gflops_by_part"
 STAGE_SHARES = ("backbone_pct", "encoder_pct", "rest_pct")  # of gflops, by FlopCount.by_stage
@@ -94,8 +99,7 @@ def model_specs(
         specs = [ModelSpec(name, backbone, overrides=overrides) for name in presets]
         bases = [(spec, spec.config().model.is_sparse) for spec in specs]
     for keep_ratio in keep_ratios or []:
-        if not 0 < keep_ratio <= 1:
-            raise UsageError(f"keep ratios must be in (0, 1] (--rho), got {keep_ratio}")
+        check_keep_ratio(keep_ratio, key="--rho")
     specs = []
     for base, sparse in bases:
         for keep_ratio in keep_ratios if (keep_ratios and sparse) else [None]:
@@ -374,6 +378,36 @@ def write_benchmark_report(
     return paths + plot_benchmark(result.table, directory)
 
 
+def device_memory(device: torch.device) -> tuple[int, str] | None:
+    """The bytes ``device`` can hold and what they are (the GPU's free memory, or the machine's physical
+    memory); None where the system does not say."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"free on {device_name(device)}"
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "this machine has"
+    except (ValueError, OSError):
+        return None
+
+
+def check_fits(size: tuple[int, int], batch_size: int, option: str, device: torch.device) -> None:
+    """Refuse, before anything is allocated, inputs of ``size`` (H, W) in batches of ``batch_size`` that need
+    more memory than ``device`` has, even at :data:`MIN_BYTES_PER_PIXEL`.
+
+    Raises:
+        UsageError: naming ``option``, --batch-sizes, the estimate and the memory there is.
+    """
+    memory = device_memory(device)
+    needed = size[0] * size[1] * batch_size * MIN_BYTES_PER_PIXEL
+    if memory is None or needed <= memory[0]:
+        return
+    available, what = memory
+    raise UsageError(
+        f"{option} in batches of {batch_size} (--batch-sizes) needs at least {needed / 2**30:,.1f} GiB "
+        f"({MIN_BYTES_PER_PIXEL} bytes per input pixel), more than the {available / 2**30:,.1f} GiB {what}: "
+        "give a smaller size or batch"
+    )
+
+
 def synthetic_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
     """One (3, height, width) standard-normal image (the reference's quick mode: FLOPs do not depend on the
     pixels, and a normalized image has about this distribution)."""
@@ -407,7 +441,8 @@ def benchmark_models(
     """``sdetr benchmark``: measure the presets (or a checkpoint file, run folder or zoo name) at each keep
     ratio, with the dotted ``settings``' ``model.*`` / ``loss.*`` fields applied to every model, on
     ``inputs`` (dataset images: from ``settings``' ``data.*``, at ``train.image_size``, default 800), and
-    write the report to ``folder`` (checked to be writable first)."""
+    write the report to ``folder`` (checked to be writable first). Input sizes and batches that cannot fit
+    in the device's memory are refused before anything is allocated (:func:`check_fits`)."""
     from sparse_detr.data.source import DataSource
     from sparse_detr.engine.run_config import section
     from sparse_detr.utils.device import resolve_device
@@ -419,11 +454,17 @@ def benchmark_models(
     overrides = {key: value for key, value in settings.items() if key.startswith(("model.", "loss."))}
     path = str(resolve_checkpoint(checkpoint)) if checkpoint else None
     specs = model_specs(presets, keep_ratios, backbone, path, overrides)
+    batch_size = max(options.timing.batch_sizes) if options.fps else 1
     if inputs.images is None:
         height, width = inputs.size
+        check_fits((height, width), batch_size, f"--input-size {height}x{width}", device)
         images, source = [synthetic_image(height, width)], f"one random {height}×{width} image"
     else:
+        from sparse_detr.data import scaled_sizes
+
         image_size = section(settings, "train").get("image_size", 800)
+        widest = (image_size, scaled_sizes(image_size).max_size)  # the longer side is capped at max_size
+        check_fits(widest, batch_size, f"--image-size {image_size}", device)
         val_images, val_ann = DataSource(**section(settings, "data")).val_split()
         images = dataset_images(val_images, val_ann, inputs.images, image_size)
         source = f"the first {inputs.images} images of {val_images}, shorter side {image_size} (mean over them)"

@@ -3,7 +3,7 @@ one library function (see :mod:`sparse_detr.cli._app` for the error path and the
 
 :func:`main` is the ``sdetr`` executable: the application with every option also read from the environment
 as ``SDETR_<COMMAND>_<OPTION>`` (``SDETR_TRAIN_EPOCHS=1``, ``SDETR_DATA_SYNTH_OUT=...``), for clusters and
-scripts that cannot change a command's text.
+scripts that cannot change a command's text (all but ``--force``).
 """
 
 import typer
@@ -14,6 +14,7 @@ from sparse_detr.cli._app import app
 __all__ = ["app", "environment_variable", "main"]
 
 ENV_PREFIX = "SDETR"
+_TYPED_ONLY = ("help", "force")  # options never read from the environment
 
 
 def environment_variable(command_path: list[str], option) -> str:
@@ -25,10 +26,10 @@ def environment_variable(command_path: list[str], option) -> str:
 
 def _read_environment(command, path: list[str]) -> None:
     """Give every option without an environment variable of its own the one :func:`environment_variable`
-    names, in ``command`` and its subcommands."""
+    names, in ``command`` and its subcommands; not ``--force``, which deletes work and so is only typed."""
     for parameter in command.params:
         # typer carries its own click, so options are told by their kind rather than by class
-        if parameter.param_type_name == "option" and parameter.envvar is None and parameter.name != "help":
+        if parameter.param_type_name == "option" and parameter.envvar is None and parameter.name not in _TYPED_ONLY:
             parameter.envvar = environment_variable(path, parameter)
     for name, subcommand in getattr(command, "commands", {}).items():
         _read_environment(subcommand, [*path, name])

@@ -8,6 +8,9 @@ missing download or device) as one red line and exit code 2 (usage) or 1 (failur
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +40,10 @@ CONFIG_OPTION = typer.Option(
     None, "--config", help="TOML config file: [model], [loss], [train], [data] tables (a run's config.toml too)."
 )
 SET_OPTION = typer.Option(
-    None, "--set", help="key=value over the config, repeatable: model.keep_ratio=0.2, train.lr=1e-4."
+    None,
+    "--set",
+    metavar="KEY=VALUE",
+    help="A setting over the config, repeatable: model.keep_ratio=0.2, train.lr=1e-4.",
 )
 
 
@@ -47,6 +53,30 @@ def _global_options(
 ) -> None:
     _debug["on"] = debug
     warnings.formatwarning = _one_line_warning
+    _show_status_lines()
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to ``sys.stderr`` as it is when a record comes (tests replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _show_status_lines() -> None:
+    """Show the library's status lines (the ``sparse_detr`` logger at INFO: a kernel build, the built-in
+    dataset being written) on stderr, one plain line each; under ``torchrun`` rank 0's only."""
+    logger = logging.getLogger("sparse_detr")
+    if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING)
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

@@ -47,12 +47,14 @@ def evaluate(
     fields = dict(locals())  # the options named after configuration fields, taken before anything else
     for name in ("checkpoint", "config_file", "settings", "output_dir", "compile"):
         del fields[name]
-    from sparse_detr.engine import format_metrics
+    from sparse_detr.engine import distributed, format_metrics
     from sparse_detr.engine.evaluate import evaluate_settings
     from sparse_detr.engine.run_config import merged_settings, option_settings
 
     resolved = merged_settings(config_file, settings or (), option_settings(fields))
-    console.print(format_metrics(evaluate_settings(checkpoint, resolved, output_dir, compile)))
+    metrics = evaluate_settings(checkpoint, resolved, output_dir, compile)
+    if distributed.get_rank() == 0:  # under torchrun every process has the metrics; the table prints once
+        console.print(format_metrics(metrics))
 
 
 @command(app)

@@ -15,7 +15,7 @@ def export(
     checkpoint: str = typer.Option(..., help="Checkpoint file, run folder or zoo name (sdetr zoo)."),
     out: Path = typer.Option(Path("model.onnx"), help="ONNX file to write."),
     rho: float | None = typer.Option(None, help="Keep ratio the graph encodes with (default: the trained one)."),
-    opset: int = typer.Option(18, min=1, help="ONNX opset (16 or later: GridSample)."),
+    opset: int = typer.Option(18, help="ONNX opset (18 up to the newest one torch's exporter writes)."),
     postprocess: bool = typer.Option(
         False,
         "--postprocess",
@@ -27,11 +27,12 @@ def export(
     """Export a detector to one ONNX file with dynamic batch, height and width (needs onnx, onnxscript and
     onnxruntime: the package's "onnx" extra). The deformable attention op becomes standard ONNX (GridSample), so any
     runtime runs the file; `sdetr predict --onnx FILE` runs it with onnxruntime."""
-    from sparse_detr.export import export_checkpoint, require_export_packages
+    from sparse_detr.export import check_opset, export_checkpoint, require_export_packages
 
     if out.exists() and not force:
         raise UsageError(f"{out} exists: pass --force to overwrite it or choose another --out")
     require_export_packages(run=check)
+    check_opset(opset)
     console.print(f"exporting {checkpoint} (tracing with torch.export; a minute for R50)", highlight=False)
     report = export_checkpoint(checkpoint, out, rho, opset, postprocess, check)
     log_line(

@@ -21,17 +21,28 @@ def data_synth(
     classes: str | None = typer.Option(
         None, help="Comma-separated shape classes, in label order (default: the built-in six; see --help)."
     ),
+    force: bool = typer.Option(
+        False, "--force", help="Replace a synthetic dataset of other arguments in --out (other files never)."
+    ),
 ) -> None:
     """Write the built-in synthetic detection dataset (train and val splits).
 
     Classes: circle, square, triangle, star, ring, cross (the default set) and hexagon, diamond, crescent,
     arrow; another class set (e.g. --classes triangle,star,hexagon,arrow --seed 1) makes a second dataset
     to fine-tune on.
+
+    A folder that already holds this dataset is left as is; one that holds another synthetic dataset is
+    replaced only with --force; a folder that holds anything else is refused, --force or not.
     """
     from sparse_detr.data import make_synthetic_dataset
+    from sparse_detr.data.synthetic import read_manifest
 
-    root = make_synthetic_dataset(out, num_train, num_val, image_size, seed, classes=parse_list(classes))
-    console.print(f"wrote the synthetic dataset to {root}")
+    before = read_manifest(out)
+    root = make_synthetic_dataset(out, num_train, num_val, image_size, seed, classes=parse_list(classes), replace=force)
+    if before is not None and before == read_manifest(root):
+        console.print(f"{root} already holds this synthetic dataset: left as is")
+    else:
+        console.print(f"wrote the synthetic dataset to {root}")
 
 
 @command(app)
@@ -70,8 +81,14 @@ def zoo() -> None:
 
 @command(app)
 def doctor() -> None:
-    """Print versions, devices and which deformable-attention backends run here (and why not)."""
-    from sparse_detr.doctor import environment, op_backends
+    """Print versions, devices and which deformable-attention backends run here (and why not).
+
+    A damaged kernel library in the cache is rebuilt, or its backend is reported unavailable, and the table
+    says which.
+    """
+    from rich.markup import escape
+
+    from sparse_detr.doctor import backend_detail, environment, op_backends
 
     table = Table(title="environment", show_header=False)
     for key, value in environment().items():
@@ -81,10 +98,8 @@ def doctor() -> None:
         statuses = op_backends()
     backends = Table(title="deformable attention backends")
     for column in ("backend", "available", "detail"):
-        backends.add_column(column)
+        backends.add_column(column, overflow="fold")  # long paths wrap rather than lose their end
     for status in statuses:
-        detail = status.reason if not status.available else (
-            f"build log: {status.build_log}" if status.build_log else "always available"
-        )  # fmt: skip
-        backends.add_row(status.name, "[green]yes[/green]" if status.available else "[red]no[/red]", detail)
+        available = "[green]yes[/green]" if status.available else "[red]no[/red]"
+        backends.add_row(status.name, available, escape(backend_detail(status)))
     console.print(backends)

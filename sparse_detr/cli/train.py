@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import typer
 
-from sparse_detr.cli._app import CONFIG_OPTION, SET_OPTION, app, command, console
+from sparse_detr.cli._app import CONFIG_OPTION, SET_OPTION, app, command, console, log_line
 
 
 @command(app)
@@ -16,7 +17,9 @@ def train(
     ),
     config_file: Path | None = CONFIG_OPTION,
     settings: list[str] | None = SET_OPTION,
-    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved configuration and exit."),
+    print_config: bool = typer.Option(
+        False, "--print-config", help="Print what the run will use (its folder, the data's classes) and exit."
+    ),
     backbone: str | None = typer.Option(None, help="Backbone instead of the preset's (r50, swin-t, resnet18...)."),
     pretrained_backbone: str | None = typer.Option(
         None, help="Backbone start: imagenet (the reference's), timm, a weights file, or none (random)."
@@ -45,7 +48,12 @@ def train(
     workers: int | None = typer.Option(None, min=0, help="Data loading processes."),
     iters_per_epoch: int | None = typer.Option(None, min=1, help="Cap on batches per epoch (quick runs)."),
     checkpoint_every_iters: int | None = typer.Option(None, min=0, help="Also checkpoint every N steps."),
-    output_dir: Path | None = typer.Option(None, help="Run folder (default runs/<preset>)."),
+    output_dir: Path | None = typer.Option(
+        None, help="Run folder (default runs/<preset>, runs/<preset>-finetune with --init; numbered when taken)."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Start a new run in the run folder even if it holds one (its files are deleted)."
+    ),
     resume: Path | None = typer.Option(None, help="Checkpoint (or run folder) to resume from."),
     tensorboard: bool | None = typer.Option(
         None, "--tensorboard/--no-tensorboard", help="Also write TensorBoard event files (the tensorboard extra)."
@@ -58,26 +66,35 @@ def train(
     """Train a model; with no data, the tiny preset on the built-in synthetic dataset.
 
     The configuration is resolved in layers: the preset (and its training recipe: SPEC §6 for the paper's
-    presets, a CPU recipe for tiny) < --config FILE < --set key=value < the options above. The paper
+    presets, a CPU recipe for tiny) < --config FILE < --set key=value < the options below. The paper
     presets start from the reference's ImageNet backbone (--pretrained-backbone); --init CHECKPOINT
     fine-tunes a released or own checkpoint on this data instead. Works under torchrun (several GPUs, or CPU
     processes with gloo). The run folder gets config.toml, the checkpoint, metrics.jsonl, per-epoch
-    evaluations and metrics_final.json; an interrupted run resumes from it.
+    evaluations and metrics_final.json. The same command again resumes its interrupted run (or says it has
+    finished); other settings never write into an existing run: they go to a new numbered folder
+    (runs/tiny-2), or, with --output-dir, stop unless --force. --init always starts a new run.
     """
     fields = dict(locals())  # the options named after configuration fields, taken before anything else
-    for name in ("config_file", "settings", "print_config"):
+    for name in ("config_file", "settings", "print_config", "force"):
         del fields[name]
-    from sparse_detr.engine import format_metrics, train_run
+    from sparse_detr.engine import distributed, format_metrics, train_run
     from sparse_detr.engine.initialization import init_model_config
     from sparse_detr.engine.run_config import merged_settings, option_settings, resolve_run_config
+    from sparse_detr.engine.run_folder import choose_run_folder, with_data_classes
 
     resolved = merged_settings(config_file, settings or (), option_settings(fields))
     base = init_model_config(resolved["train.init"]) if "train.init" in resolved and "preset" not in resolved else None
     run = resolve_run_config(resolved, base)
-    if print_config:
-        console.print(run.to_toml(), markup=False, highlight=False, soft_wrap=True)
+    folder = choose_run_folder(run, explicit="train.output_dir" in resolved, force=force)
+    run = dataclasses.replace(run, train=dataclasses.replace(run.train, output_dir=str(folder.path)))
+    if print_config:  # what the run will use: its folder, and the classes its data has
+        log_line(with_data_classes(run).to_toml())
         return
+    if folder.notice:
+        log_line(folder.notice)
     if run.data.is_builtin:
         console.print("no data given: using the built-in synthetic dataset")
-    console.print(format_metrics(train_run(run)))
+    metrics = train_run(run, replace=force)
+    if distributed.get_rank() == 0:  # under torchrun every process has the metrics; the table prints once
+        console.print(format_metrics(metrics))
     console.print(f"run folder: {run.train.output_dir}")

@@ -43,33 +43,44 @@ def _check_entries(path: Path, section: str, entries: list[Any]) -> None:
 
 
 def _is_id(value: Any) -> bool:
-    """COCO ids are integers; other files use strings. Floats, booleans, lists and null are no ids."""
-    return isinstance(value, (int, str)) and not isinstance(value, bool)
+    """COCO ids are integers (image ids become int64 tensors, results files use them as numbers)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_positive(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value) and value > 0
+
+
+# section, key, whether the value is valid (a missing optional key is None), what it must be
+_FIELD_TYPES = (
+    ("images", "id", _is_id, "an integer id"),
+    ("images", "file_name", lambda v: isinstance(v, str) and v, "a file name"),
+    ("images", "width", lambda v: v is None or _is_positive(v), "a positive width in pixels"),
+    ("images", "height", lambda v: v is None or _is_positive(v), "a positive height in pixels"),
+    ("categories", "id", _is_id, "an integer id"),
+    ("categories", "name", lambda v: isinstance(v, str), "a string name"),
+    ("annotations", "image_id", _is_id, "an integer image_id"),
+    ("annotations", "category_id", _is_id, "an integer category_id"),
+    ("annotations", "id", lambda v: v is None or _is_id(v), "an integer id"),
+    ("annotations", "iscrowd", lambda v: v is None or v in (0, 1), "iscrowd 0 or 1"),
+    ("annotations", "area", lambda v: v is None or (_is_number(v) and math.isfinite(v) and v >= 0),
+     "an area that is a finite number >= 0"),
+)  # fmt: skip
+
+
 def _check_types(path: Path, data: dict[str, Any]) -> None:
-    """Ids are integers or strings, names and file names strings, image sizes positive integers."""
-    checks = [
-        ("images", "id", _is_id, "an integer id"),
-        ("images", "file_name", lambda v: isinstance(v, str) and v, "a file name"),
-        ("images", "width", lambda v: v is None or (_is_number(v) and v > 0), "a positive width"),
-        ("images", "height", lambda v: v is None or (_is_number(v) and v > 0), "a positive height"),
-        ("categories", "id", _is_id, "an integer id"),
-        ("categories", "name", lambda v: isinstance(v, str), "a string name"),
-        ("annotations", "image_id", _is_id, "an integer image_id"),
-        ("annotations", "category_id", _is_id, "an integer category_id"),
-        ("annotations", "id", lambda v: v is None or _is_id(v), "an integer id"),
-        ("annotations", "iscrowd", lambda v: v is None or v in (0, 1), "iscrowd 0 or 1"),
-    ]
-    for section, key, valid, expected in checks:
+    """Ids are integers, names and file names strings, image sizes positive numbers, areas numbers >= 0 and
+    iscrowd 0 or 1: anything else is one error naming the section, the entry and the field."""
+    for section, key, valid, expected in _FIELD_TYPES:
         for index, entry in enumerate(data[section]):
             if not valid(entry.get(key)):
+                name = f"entry #{index}" + (f" (id {entry['id']})" if key != "id" and _is_id(entry.get("id")) else "")
                 raise AnnotationFileError(
-                    f"{path}: '{section}' entry #{index} has {key} {entry.get(key)!r}; each needs {expected}"
+                    f"{path}: '{section}' {name} has {key} {entry.get(key)!r}; each needs {expected}"
                 )
 
 
@@ -98,22 +109,22 @@ def _box_problem(box: Any) -> str | None:
 def _checked_boxes(path: Path, annotations: list[dict], bad_boxes: str) -> tuple[list[dict], Counter]:
     """The annotations to keep, and the count of the dropped ones by reason (with a first example).
 
-    A box that is no list of four numbers is always an error (the file is broken); a box with non-finite
-    numbers or a width or height that is not positive is an error with ``bad_boxes="error"``, dropped with
-    ``"drop"``, kept with ``"keep"``.
+    With ``bad_boxes="error"`` any bad box is an error; with ``"drop"`` it is dropped; with ``"keep"`` a box
+    with non-finite numbers or a width or height that is not positive is kept, and one that is no list of
+    four numbers dropped (it is no box to keep).
     """
     kept, dropped, examples = [], Counter(), {}
     for index, annotation in enumerate(annotations):
         problem = _box_problem(annotation["bbox"])
         name = f"id {annotation['id']!r}" if "id" in annotation else f"#{index}"
-        if problem == NOT_A_BOX or (problem and bad_boxes == "error"):
+        if problem and bad_boxes == "error":
             count = sum(_box_problem(other["bbox"]) is not None for other in annotations)
             raise AnnotationFileError(
                 f"{path}: annotation {name} has a bbox {annotation['bbox']!r} {problem} ({count} bad box(es) in the "
                 "file); boxes must be [x, y, width, height] with finite numbers and a positive width and "
                 "height: fix or remove them, or AP on this file would be wrong"
             )
-        if problem and bad_boxes == "drop":
+        if problem and (bad_boxes == "drop" or problem == NOT_A_BOX):
             examples.setdefault(problem, name)
             dropped[problem] += 1
             continue
@@ -124,10 +135,11 @@ def _checked_boxes(path: Path, annotations: list[dict], bad_boxes: str) -> tuple
 def load_coco_annotations(path: str | Path, bad_boxes: str = "error") -> COCO:
     """Parse and check a COCO instances file; returns the pycocotools index.
 
-    Checked: the required keys, id and name types, unique ids, known category ids, and boxes: four finite
-    numbers with positive width and height. ``bad_boxes`` says what a box that fails the last check does:
-    ``"error"`` (evaluation data, where it would make AP wrong), ``"drop"`` (training data: dropped, counted
-    in one warning) or ``"keep"`` (files read only for their images). Annotations of image ids that
+    Checked: the required keys, the types of ids, names, image sizes, areas and iscrowd, unique ids, known
+    category ids, and boxes: four finite numbers with positive width and height. ``bad_boxes`` says what a
+    box that fails the last check does: ``"error"`` (evaluation data, where it would make AP wrong),
+    ``"drop"`` (training data: dropped, counted in one warning) or ``"keep"`` (files read only for their
+    images: only boxes that are no four numbers are dropped). Annotations of image ids that
     ``images`` does not list are dropped with the same warning. Missing ``area`` is filled with the box
     area and missing annotation ``id`` with a running number (COCOeval needs both). Anything else wrong
     raises :class:`AnnotationFileError` (or :class:`~sparse_detr.errors.MissingFileError`) naming the file.

@@ -14,13 +14,24 @@ class ImageLoadError(InputError, OSError):
     """An image that cannot be used: unreadable, corrupt, or not the size its annotations say."""
 
 
+def _gray_to_8_bits(image: Image.Image) -> np.ndarray:
+    """The gray levels of a 16-bit, 32-bit integer (``I``) or float (``F``) image as 8 bits: the 16-bit range
+    0..65535 maps to 0..255 (value // 256), values beyond it are clipped; a float image whose values all lie
+    in [0, 1] holds normalized intensities and maps 0..1 to 0..255. PIL's own conversion clips at 255."""
+    values = np.asarray(image, dtype=np.float64)
+    values = np.nan_to_num(values, nan=0.0, posinf=65535.0, neginf=0.0)
+    if image.mode == "F" and values.size and 0 <= values.min() and values.max() <= 1:
+        return np.rint(values * 255).astype(np.uint8)
+    return (np.clip(values, 0, 65535) // 256).astype(np.uint8)
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB: alpha is dropped, CMYK and palettes converted, 16-bit gray scaled to 8 bits."""
+    """Any PIL mode -> RGB: alpha is dropped, CMYK and palettes converted, 16-bit, 32-bit and float gray
+    scaled to 8 bits (:func:`_gray_to_8_bits`)."""
     if image.mode == "RGB":
         return image
-    if image.mode.startswith("I;16"):
-        gray = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        return Image.fromarray(_gray_to_8_bits(image), mode="L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # PIL warns when a palette with transparency goes straight to RGB
     return image.convert("RGB")

@@ -14,7 +14,9 @@ follows from the seed: the same arguments give the same files. Layout::
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -24,10 +26,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from sparse_detr.config import MAX_IMAGE_SIZE
 from sparse_detr.data.shapes import SHAPE_KINDS, SHAPES, background, fill, random_color, shape_mask
-from sparse_detr.errors import ConfigError, UsageError
-from sparse_detr.utils.cache import user_cache_dir
+from sparse_detr.errors import ConfigError, OutputError, SparseDetrError, UsageError
+from sparse_detr.utils.cache import os_error_reason, unwritable_cache, user_cache_dir
 
+_log = logging.getLogger(__name__)
 GENERATOR_VERSION = 1
 DEFAULT_NUM_TRAIN = 500
 DEFAULT_NUM_VAL = 100
@@ -38,12 +42,17 @@ _SPLIT_CODES = {"train": 0, "val": 1}
 
 
 MANIFEST_NAME = "synthetic.json"  # marks a folder written by make_synthetic_dataset
+DATA_VARIABLE = "SDETR_DATA_DIR"
+# the paths make_synthetic_dataset writes, relative to its folder: all it may replace
+_OWN_PATH = re.compile(
+    r"synthetic\.json|train|val|annotations|(train|val)/\d{6}\.png|annotations/instances_(train|val)\.json"
+)
 
 
 def default_dataset_dir() -> Path:
     """Where ``sdetr train`` keeps the built-in dataset: ``$SDETR_DATA_DIR`` or the user cache."""
-    if "SDETR_DATA_DIR" in os.environ:
-        return Path(os.environ["SDETR_DATA_DIR"])
+    if DATA_VARIABLE in os.environ:
+        return Path(os.environ[DATA_VARIABLE])
     return user_cache_dir() / "synthetic-shapes"
 
 
@@ -149,11 +158,34 @@ def _write_split(root: Path, split: str, count: int, image_size: int, seed: int,
     (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(dataset))
 
 
-def _manifest(path: Path) -> dict | None:
+def read_manifest(path: str | Path) -> dict | None:
+    """The arguments that wrote the synthetic dataset in ``path`` (its ``synthetic.json``), None if none."""
     try:
-        return json.loads((path / MANIFEST_NAME).read_text())
+        manifest = json.loads((Path(path) / MANIFEST_NAME).read_text())
     except (OSError, ValueError):
         return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _check_replaceable(out: Path, replace: bool) -> None:
+    """Refuse to write over ``out`` unless it is absent, empty, or holds only a synthetic dataset's own files
+    and ``replace`` is given: files of anyone else are never deleted."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UsageError(f"{out} is a file, not a folder; choose another --out")
+    contents = sorted(out.rglob("*"))
+    foreign = [path for path in contents if not _OWN_PATH.fullmatch(path.relative_to(out).as_posix())]
+    if foreign and read_manifest(out) is None:
+        raise UsageError(f"{out} exists and is not a synthetic dataset folder ({foreign[0]}); choose another --out")
+    if foreign:
+        raise UsageError(
+            f"{out} holds a synthetic dataset and {len(foreign)} other file(s) (e.g. {foreign[0]}), which are never "
+            "deleted: move them out or choose another --out"
+        )
+    if contents and not replace:
+        held = "another synthetic dataset" if read_manifest(out) is not None else "an incomplete synthetic dataset"
+        raise UsageError(f"{out} holds {held}: pass --force to replace it, or choose another --out")
 
 
 def make_synthetic_dataset(
@@ -163,6 +195,7 @@ def make_synthetic_dataset(
     image_size: int = DEFAULT_IMAGE_SIZE,
     seed: int = 0,
     classes: Sequence[str] | None = None,
+    replace: bool = True,
 ) -> Path:
     """Write the dataset to ``out_dir`` (default :func:`default_dataset_dir`) and return it.
 
@@ -170,14 +203,20 @@ def make_synthetic_dataset(
     that order); unknown or repeated names raise ValueError. The default, ``SHAPES``, writes the same
     images and annotations as before the option existed.
 
-    A folder already holding this exact dataset is returned untouched; one holding another synthetic
-    dataset is replaced; any other non-empty folder is refused. The files are written to a temporary
-    folder and renamed into place, so concurrent callers (one per process) never see half a dataset.
+    A folder already holding this exact dataset is returned untouched; one holding only another synthetic
+    dataset's files (``synthetic.json``, ``train/``, ``val/``, ``annotations/`` as written here) is replaced
+    when ``replace``; a folder holding any other file is refused, ``replace`` or not, so that nothing of the
+    user's is deleted. The files are written to a temporary folder and renamed into place, so concurrent
+    callers (one per process) never see half a dataset.
+
+    Raises:
+        ConfigError: an argument out of range. UsageError: a folder that may not be replaced (see above).
+        OutputError: the folder cannot be written (for the default folder, naming ``$SDETR_DATA_DIR``).
     """
     if num_train < 1 or num_val < 1:
         raise ConfigError(f"need at least one train and one val image, got {num_train} and {num_val}")
-    if image_size < 32:
-        raise ConfigError(f"image_size must be at least 32 pixels, got {image_size}")
+    if not 32 <= image_size <= MAX_IMAGE_SIZE:
+        raise ConfigError(f"image_size must be from 32 to {MAX_IMAGE_SIZE} pixels, got {image_size}")
     classes = check_classes(classes)
     out = Path(out_dir) if out_dir is not None else default_dataset_dir()
     wanted = {
@@ -188,29 +227,44 @@ def make_synthetic_dataset(
         "seed": seed,
         "classes": list(classes),
     }
-    if _manifest(out) == wanted:
+    if read_manifest(out) == wanted:
         return out
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and _manifest(out) is None)):
-        raise UsageError(f"{out} exists and is not a synthetic dataset folder; choose another --out")
+    _check_replaceable(out, replace)
+    _log.info(f"writing the synthetic dataset ({num_train} + {num_val} images) to {out}, once")
+    try:
+        _write_dataset(out, wanted, classes)
+    except OSError as error:
+        if isinstance(error, SparseDetrError):
+            raise
+        if out_dir is None:
+            raise unwritable_cache(out, DATA_VARIABLE, error) from None
+        raise OutputError(
+            f"cannot write the dataset to {out} ({os_error_reason(error)}); choose another --out"
+        ) from None
+    return out
 
+
+def _write_dataset(out: Path, wanted: dict[str, Any], classes: tuple[str, ...]) -> None:
+    """Write the dataset of the arguments ``wanted`` to a temporary folder beside ``out``, then rename it to
+    ``out`` (replacing what :func:`_check_replaceable` allows; another process may have finished first)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        _write_split(tmp, "train", num_train, image_size, seed, classes)
-        _write_split(tmp, "val", num_val, image_size, seed, classes)
+        _write_split(tmp, "train", wanted["num_train"], wanted["image_size"], wanted["seed"], classes)
+        _write_split(tmp, "val", wanted["num_val"], wanted["image_size"], wanted["seed"], classes)
         (tmp / MANIFEST_NAME).write_text(json.dumps(wanted, indent=2))
         if out.exists():
-            if _manifest(out) == wanted:  # another process finished first
-                return out
+            if read_manifest(out) == wanted:  # another process finished first
+                return
+            _check_replaceable(out, replace=True)  # nothing foreign came in meanwhile
             shutil.rmtree(out)
         try:
             os.rename(tmp, out)
         except OSError:
-            if _manifest(out) != wanted:
+            if read_manifest(out) != wanted:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def synthetic_splits(root: str | Path) -> tuple[Path, Path, Path, Path]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import itertools
 import json
 import math
 import warnings
@@ -19,12 +20,13 @@ from torch import nn
 
 from sparse_detr.engine import distributed
 from sparse_detr.engine.sampling import BlockBatchSampler
-from sparse_detr.errors import InputError, UsageError
+from sparse_detr.errors import InputError, NonFiniteError, UsageError
 from sparse_detr.models import postprocess
 from sparse_detr.models.fast_inference import InferenceModel, prepare_for_inference
 from sparse_detr.utils.io import atomic_write_text, check_writable
 
 MAX_DETECTIONS = 100  # per image, as COCO evaluation counts them
+SCORED_OUTPUTS = ("pred_logits", "pred_boxes", "scores", "boxes")  # the outputs detections are made of
 # COCOeval.stats, in order
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 _DESCRIPTIONS = (
@@ -50,6 +52,7 @@ def predict(
     label_to_category_id: Mapping[int, int],
     device: torch.device | str,
     top_k: int = 100,
+    source: str = "the model",
 ) -> tuple[list[dict[str, Any]], list[int]]:
     """This process's detections in COCO results format (``bbox`` xywh in original-image pixels) and
     the ids of the images it saw. Labels without a category (unused slots) are left out.
@@ -57,6 +60,9 @@ def predict(
     Batches the data set could not fill (None: unreadable images) are passed over, and so are batches the
     model cannot take (images too small for its queries), with a warning. ``model``: the detector (put in
     eval mode) or one prepared by :func:`~sparse_detr.models.prepare_for_inference`.
+
+    Raises:
+        NonFiniteError: the model's outputs hold NaN or infinite values (``source`` names the model).
     """
     if isinstance(model, nn.Module):
         model.eval()
@@ -65,6 +71,7 @@ def predict(
         outputs = None if batch is None else _forward(model, *batch, device)
         if outputs is None:
             continue
+        require_finite_outputs(outputs, source, getattr(model, "amp", None))
         targets = batch[2]
         sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
         image_ids += [int(target["image_id"]) for target in targets]
@@ -81,6 +88,23 @@ def _forward(model: nn.Module | InferenceModel, images, mask, targets, device) -
         image_ids = ", ".join(str(int(target["image_id"])) for target in targets)
         warnings.warn(f"image id {image_ids}: {error}; left out of the evaluation", stacklevel=3)
         return None
+
+
+def require_finite_outputs(outputs: Mapping[str, Any], source: str, amp: str | None = None) -> None:
+    """Refuse outputs that hold NaN or infinite values: they would score as no detection (AP 0, an empty
+    results file) instead of saying that the weights are broken.
+
+    Raises:
+        NonFiniteError: naming ``source`` (the checkpoint) and the first such output.
+    """
+    for key in SCORED_OUTPUTS:
+        value = outputs.get(key)
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            remedy = f"run it without --amp {amp} or " if amp else ""
+            raise NonFiniteError(
+                f"the outputs of {source} are not finite ({key} holds NaN or infinite values): its weights are "
+                f"broken (a run that diverged?); {remedy}use an earlier checkpoint"
+            )
 
 
 def coco_results(
@@ -128,7 +152,10 @@ def coco_metrics(
     box of that size) and pycocotools' summary text."""
     image_ids = sorted(set(image_ids))
     if not image_ids:
-        raise InputError("no images were evaluated: the validation images are all missing or unreadable")
+        raise InputError(
+            "no images were evaluated: the validation images are all missing, unreadable or too small for the "
+            "model (see the warnings above)"
+        )
     with contextlib.redirect_stdout(io.StringIO()) as text:
         coco_dt = coco_gt.loadRes(copy.deepcopy(detections)) if detections else _empty_results(coco_gt)
         evaluator = COCOeval(coco_gt, coco_dt, "bbox")
@@ -152,6 +179,16 @@ def _empty_results(coco_gt: COCO) -> COCO:
     return results
 
 
+class Metrics(dict):
+    """The 12 COCOeval numbers by key (:data:`METRIC_KEYS`), with ``skipped_image_ids``: the images of the
+    ground truth left out of them (missing, unreadable, or too small for the model), which
+    :func:`metrics_json` records beside the numbers."""
+
+    def __init__(self, values: Mapping[str, float], skipped_image_ids: Iterable[int] = ()):
+        super().__init__(values)
+        self.skipped_image_ids = sorted(skipped_image_ids)
+
+
 def evaluate(
     model: nn.Module | InferenceModel,
     data_loader: Iterable,
@@ -159,31 +196,34 @@ def evaluate(
     label_to_category_id: Mapping[int, int],
     device: torch.device | str,
     detections_file: str | Path | None = None,
-) -> dict[str, float]:
-    """COCO box metrics of ``model`` (see :func:`predict`) on ``data_loader`` (batches of ``collate``: images,
-    mask, targets with ``image_id`` and ``orig_size``).
+    source: str = "the model",
+) -> Metrics:
+    """COCO box metrics of ``model`` (see :func:`predict`; ``source`` names it in errors) on ``data_loader``
+    (batches of ``collate``: images, mask, targets with ``image_id`` and ``orig_size``).
 
-    Images the data set or the model could not take are left out, with a warning that counts them: the
-    metrics are those of the images evaluated. Distributed: each process predicts its block of batches
-    (:func:`build_eval_loader`), rank 0 merges them, scores them and writes ``detections_file`` (COCO
-    results JSON); every process returns the same dict ``{AP, AP50, ..., ARl}``.
+    Images of ``coco_gt`` the data set or the model could not take are left out, with a warning that counts
+    them: the metrics are those of the images evaluated, and :attr:`Metrics.skipped_image_ids` lists the
+    others. Distributed: each process predicts its block of batches (:func:`build_eval_loader`), rank 0
+    merges them, scores them and writes ``detections_file`` (COCO results JSON); every process returns the
+    same metrics.
     """
-    detections, image_ids = predict(model, data_loader, label_to_category_id, device)
+    detections, image_ids = predict(model, data_loader, label_to_category_id, device, source=source)
     gathered = distributed.gather_to_main((detections, image_ids))
     metrics = None
     if gathered is not None:
         merged = [detection for shard_detections, _ in gathered for detection in shard_detections]
         seen = {image_id for _, shard_ids in gathered for image_id in shard_ids}
-        total = len(getattr(data_loader, "dataset", seen))
-        if 0 < len(seen) < total:
+        skipped = set(coco_gt.getImgIds()) - seen
+        if seen and skipped:
+            total = len(seen) + len(skipped)
             warnings.warn(
-                f"{total - len(seen)} of {total} images could not be evaluated (see the warnings above): "
+                f"{len(skipped)} of {total} images could not be evaluated (see the warnings above): "
                 f"the metrics are those of the other {len(seen)}",
                 stacklevel=2,
             )
         if detections_file is not None:
             atomic_write_text(detections_file, json.dumps(merged))
-        metrics, _ = coco_metrics(coco_gt, merged, seen)
+        metrics = Metrics(coco_metrics(coco_gt, merged, seen)[0], skipped)
     return distributed.broadcast_from_main(metrics)
 
 
@@ -197,9 +237,19 @@ def format_metrics(metrics: Mapping[str, float]) -> str:
 
 
 def metrics_json(metrics: Mapping[str, float], **extra: Any) -> str:
-    """``metrics`` (NaN written as null) and ``extra`` entries as indented JSON."""
+    """``metrics`` (NaN written as null), the images left out of them (``images_skipped``, their count, and
+    ``skipped_image_ids``, when ``metrics`` are :class:`Metrics`) and ``extra`` entries as indented JSON."""
     clean = {key: None if isinstance(v, float) and math.isnan(v) else v for key, v in metrics.items()}
+    if isinstance(metrics, Metrics):
+        clean.update(images_skipped=len(metrics.skipped_image_ids), skipped_image_ids=metrics.skipped_image_ids)
     return json.dumps({**clean, **extra}, indent=2)
+
+
+def read_metrics(path: str | Path) -> Metrics:
+    """The metrics a file of :func:`metrics_json` holds (null read as NaN), with the images left out."""
+    stored = json.loads(Path(path).read_text())
+    values = {key: math.nan if stored.get(key) is None else stored[key] for key in METRIC_KEYS}
+    return Metrics(values, stored.get("skipped_image_ids", ()))
 
 
 def build_eval_loader(dataset, batch_size: int, workers: int) -> torch.utils.data.DataLoader:
@@ -210,6 +260,34 @@ def build_eval_loader(dataset, batch_size: int, workers: int) -> torch.utils.dat
 
     batches = BlockBatchSampler(len(dataset), batch_size, distributed.get_rank(), distributed.get_world_size())
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate)
+
+
+def encoder_tokens(model: nn.Module, height: int, width: int) -> int:
+    """Encoder tokens of one (height, width) input: a ``ceil(side / stride)`` map per backbone level, then
+    each extra level half of the one before (stride-2 convolutions)."""
+    levels = [(math.ceil(height / stride), math.ceil(width / stride)) for stride in model.backbone[0].strides]
+    levels = levels[: len(model.input_proj)]
+    while len(levels) < len(model.input_proj):
+        levels.append((math.ceil(levels[-1][0] / 2), math.ceil(levels[-1][1] / 2)))
+    return sum(h * w for h, w in levels)
+
+
+def check_image_size(model: nn.Module, image_size: int, source: str | Path) -> None:
+    """Refuse a shorter side at which the two-stage ``model`` cannot take its queries from the encoder
+    tokens of an image (a square one gives the fewest): every image, or some, would be left out.
+
+    Raises:
+        UsageError: naming --image-size and the smallest size that works.
+    """
+    queries = model.config.model.num_queries
+    if not model.config.model.two_stage or encoder_tokens(model, image_size, image_size) >= queries:
+        return
+    enough = next(size for size in itertools.count(image_size) if encoder_tokens(model, size, size) >= queries)
+    raise UsageError(
+        f"--image-size {image_size} is too small for {source}: a square image gives "
+        f"{encoder_tokens(model, image_size, image_size)} encoder tokens, fewer than its {queries} queries; "
+        f"use --image-size {enough} or more"
+    )
 
 
 def evaluate_checkpoint(
@@ -228,7 +306,7 @@ def evaluate_checkpoint(
     amp: str | None = None,
     compile: bool = False,
     fast: bool = True,
-) -> dict[str, float]:
+) -> Metrics:
     """Evaluate a checkpoint file (this project's or a released one) on a COCO-format split, the model
     prepared for inference as ``amp``, ``compile`` and ``fast`` say (see
     :func:`~sparse_detr.models.prepare_for_inference`).
@@ -246,7 +324,11 @@ def evaluate_checkpoint(
             dataset's labels than the dataset does (otherwise a :class:`~sparse_detr.errors.UsageError`).
 
     Returns:
-        ``{AP, AP50, ..., ARl}`` on every process.
+        ``{AP, AP50, ..., ARl}`` (:class:`Metrics`, with the images left out) on every process.
+
+    Raises:
+        UsageError: ``image_size`` too small for the model (see :func:`check_image_size`).
+        NonFiniteError: the model's outputs are not finite.
     """
     from sparse_detr.checkpoint import (
         category_differences,
@@ -263,8 +345,10 @@ def evaluate_checkpoint(
     content = read_checkpoint(checkpoint, trust_checkpoint=trust_checkpoint)
     if image_size is None:
         image_size = trained_image_size(content)
-    dataset = CocoDetection(val_images, val_ann, eval_transform(image_size))
+    transform = eval_transform(image_size)
     model = model_from_checkpoint(content, checkpoint, map_location=info.device, overrides=overrides)
+    check_image_size(model, image_size, checkpoint)
+    dataset = CocoDetection(val_images, val_ann, transform)
     num_classes = model.config.model.num_classes
     if dataset.num_classes > num_classes:
         raise UsageError(
@@ -285,8 +369,9 @@ def evaluate_checkpoint(
     name = checkpoint.stem + (f"_rho{keep_ratio:g}" if keep_ratio is not None else "")
     loader = build_eval_loader(dataset, batch_size, workers)
     runner = prepare_for_inference(model, amp, compile, fast)
+    detections_file = out / f"detections_{name}.json"
     metrics = evaluate(
-        runner, loader, dataset.coco, dataset.label_to_category_id, info.device, out / f"detections_{name}.json"
+        runner, loader, dataset.coco, dataset.label_to_category_id, info.device, detections_file, str(checkpoint)
     )
     if info.is_main:
         inference = runner.dtype + (", compiled" if compile else "") + ("" if fast else ", plain")

@@ -1,9 +1,12 @@
 """Where a new run's weights start: the backbone's pretrained weights, or a whole checkpoint (fine-tuning).
 
 Fine-tuning (``TrainConfig.init``) loads every tensor of a released or own checkpoint whose name and shape
-fit the new model. The classification heads follow the categories: when the checkpoint and the new dataset
-both name theirs, each class row of a category with the same name is carried over and the others keep the
-model's own initialization (the focal prior); without names, the heads load only when their shapes fit.
+fit the new model. A checkpoint of another backbone gives none of the backbone's: the backbone then starts
+from its configured pretrained weights (``model.pretrained_backbone``), as in a run from scratch, and a
+frozen backbone without them is refused, never left random. The classification heads follow the
+categories: when the checkpoint and the new dataset both name theirs, each class row of a category with the
+same name is carried over and the others keep the model's own initialization (the focal prior); without
+names, the heads load only when their shapes fit.
 """
 
 from __future__ import annotations
@@ -17,27 +20,31 @@ import torch
 
 from sparse_detr.checkpoint import checkpoint_config, model_state, read_checkpoint, same_category, stored_categories
 from sparse_detr.config import Config
+from sparse_detr.errors import ConfigError
 from sparse_detr.models import DeformableDETR
 from sparse_detr.models.backbone_weights import BackboneWeights, check_backbone_trainable, resolve_backbone_weights
 from sparse_detr.utils.io import file_sha256
 from sparse_detr.utils.state_dict import format_keys
 
 CLASS_HEAD = "class_embed"  # every classification head's parameters carry this in their name
+BACKBONE = "backbone."  # the backbone's parameters and buffers start with this
 
 
 @dataclass(frozen=True)
 class InitCheckpoint:
-    """The checkpoint a fine-tuning run starts from: as given (a path or zoo name), the file, its sha256."""
+    """The checkpoint a fine-tuning run starts from: as given (a path or zoo name), the file, its sha256, and
+    whether its backbone is the model's (``with_backbone``; else the backbone's tensors are not loaded)."""
 
     source: str
     file: Path
     sha256: str
+    with_backbone: bool = True
 
 
 @dataclass(frozen=True)
 class InitialWeights:
-    """What a new run starts from: ``checkpoint`` (fine-tuning), else ``backbone`` pretrained weights,
-    else nothing (random weights, the ``none`` backbone source)."""
+    """What a new run starts from: ``checkpoint`` (fine-tuning) and/or ``backbone`` pretrained weights (a
+    checkpoint of another backbone comes with them), or nothing (random weights, the ``none`` source)."""
 
     backbone: BackboneWeights | None = None
     checkpoint: InitCheckpoint | None = None
@@ -48,26 +55,39 @@ class InitialWeights:
         if self.checkpoint is not None:
             init = self.checkpoint
             record["init"] = {"source": init.source, "file": str(init.file), "sha256": init.sha256}
+            record["init"]["with_backbone"] = init.with_backbone
         return record
 
 
 def resolve_initial_weights(config: Config, init: str | None = None) -> InitialWeights:
     """Fetch (or find in the caches) the files a new run of ``config`` starts from, before any work.
 
-    ``init`` (a checkpoint file, run folder or zoo name) replaces the backbone's pretrained weights.
+    ``init`` (a checkpoint file, run folder or zoo name) replaces the backbone's pretrained weights when it
+    holds the same backbone; one of another backbone comes with them.
 
     Raises:
         WeightsUnavailableError / CheckpointUnavailableError: a file that cannot be had (one line that
             says which and how to pass it).
-        ValueError: random backbone weights with frozen layers.
+        ConfigError: random backbone weights with frozen layers.
     """
-    if init is not None:
-        from sparse_detr.zoo import resolve_checkpoint
+    if init is None:
+        check_backbone_trainable(config.model)
+        return InitialWeights(backbone=resolve_backbone_weights(config.model))
+    from sparse_detr.zoo import resolve_checkpoint
 
-        path = resolve_checkpoint(init)
+    path = resolve_checkpoint(init)
+    source_backbone = checkpoint_config(read_checkpoint(path), path).model.backbone
+    if source_backbone == config.model.backbone:
         return InitialWeights(checkpoint=InitCheckpoint(str(init), path, file_sha256(path)))
-    check_backbone_trainable(config.model)
-    return InitialWeights(backbone=resolve_backbone_weights(config.model))
+    try:
+        check_backbone_trainable(config.model)
+    except ConfigError as error:
+        raise ConfigError(
+            f"--init {init} holds a {source_backbone} backbone, not this model's {config.model.backbone}, so "
+            f"the backbone starts from model.pretrained_backbone, and {error}"
+        ) from None
+    checkpoint = InitCheckpoint(str(init), path, file_sha256(path), with_backbone=False)
+    return InitialWeights(backbone=resolve_backbone_weights(config.model), checkpoint=checkpoint)
 
 
 def init_model_config(init: str) -> Config:
@@ -89,6 +109,7 @@ class InitReport:
     new_classes: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     not_in_checkpoint: list[str] = field(default_factory=list)
+    other_backbone: list[str] = field(default_factory=list)
 
     def lines(self, source: str) -> list[str]:
         """A short table: loaded, re-initialized, skipped and missing tensors."""
@@ -98,6 +119,11 @@ class InitReport:
             rows.append(
                 f"  class heads       {len(self.class_heads)} tensors re-initialized for the new classes; "
                 f"rows carried over by name: {carried}"
+            )
+        if self.other_backbone:
+            rows.append(
+                f"  backbone          {len(self.other_backbone)} tensors of another backbone not loaded (this "
+                "model's starts from model.pretrained_backbone)"
             )
         if self.skipped:
             keys = format_keys(self.skipped, 4)
@@ -110,9 +136,10 @@ class InitReport:
 
 @torch.no_grad()
 def init_from_checkpoint(
-    model: DeformableDETR, path: str | Path, class_names: Mapping[int, str] | None = None
+    model: DeformableDETR, path: str | Path, class_names: Mapping[int, str] | None = None, with_backbone: bool = True
 ) -> InitReport:
-    """Load the tensors of the checkpoint ``path`` that fit ``model`` (same name and shape) into it.
+    """Load the tensors of the checkpoint ``path`` that fit ``model`` (same name and shape) into it; with
+    ``with_backbone`` false (a checkpoint of another backbone), none of the backbone's.
 
     Args:
         class_names: label -> category name of the new dataset. When the checkpoint names its categories
@@ -131,7 +158,9 @@ def init_from_checkpoint(
     report.not_in_checkpoint = sorted(own.keys() - stored.keys())
     for key, value in stored.items():
         target = own.get(key)
-        if CLASS_HEAD in key and rows is not None and target is not None and target.shape[1:] == value.shape[1:]:
+        if not with_backbone and key.startswith(BACKBONE):
+            report.other_backbone.append(key)
+        elif CLASS_HEAD in key and rows is not None and target is not None and target.shape[1:] == value.shape[1:]:
             for new_label, old_label in rows.items():
                 target[new_label] = value[old_label]
             report.class_heads.append(key)

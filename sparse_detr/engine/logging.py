@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from sparse_detr.errors import ConfigError
+from sparse_detr.utils.io import atomic_write_text
 
 
 def require_tensorboard() -> None:
@@ -29,20 +30,23 @@ def require_tensorboard() -> None:
 class MetricsLog:
     """Appends one JSON object per record to ``metrics.jsonl``; with ``tensorboard``, also writes every
     number to TensorBoard event files in ``<output_dir>/tensorboard`` (``train/loss``, ``eval/AP``, …).
-    A resumed run appends after the killed run's lines, so a step may appear twice (the later line is the
-    one the resumed run continues from)."""
 
-    def __init__(self, output_dir: str | Path, active: bool = True, tensorboard: bool = False):
+    A run that starts at optimizer step ``start_step`` (a resumed one: its checkpoint's) first drops the rows
+    a killed run wrote after that step, and TensorBoard hides its events after it, so every step is logged
+    once."""
+
+    def __init__(self, output_dir: str | Path, active: bool = True, tensorboard: bool = False, start_step: int = 0):
         self.active = active
         self.path = Path(output_dir) / "metrics.jsonl"
         self.writer = None
         if active:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            drop_rows_after(self.path, start_step)
             if tensorboard:
                 require_tensorboard()
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(self.path.parent / "tensorboard"))
+                self.writer = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=start_step + 1)
 
     def write(self, record: dict[str, Any], step: int, prefix: str = "train") -> None:
         if not self.active:
@@ -59,6 +63,29 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Rewrite the metrics file ``path`` (atomically) without its rows of steps after ``step``, and without a
+    line a killed write left incomplete; rows without a step (evaluations, written after the checkpoint of
+    their epoch) stay."""
+    if not path.is_file():
+        return
+    text = path.read_text()
+    lines = text.splitlines()
+    kept = [line for line in lines if _row_step(line) <= step]
+    if len(kept) < len(lines) or not text.endswith("\n"):
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _row_step(line: str) -> float:
+    """The step of a metrics row: 0 for rows without one, infinite for a line that is no JSON object."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return math.inf
+    step = row.get("step", 0) if isinstance(row, dict) else None
+    return step if isinstance(step, (int, float)) else math.inf
 
 
 class Progress:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from sparse_detr.config import Config
+from sparse_detr.config import Config, check_keep_ratio
 from sparse_detr.errors import ConfigError
 from sparse_detr.models.backbone import build_backbone
 from sparse_detr.models.heads import HeadSlots, build_heads
@@ -108,8 +108,7 @@ class DeformableDETR(nn.Module):
 
     def set_keep_ratio(self, keep_ratio: float) -> None:
         """Encode ``int(valid_tokens * keep_ratio) + 1`` tokens per image from now on (0: all, no scoring)."""
-        if not 0.0 <= keep_ratio <= 1.0:
-            raise ConfigError(f"keep_ratio (--rho) must be in [0, 1], got {keep_ratio}")
+        keep_ratio = check_keep_ratio(keep_ratio, dense=True)
         if keep_ratio > 0 and not self.transformer.can_sparsify:
             raise ConfigError(f"keep ratio {keep_ratio} needs a token scorer; this model was built without one (ρ 0)")
         self.transformer.keep_ratio = keep_ratio

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sparse_detr.config import check_keep_ratio
 from sparse_detr.errors import UsageError
 from sparse_detr.inference import InputImage, Predictor
 from sparse_detr.models import (
@@ -166,9 +167,7 @@ def require_saliency(predictor: Predictor, keep_ratio: float | None = None) -> f
             "saliency to draw; `sdetr predict` gives its detections"
         )
     keep_ratio = model.keep_ratio if keep_ratio is None else keep_ratio
-    if not 0 < keep_ratio <= 1:
-        raise UsageError(f"--rho must be in (0, 1] to select tokens, got {keep_ratio:g}")
-    return keep_ratio
+    return check_keep_ratio(keep_ratio, key="--rho")
 
 
 def explain_image(

@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 
 from sparse_detr.config import (
-    PRESETS,
     Config,
     ModelConfig,
     TrainConfig,
@@ -31,6 +30,7 @@ from sparse_detr.config import (
     config_from_dict,
     config_to_dict,
     get_preset,
+    list_presets,
 )
 from sparse_detr.data.coco_categories import COCO_CATEGORY_NAMES, COCO_NUM_CLASSES
 from sparse_detr.data.transforms import COCO_EVAL_SIZE
@@ -220,6 +220,38 @@ def checkpoint_categories(checkpoint: Mapping[str, Any], num_classes: int) -> di
     return {label: Category(label, f"class {label}") for label in range(num_classes)}
 
 
+@dataclass(frozen=True)
+class InferenceCheckpoint:
+    """A checkpoint loaded to run (predict, eval, export, visualize, benchmark): its file, the model in eval
+    mode, the size it trained at and the classes it predicts."""
+
+    path: Path
+    model: DeformableDETR
+    image_size: int  # the shorter side the run trained and evaluated at (see trained_image_size)
+    categories: dict[int, Category]  # every class label, named ("class <label>" when the file names none)
+    stored_categories: dict[int, Category] | None  # what the file itself says (None: nothing)
+
+
+def load_for_inference(
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    overrides: Mapping[str, Any] | None = None,
+    trust_checkpoint: bool = False,
+    preset: str | None = None,
+) -> InferenceCheckpoint:
+    """Read the checkpoint file ``path`` (see :func:`read_checkpoint`), build its model (``overrides``: dotted
+    config fields over the stored configuration; ``preset``: another architecture for its weights, see
+    :func:`load_model`) on ``map_location``, and tell its
+    trained image size and categories: what every command that runs a checkpoint needs, in one place."""
+    content = read_checkpoint(path, trust_checkpoint=trust_checkpoint)
+    model = model_from_checkpoint(content, path, preset, map_location, overrides)
+    num_classes = model.config.model.num_classes
+    return InferenceCheckpoint(
+        Path(path), model, trained_image_size(content), checkpoint_categories(content, num_classes),
+        stored_categories(content, num_classes),
+    )  # fmt: skip
+
+
 def read_checkpoint(path: str | Path, trust_checkpoint: bool = False) -> dict:
     """The dict stored in ``path``, its tensors on the CPU, unpickled with an allow-list (tensors,
     containers, ``argparse.Namespace``) unless ``trust_checkpoint``.
@@ -295,7 +327,7 @@ def official_config(
     if preset is not None:
         return _preset_like(preset, backbone, num_classes)
     if args is None:
-        presets = ", ".join(PRESETS)
+        presets = ", ".join(list_presets())
         raise CheckpointError(f"{path} has no 'args' to tell its architecture; pass preset= (one of {presets})")
     stored = {name: getattr(args, name) for name in OFFICIAL_ARGS if hasattr(args, name)}
     try:
@@ -368,7 +400,7 @@ def _preset_like(preset: str, backbone: str, num_classes: int) -> Config:
 
 def _matching_preset(model: ModelConfig) -> str:
     """The preset name whose architecture ``model`` is, or ``"official"`` if none is."""
-    for name in PRESETS:
+    for name in list_presets():
         candidate = _preset_like(name, model.backbone, model.num_classes).model
         if candidate == model:
             return name

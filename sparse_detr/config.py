@@ -109,7 +109,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
 
 
-AMP_MODES = (None, "bf16", "fp16")
+AMP_MODES = (None, "bf16", "fp16")  # utils.precision.AMP_DTYPES maps them to dtypes (config stays torch-free)
 
 
 @dataclass
@@ -276,6 +276,9 @@ def tiny_ablation() -> Preset:
     return Preset(Config("tiny-ablation", model), recipe)
 
 
+DEFAULT_PRESET = "tiny"  # what a bare `sdetr train` trains (on the built-in dataset only)
+
+
 def list_presets() -> list[str]:
     """The registered preset names, in registration order."""
     return list(_REGISTRY)
@@ -287,7 +290,11 @@ def preset_description(name: str) -> str:
     return " ".join(doc.split(":")[0].split()) if doc else ""
 
 
-PRESETS = list_presets()
+def check_preset(name: str, error: type[ConfigError] = ConfigError) -> None:
+    """Raise ``error`` naming the registered presets unless ``name`` is one (the registry is read now, so a
+    preset registered after import counts)."""
+    if name not in _REGISTRY:
+        raise error(f"unknown preset {name!r}; presets: {', '.join(_REGISTRY)}")
 
 
 def create_preset(name: str, backbone: str | None = None) -> Preset:
@@ -297,8 +304,7 @@ def create_preset(name: str, backbone: str | None = None) -> Preset:
     Raises:
         ConfigError: no preset of that name.
     """
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(_REGISTRY)}")
+    check_preset(name)
     preset = _REGISTRY[name]()
     if backbone is not None:
         preset.config.model.backbone = backbone

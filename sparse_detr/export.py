@@ -27,21 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparse_detr.checkpoint import (
-    Category,
-    checkpoint_categories,
-    model_from_checkpoint,
-    read_checkpoint,
-    trained_image_size,
-)
+from sparse_detr.checkpoint import Category, load_for_inference
 from sparse_detr.config import MAX_IMAGE_SIZE, keep_ratio_range
 from sparse_detr.errors import InputError, MissingFileError, UnavailableError, UsageError
 from sparse_detr.models import DeformableDETR, pad_images
-from sparse_detr.models.postprocess import top_detections
+from sparse_detr.models.postprocess import MAX_DETECTIONS, top_detections
 from sparse_detr.utils.io import atomic_write, check_writable
 
 DEFAULT_OPSET = 18
-MAX_DETECTIONS = 100
 METADATA_KEY = "sparse_detr"
 IMAGE_SIZES = range(16, MAX_IMAGE_SIZE + 1)  # the shorter sides a file's metadata may give (a forged one is refused)
 INSTALL_HINT = "pip install 'sparse-detr[onnx]' (onnx, onnxscript and onnxruntime)"
@@ -459,14 +452,13 @@ def export_checkpoint(
     check_opset(opset)
     check_writable(Path(out).parent)
     path = resolve_checkpoint(checkpoint)
-    content = read_checkpoint(path, trust_checkpoint=trust_checkpoint)
-    model = model_from_checkpoint(content, path, map_location="cpu")
-    categories = checkpoint_categories(content, model.config.model.num_classes)
+    loaded = load_for_inference(path, "cpu", trust_checkpoint=trust_checkpoint)
+    model = loaded.model
     metadata = {
         "checkpoint": str(path),
-        "image_size": trained_image_size(content),
+        "image_size": loaded.image_size,
         "num_classes": model.config.model.num_classes,
-        "categories": {str(label): {"id": c.id, "name": c.name} for label, c in categories.items()},
+        "categories": {str(label): {"id": c.id, "name": c.name} for label, c in loaded.categories.items()},
     }
     differences: dict[str, float] = {}
 

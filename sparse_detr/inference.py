@@ -15,54 +15,19 @@ import PIL.Image
 import torch
 from torchvision import tv_tensors
 
-from sparse_detr import zoo
-from sparse_detr.checkpoint import (
-    CHECKPOINT_NAME,
-    Category,
-    checkpoint_categories,
-    model_from_checkpoint,
-    read_checkpoint,
-    trained_image_size,
-)
-from sparse_detr.config import train_recipe
+from sparse_detr.checkpoint import Category, load_for_inference
 from sparse_detr.data import eval_transform, load_coco_annotations, load_rgb_image
 from sparse_detr.engine.evaluate import check_image_size, coco_detections, coco_results, require_finite_outputs
 from sparse_detr.engine.interrupts import StopSignals
-from sparse_detr.engine.run_config import DEFAULT_PRESET
 from sparse_detr.errors import InputError, Interrupted, MissingFileError, UsageError
 from sparse_detr.export import OnnxDetector
 from sparse_detr.models import DeformableDETR, pad_images
 from sparse_detr.models.fast_inference import InferenceModel, prepare_for_inference
 from sparse_detr.utils.device import resolve_device
 from sparse_detr.utils.io import atomic_write_text, check_writable
+from sparse_detr.zoo import resolve_checkpoint
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
-def default_checkpoint() -> Path:
-    """Where a bare ``sdetr train`` writes its checkpoint (relative to the working folder)."""
-    return Path(train_recipe(DEFAULT_PRESET).output_dir) / CHECKPOINT_NAME
-
-
-def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
-    """``checkpoint`` (a file, a run folder holding one, or a zoo name: see
-    :func:`sparse_detr.zoo.resolve_checkpoint`), else the default ``sdetr train`` output.
-
-    Raises:
-        FileNotFoundError: naming what is missing and how to get a checkpoint; never falls back to
-            random weights.
-        CheckpointUnavailableError, ValueError: a zoo checkpoint could not be downloaded or is not the
-            released file.
-    """
-    if checkpoint is None:
-        default = default_checkpoint()
-        if default.is_file():
-            return default
-        raise MissingFileError(
-            f"no --checkpoint given and no {default} (what `sdetr train` writes) in this folder: "
-            "run `sdetr train` first or pass --checkpoint PATH"
-        )
-    return zoo.resolve_checkpoint(checkpoint)
 
 
 def _is_pattern(text: str) -> bool:
@@ -238,17 +203,14 @@ def load_predictor(
         keep_ratio: encoder keep ratio ρ instead of the trained one (0: every token, no scoring).
         amp, compile, fast: how the model runs, see :func:`~sparse_detr.models.prepare_for_inference`.
     """
-    path = resolve_checkpoint(checkpoint)
     device = resolve_device(device)
-    content = read_checkpoint(path, trust_checkpoint=trust_checkpoint)
-    if image_size is None:
-        image_size = trained_image_size(content)
-    model = model_from_checkpoint(content, path, map_location=device)
-    check_image_size(model, image_size, path)
+    loaded = load_for_inference(resolve_checkpoint(checkpoint), device, trust_checkpoint=trust_checkpoint)
+    image_size = loaded.image_size if image_size is None else image_size
+    check_image_size(loaded.model, image_size, loaded.path)
     if keep_ratio is not None:
-        model.set_keep_ratio(keep_ratio)
-    categories = checkpoint_categories(content, model.config.model.num_classes)
-    return Predictor(prepare_for_inference(model, amp, compile, fast), categories, image_size, device, path)
+        loaded.model.set_keep_ratio(keep_ratio)
+    runner = prepare_for_inference(loaded.model, amp, compile, fast)
+    return Predictor(runner, loaded.categories, image_size, device, loaded.path)
 
 
 def load_onnx_predictor(path: str | Path, image_size: int | None = None, threads: int | None = None) -> Predictor:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import difflib
 import http.client
+import logging
 import math
 import os
 import re
 import time
 import urllib.error
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,10 +27,12 @@ from typing import TYPE_CHECKING
 import torch.hub
 
 from sparse_detr.checkpoint import CHECKPOINT_NAME, checkpoint_file, load_model
-from sparse_detr.config import KEEP_RATIOS
+from sparse_detr.config import DEFAULT_PRESET, KEEP_RATIOS, train_recipe
 from sparse_detr.errors import CheckpointError, MissingFileError, OutputError, UnavailableError
 from sparse_detr.utils.cache import user_cache_dir, writable_cache_folder
 from sparse_detr.utils.io import atomic_write, atomic_write_text, file_sha256
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import pandas
@@ -117,13 +119,13 @@ def zoo_dir() -> Path:
     return Path(folder) if folder else user_cache_dir() / "checkpoints"
 
 
-def fetch_checkpoint(name: str, progress: bool = True, log: Callable[[str], None] | None = None) -> Path:
+def fetch_checkpoint(name: str, progress: bool = True) -> Path:
     """The cached file of the zoo checkpoint ``name``, downloaded and checked first if not cached yet, and
     verified against its recorded sha256 (:func:`verified_cache_file`) if it is.
 
     Args:
-        progress: show a download progress bar on stderr.
-        log: called with a one-line message when a download starts (e.g. ``print``).
+        progress: show a download progress bar on stderr (a line on the ``sparse_detr`` logger says when a
+            download starts).
 
     Raises:
         KeyError: ``name`` is no zoo name.
@@ -139,8 +141,7 @@ def fetch_checkpoint(name: str, progress: bool = True, log: Callable[[str], None
     writable_cache_folder(path.parent, ZOO_DIR_VARIABLE)
     _remove_stale_downloads(path)
     url = entry.url
-    if log is not None:
-        log(f"downloading {name} from {url} to {path}")
+    logger.info(f"downloading {name} from {url} to {path}")
 
     def download_and_check(tmp: Path) -> None:
         _download(entry, url, tmp, progress)
@@ -246,20 +247,33 @@ def _remove_stale_downloads(path: Path) -> None:
             pass
 
 
-def resolve_checkpoint(spec: str | Path, progress: bool = True, log: Callable[[str], None] | None = None) -> Path:
+def default_checkpoint() -> Path:
+    """Where a bare ``sdetr train`` writes its checkpoint (relative to the working folder)."""
+    return Path(train_recipe(DEFAULT_PRESET).output_dir) / CHECKPOINT_NAME
+
+
+def resolve_checkpoint(spec: str | Path | None, progress: bool = True) -> Path:
     """The checkpoint file that a ``--checkpoint`` value names: an existing file, a run folder holding
-    ``checkpoint.pth``, else a zoo name (fetched, see :func:`fetch_checkpoint`). A local file wins over a
-    zoo entry of the same name.
+    ``checkpoint.pth``, else a zoo name (fetched, see :func:`fetch_checkpoint`); None: what a bare
+    ``sdetr train`` wrote (:func:`default_checkpoint`). A local file wins over a zoo entry of the same name.
 
     Raises:
-        FileNotFoundError: one line, when ``spec`` is none of these.
-        CheckpointUnavailableError, ValueError: as :func:`fetch_checkpoint`.
+        MissingFileError: one line, when ``spec`` is none of these (never falls back to random weights).
+        CheckpointUnavailableError, CheckpointError: as :func:`fetch_checkpoint`.
     """
+    if spec is None:
+        default = default_checkpoint()
+        if default.is_file():
+            return default
+        raise MissingFileError(
+            f"no --checkpoint given and no {default} (what `sdetr train` writes) in this folder: "
+            "run `sdetr train` first or pass --checkpoint PATH"
+        )
     path = Path(spec)
     if path.is_file() or (path / CHECKPOINT_NAME).is_file():
         return checkpoint_file(path)
     if str(spec) in ZOO:
-        return fetch_checkpoint(str(spec), progress=progress, log=log)
+        return fetch_checkpoint(str(spec), progress=progress)
     close = _close_names(str(spec))
     guess = f"did you mean {' or '.join(close)}? " if close else ""
     raise MissingFileError(

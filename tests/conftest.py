@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,13 @@ def save_tiny_checkpoint(path: str | Path, keep_ratio: float = 0.3) -> Path:
     inputs, as `sdetr train` stores one."""
     model = tiny_model({"model.num_classes": 4, "model.num_queries": 20, "model.keep_ratio": keep_ratio})
     return save_checkpoint(path, model, categories=TINY_CATEGORIES, train_config={"image_size": 64})
+
+
+@pytest.fixture
+def library_lines(caplog) -> Callable[[], list[str]]:
+    """The lines the ``sparse_detr`` logger has given from INFO on (what ``sdetr`` shows on stderr), so far."""
+    caplog.set_level(logging.INFO, logger="sparse_detr")
+    return lambda: [record.getMessage() for record in caplog.records if record.name.startswith("sparse_detr")]
 
 
 @pytest.fixture

@@ -283,15 +283,15 @@ def test_rerun_skips_finished_runs_and_report_only_rebuilds(mini, monkeypatch):
 
 
 @pytest.mark.slow
-def test_interrupted_seed_resumes_from_its_checkpoint(mini, monkeypatch):
+def test_interrupted_seed_resumes_from_its_checkpoint(mini, monkeypatch, library_lines):
     _, sweep, _ = mini
     result_file = sweep.run_root / "dam-rho0.3" / "seed4" / "result.json"
     stored = json.loads(result_file.read_text())
     result_file.unlink()  # as if killed after training, before its result was written
     # its checkpoint is finished: that seed resumes with no training step, the other runs are skipped
     monkeypatch.setattr(trainer, "train_one_epoch", _forbid("a training epoch"))
-    logs = []
-    report = ablation.run_ablation(sweep, log=logs.append)
+    report = ablation.run_ablation(sweep)
+    logs = library_lines()
     skipped = [line for line in logs if line.endswith("finished, skipped")]
     assert len(skipped) == 3 and "[4/4] dam-rho0.3 (seed 4)" in logs
     assert "  training in " + str(sweep.run_root / "dam-rho0.3" / "seed4") + " (resuming from its checkpoint)" in logs
@@ -302,7 +302,7 @@ def test_interrupted_seed_resumes_from_its_checkpoint(mini, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_run_another_process_holds_is_skipped(mini, monkeypatch):
+def test_a_run_another_process_holds_is_skipped(mini, monkeypatch, library_lines):
     _, sweep, _ = mini
     run_dir = sweep.run_root / "baseline" / "seed3"
     result_file = run_dir / "result.json"
@@ -316,8 +316,8 @@ def test_a_run_another_process_holds_is_skipped(mini, monkeypatch):
     try:
         assert holder.stdout.readline().strip() == "held"
         monkeypatch.setattr(engine, "train", _forbid("training"))
-        logs = []
-        ablation.run_ablation(sweep, log=logs.append)
+        ablation.run_ablation(sweep)
+        logs = library_lines()
         assert any(
             line.startswith("[1/4] baseline (seed 3): skipped, ") and f"in use by another run: process {holder.pid}"
             in line for line in logs

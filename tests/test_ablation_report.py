@@ -95,13 +95,13 @@ def test_the_paper_comparisons_are_paired_by_seed():
     assert learning_curve(_results()) == {1: pytest.approx(15.5), 2: pytest.approx(31.0)}
 
 
-def test_one_seed_reports_without_intervals(tmp_path):
+def test_one_seed_reports_without_intervals(tmp_path, library_lines):
     for result in _results(seeds=(0,)):
         folder = tmp_path / "runs" / result["run"] / "seed0"
         folder.mkdir(parents=True)
         (folder / "result.json").write_text(json.dumps(result))
-    logs = []
-    report = write_report(tmp_path / "runs", tmp_path / "report", log=logs.append)
+    report = write_report(tmp_path / "runs", tmp_path / "report")
+    logs = library_lines()
     assert (report.table["seeds"] == 1).all() and report.table["AP_ci_low"].isna().all()
     assert report.comparisons["excludes_zero"].isna().all()
     assert "one seed: no intervals" in logs[-1]

@@ -59,6 +59,8 @@ from sparse_detr.data import (
 )
 from sparse_detr.data.annotations import AnnotationFileError, load_coco_annotations
 from sparse_detr.engine import build_datasets, train
+from sparse_detr.engine import setup as engine_setup
+from sparse_detr.engine import step as step_module
 from sparse_detr.engine import trainer as trainer_module
 from sparse_detr.engine.evaluate import encoder_tokens
 from sparse_detr.engine.initialization import InitialWeights
@@ -321,7 +323,7 @@ def test_a_diverged_run_resumes_from_its_last_good_checkpoint(synth, tmp_path, m
     """Weights turn NaN in epoch 2: the run stops naming the step, the checkpoint of epoch 1 stays, and a
     resume (here with a lower learning rate) finishes."""
     datasets = build_datasets(*synthetic_splits(synth), image_size=IMAGE_SIZE)
-    real_build = trainer_module.build_optimizer
+    real_build = engine_setup.build_optimizer
 
     def poisoned_optimizer(model, config, world_size):
         optimizer, steps = real_build(model, config, world_size), []
@@ -335,7 +337,7 @@ def test_a_diverged_run_resumes_from_its_last_good_checkpoint(synth, tmp_path, m
         optimizer.register_step_post_hook(poison)
         return optimizer
 
-    monkeypatch.setattr(trainer_module, "build_optimizer", poisoned_optimizer)
+    monkeypatch.setattr(engine_setup, "build_optimizer", poisoned_optimizer)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteError, match=r"the weights after the optimizer step became NaN or infinite at step 3"):
         train(get_preset("tiny"), _tiny_config(out), *datasets)
@@ -343,7 +345,7 @@ def test_a_diverged_run_resumes_from_its_last_good_checkpoint(synth, tmp_path, m
     assert (good["epoch"], good["step"]) == (1, 2)
     assert all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
 
-    monkeypatch.setattr(trainer_module, "build_optimizer", real_build)
+    monkeypatch.setattr(engine_setup, "build_optimizer", real_build)
     metrics = train(get_preset("tiny"), _tiny_config(out, lr=5e-4), *datasets)
     assert set(metrics) >= {"AP"}
     final = read_checkpoint(out / "checkpoint.pth")
@@ -567,15 +569,13 @@ def test_ctrl_c_in_the_first_epoch_saves_the_last_step_and_the_same_command_resu
 
 
 def test_ctrl_c_before_the_first_step_says_nothing_was_saved(synth, tmp_path, monkeypatch):
-    import sparse_detr.data
-
-    real_collate = sparse_detr.data.collate
+    real_collate = engine_setup.collate
 
     def interrupted(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)  # while the first batch is loaded: it stops at once
         return real_collate(*args, **kwargs)
 
-    monkeypatch.setattr(sparse_detr.data, "collate", interrupted)
+    monkeypatch.setattr(engine_setup, "collate", interrupted)
     result = runner.invoke(app, train_command(synth, tmp_path / "run"))
     one_line(result, 130, "training stopped by Ctrl-C in epoch 1 after batch 0 of 4 (step 0), before any "
              "checkpoint was written: run the same command again to start over")  # fmt: skip
@@ -647,7 +647,7 @@ def test_a_resumed_run_logs_every_step_once(synth, tmp_path, monkeypatch):
     datasets = build_datasets(*synthetic_splits(synth), image_size=IMAGE_SIZE)
     config = TrainConfig(epochs=1, batch_size=2, workers=0, image_size=IMAGE_SIZE, checkpoint_every_iters=2,
                          log_every=1, output_dir=str(tmp_path / "run"), seed=3)  # fmt: skip
-    real_clip, calls = trainer_module.clip_grad_norm_, []
+    real_clip, calls = step_module.clip_grad_norm_, []
 
     def killed_in_step_4(*args, **kwargs):
         calls.append(1)
@@ -657,7 +657,7 @@ def test_a_resumed_run_logs_every_step_once(synth, tmp_path, monkeypatch):
             raise _Killed
         return real_clip(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "clip_grad_norm_", killed_in_step_4)
+    monkeypatch.setattr(step_module, "clip_grad_norm_", killed_in_step_4)
     with pytest.raises(_Killed):
         train(get_preset("tiny"), config, *datasets)
     assert read_checkpoint(tmp_path / "run" / "checkpoint.pth")["step"] == 2
@@ -1878,7 +1878,7 @@ def test_unknown_criterion_names_the_known_ones():
     one_line(result, 2, "unknown ranking 'saliency'", "dam, oam, random")
 
 
-def test_another_sweep_never_writes_over_a_report(tmp_path, monkeypatch):
+def test_another_sweep_never_writes_over_a_report(tmp_path, monkeypatch, library_lines):
     """The shipped reports/default has no record of its sweep: a changed sweep gets a numbered folder, a
     chosen folder is refused unless --force, and the same sweep finds its folder again."""
     monkeypatch.chdir(tmp_path)
@@ -1886,15 +1886,14 @@ def test_another_sweep_never_writes_over_a_report(tmp_path, monkeypatch):
     shipped.mkdir(parents=True)
     (shipped / "ablation.md").write_text("the shipped report")
     changed = resolve_sweep(None, rankings=("dam",), keep_ratios=(0.1, 0.2, 0.3))
-    logs = []
-    placed = claim_report_folder(changed, log=logs.append)
+    placed = claim_report_folder(changed)
     assert placed.name == "default-2" and placed.report_dir.as_posix() == "reports/default-2"
     assert placed.run_root.as_posix().endswith("runs/ablate/default-2")
-    assert "reports/default holds another sweep's report" in logs[0]
+    assert "reports/default holds another sweep's report" in library_lines()[0]
     assert sorted(path.name for path in shipped.iterdir()) == ["ablation.md"]
-    assert claim_report_folder(changed, log=logs.append).name == "default-2"  # the same sweep, the same folder
+    assert claim_report_folder(changed).name == "default-2"  # the same sweep, the same folder
     other = resolve_sweep(None, rankings=("oam",))
-    assert claim_report_folder(other, log=logs.append).name == "default-3"
+    assert claim_report_folder(other).name == "default-3"
     with pytest.raises(SweepError, match=r"reports/default holds the report of another sweep .* --force"):
         claim_report_folder(changed, chosen=True)
     assert claim_report_folder(changed, chosen=True, force=True).report_dir.resolve() == shipped

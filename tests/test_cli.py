@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,34 @@ def test_fine_tune_a_run_on_other_classes_and_read_its_config_back(tmp_path, mon
     assert result.exit_code == 0, result.output
     evaluated = json.loads((tmp_path / "eval" / "eval_checkpoint.json").read_text())
     assert evaluated["image_size"] == 96  # from the run's config
+
+
+@pytest.fixture
+def library_logger(monkeypatch):
+    """The ``sparse_detr`` logger, its level restored after the test (``-q`` / ``-v`` set it)."""
+    logger = logging.getLogger("sparse_detr")
+    monkeypatch.setattr(logger, "level", logger.level)
+    return logger
+
+
+def test_quiet_hides_status_lines_and_keeps_results(tmp_path, library_logger):
+    synth = ["data", "synth", "--num-train", "2", "--num-val", "1", "--image-size", "48", "--out"]
+    loud = runner.invoke(app, [*synth, str(tmp_path / "loud")])
+    assert loud.exit_code == 0 and "writing the synthetic dataset (2 + 1 images)" in loud.stderr
+    for flag in ("--quiet", "-q"):
+        out = tmp_path / flag.strip("-")
+        quiet = runner.invoke(app, [flag, *synth, str(out)])
+        assert quiet.exit_code == 0 and quiet.stderr == ""
+        assert f"wrote the synthetic dataset to {out}" in "".join(quiet.stdout.splitlines())  # the result stays
+    assert library_logger.level == logging.WARNING
+
+
+def test_verbose_shows_the_library_debug_lines(library_logger, monkeypatch):
+    from sparse_detr.ops import loader
+
+    monkeypatch.setattr(loader, "_loaded", {})  # load again, as a new process would
+    monkeypatch.setattr(loader, "_cannot_run", lambda kind: "no compiler in this test")
+    result = runner.invoke(app, ["-v", "doctor"])
+    assert "debug: sparse_detr.ops.loader: the 'cpu' kernel is unavailable: no compiler in this test" in result.stderr
+    plain = runner.invoke(app, ["doctor"])
+    assert "debug:" not in plain.output

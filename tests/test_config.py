@@ -8,7 +8,6 @@ import re
 import pytest
 
 from sparse_detr.config import (
-    PRESETS,
     Config,
     ModelConfig,
     apply_overrides,
@@ -16,12 +15,13 @@ from sparse_detr.config import (
     config_from_dict,
     config_to_dict,
     get_preset,
+    list_presets,
 )
 from sparse_detr.errors import ConfigError
 
 
 @pytest.mark.parametrize("backbone", ["r50", "swin-t"])
-@pytest.mark.parametrize("name", [p for p in PRESETS if not p.startswith("tiny")])  # the paper's presets
+@pytest.mark.parametrize("name", [p for p in list_presets() if not p.startswith("tiny")])  # the paper's presets
 def test_published_presets_follow_spec_table(name, backbone):
     model = get_preset(name, backbone).model
     assert model.backbone == backbone
@@ -38,7 +38,7 @@ def test_published_presets_follow_spec_table(name, backbone):
 
 
 def test_sparse_presets_cover_rho_01_to_05():
-    assert [p for p in PRESETS if p.startswith("sparse-rho")] == [f"sparse-rho0.{i}" for i in range(1, 6)]
+    assert [p for p in list_presets() if p.startswith("sparse-rho")] == [f"sparse-rho0.{i}" for i in range(1, 6)]
 
 
 def test_tiny_preset_runs_the_sparse_path_at_small_scale():
@@ -101,7 +101,7 @@ def test_invalid_values_are_rejected(key, value):
         apply_overrides(get_preset("tiny"), {key: value})
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", list_presets())
 def test_dict_round_trip(name):
     config = get_preset(name, "swin-t")
     data = json.loads(json.dumps(config_to_dict(config)))
@@ -121,3 +121,34 @@ def test_checkpoints_with_the_old_field_name_still_read():
     data = config_to_dict(get_preset("sparse-rho0.1"))
     data["model"]["saliency_criterion"] = data["model"].pop("token_ranking")  # written before the rename
     assert config_from_dict(data) == get_preset("sparse-rho0.1")
+
+
+def test_a_preset_registered_after_import_is_accepted_everywhere(monkeypatch, tmp_path):
+    """The registry is read live: a preset a user registers after importing sparse_detr is a preset for the
+    Python API, `sdetr train --preset` and sweep files alike."""
+    from typer.testing import CliRunner
+
+    from sparse_detr import config as config_module
+    from sparse_detr.ablation import Sweep
+    from sparse_detr.cli import app
+
+    def narrow_tiny() -> config_module.Preset:
+        """tiny with 32 queries."""
+        preset = config_module.create_preset("tiny")
+        preset.config.model.num_queries = 32
+        return config_module.Preset(config_module.Config("narrow-tiny", preset.config.model), preset.train)
+
+    monkeypatch.setitem(config_module._REGISTRY, "narrow-tiny", narrow_tiny)
+    assert "narrow-tiny" in list_presets() and get_preset("narrow-tiny").model.num_queries == 32
+    assert Sweep(preset="narrow-tiny").preset == "narrow-tiny"
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["train", "--preset", "narrow-tiny", "--print-config"])
+    assert result.exit_code == 0, result.output
+    assert "num_queries = 32" in result.output
+
+
+def test_the_amp_settings_config_allows_are_the_dtypes_autocast_knows():
+    from sparse_detr.config import AMP_MODES
+    from sparse_detr.utils.precision import AMP_DTYPES
+
+    assert set(AMP_MODES) - {None} == set(AMP_DTYPES)

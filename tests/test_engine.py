@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import math
 import random
 import sys
@@ -29,14 +30,16 @@ from sparse_detr.engine import (
     train_config_from_dict,
     train_config_to_dict,
     train_recipe,
+    train_step,
 )
-from sparse_detr.engine import trainer as trainer_module
+from sparse_detr.engine import setup as engine_setup
+from sparse_detr.engine import step as step_module
 from sparse_detr.engine.initialization import InitialWeights
 from sparse_detr.engine.logging import Progress
 from sparse_detr.engine.run_config import read_config_file, resolve_run_config
 from sparse_detr.engine.sampling import BlockBatchSampler, EpochBatchSampler, SeededSamples
 from sparse_detr.engine.state import find_resume_path, rng_state, set_rng_state
-from sparse_detr.models import build_model
+from sparse_detr.models import build_criterion, build_model
 
 IMAGE_SIZE = 96  # the smallest training scale still gives the tiny preset more tokens than queries
 
@@ -213,7 +216,7 @@ def test_killed_run_resumes_to_the_same_weights(datasets, tmp_path, monkeypatch)
     train(model_config, tiny_train_config(tmp_path / "whole"), train_set, val_set)
 
     # die inside the 4th optimizer step: the last checkpoint is mid-epoch 2 (after step 3)
-    real_clip, calls = trainer_module.clip_grad_norm_, []
+    real_clip, calls = step_module.clip_grad_norm_, []
 
     def crashing_clip(*args, **kwargs):
         calls.append(1)
@@ -221,13 +224,13 @@ def test_killed_run_resumes_to_the_same_weights(datasets, tmp_path, monkeypatch)
             raise _Crash
         return real_clip(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "clip_grad_norm_", crashing_clip)
+    monkeypatch.setattr(step_module, "clip_grad_norm_", crashing_clip)
     config = tiny_train_config(tmp_path / "killed", checkpoint_every_iters=1)
     with pytest.raises(_Crash):
         train(model_config, config, train_set, val_set)
     position = read_checkpoint(tmp_path / "killed" / "checkpoint.pth")
     assert (position["epoch"], position["iteration"], position["step"]) == (1, 1, 3)
-    monkeypatch.setattr(trainer_module, "clip_grad_norm_", real_clip)
+    monkeypatch.setattr(step_module, "clip_grad_norm_", real_clip)
     train(model_config, config, train_set, val_set)  # resumes from the folder's checkpoint
 
     whole = read_checkpoint(tmp_path / "whole" / "checkpoint.pth")
@@ -243,7 +246,7 @@ def test_killed_run_resumes_to_the_same_weights(datasets, tmp_path, monkeypatch)
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(datasets, tmp_path, monkeypatch):
     train_set, val_set = datasets
-    real_build = trainer_module.build_criterion
+    real_build = engine_setup.build_criterion
 
     def diverging_criterion(config):
         criterion, calls = real_build(config), []
@@ -259,7 +262,7 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(datasets, tmp_path, monk
         criterion.forward = poisoned
         return criterion
 
-    monkeypatch.setattr(trainer_module, "build_criterion", diverging_criterion)
+    monkeypatch.setattr(engine_setup, "build_criterion", diverging_criterion)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match="loss_giou.*last good checkpoint"):
         train(get_preset("tiny"), tiny_train_config(out), train_set, val_set)
@@ -315,6 +318,32 @@ class _SameSizeImages(Dataset):
         return torch.randn(3, 96, 96, generator=generator), target
 
 
+def _one_step(max_norm: float) -> dict[str, torch.Tensor]:
+    """A tiny model's weights after one :func:`train_step` on a fixed batch, clipping at ``max_norm``."""
+    torch.manual_seed(0)
+    config = get_preset("tiny")
+    model, criterion = build_model(config).train(), build_criterion(config)
+    optimizer = build_optimizer(model, train_recipe("tiny"))
+    images = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])}]
+    batch = (images, torch.zeros(1, 64, 64, dtype=torch.bool), targets)
+    result = train_step(model, criterion, [batch], optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                        torch.device("cpu"), max_norm)  # fmt: skip
+    assert math.isfinite(result.grad_norm) and result.grad_norm > 0 and math.isfinite(result.losses["loss"])
+    return {name: value.detach().clone() for name, value in model.named_parameters()}
+
+
+def test_clip_max_norm_zero_means_no_clipping():
+    """``clip_max_norm = 0`` is "no clipping" in every caller of the one step (the step benchmark's copy once
+    zeroed every gradient with it): the step equals one with an unreachable norm and moves the weights."""
+    torch.manual_seed(0)
+    before = {name: value.detach().clone() for name, value in build_model(get_preset("tiny")).named_parameters()}
+    unclipped, never_reached = _one_step(0.0), _one_step(1e12)
+    assert any(not torch.equal(before[name], value) for name, value in unclipped.items())
+    for name, value in unclipped.items():
+        torch.testing.assert_close(value, never_reached[name], rtol=0, atol=0, msg=name)
+
+
 class _FirstStep(Exception):
     pass
 
@@ -324,11 +353,11 @@ def _first_step_gradients(tmp_path, monkeypatch, batch_size: int, grad_accum: in
     batch) would apply."""
     captured = {}
 
-    def capture(run):
-        captured.update({name: p.grad.clone() for name, p in run.model.named_parameters() if p.grad is not None})
+    def capture(model, *args):
+        captured.update({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
         raise _FirstStep
 
-    monkeypatch.setattr(trainer_module, "_optimizer_step", capture)
+    monkeypatch.setattr(step_module, "_optimizer_step", capture)
     config = apply_overrides(get_preset("tiny"), {"model.backbone_norm": "frozen_bn"})
     train_config = tiny_train_config(tmp_path / f"b{batch_size}x{grad_accum}", batch_size=batch_size,
                                      grad_accum=grad_accum, iters_per_epoch=grad_accum)  # fmt: skip
@@ -389,20 +418,33 @@ class _Terminal(io.StringIO):
 
 
 @pytest.mark.parametrize("tty", [False, True])
-def test_progress_bar_on_a_terminal_and_lines_otherwise(tty):
+def test_progress_bar_on_a_terminal_and_lines_otherwise(tty, caplog):
+    caplog.set_level(logging.INFO, logger="sparse_detr")
     stream = _Terminal() if tty else io.StringIO()
     progress = Progress(log_every=2, stream=stream)
     progress.start_epoch(0, 3, total=4)
     for done in range(1, 5):
         progress.update(done, loss=1.5, lr=2e-4)
     progress.end_epoch()
-    text = stream.getvalue()
+    text = stream.getvalue() if tty else caplog.text
     assert "loss 1.5000" in text and "it/s" in text
     if tty:
-        assert "4/4" in text
+        assert "4/4" in text and not caplog.records  # the bar instead of the lines
     else:
-        assert [line.split("]")[0] for line in text.splitlines()] == ["epoch 1/3 [2/4", "epoch 1/3 [4/4"]
+        assert [record.getMessage().split("]")[0] for record in caplog.records] == ["epoch 1/3 [2/4", "epoch 1/3 [4/4"]
         assert "eta" in text
+
+
+def test_progress_is_silent_when_the_logger_hides_info(caplog):
+    """``sdetr --quiet`` (the sparse_detr logger at WARNING): no bar, no lines, even on a terminal."""
+    caplog.set_level(logging.WARNING, logger="sparse_detr")
+    stream = _Terminal()
+    progress = Progress(log_every=1, stream=stream)
+    progress.start_epoch(0, 1, total=2)
+    progress.update(1, loss=1.5, lr=2e-4)
+    progress.message("resumed from somewhere")
+    progress.end_epoch()
+    assert stream.getvalue() == "" and not caplog.records
 
 
 def test_generator_states_survive_a_safe_checkpoint_load(tmp_path):

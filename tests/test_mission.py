@@ -119,12 +119,13 @@ def test_sdetr_ablate(workspace):
     result = sdetr(
         ABLATE, work, env, SDETR_ABLATE_DATA=str(data), SDETR_ABLATE_EPOCHS="1", SDETR_ABLATE_ITERS_PER_EPOCH="1"
     )
-    # the plan comes first: the runs, which variants were asked for and which the default adds
-    plan = result.stdout[: result.stdout.index("[1/14]")]
+    # the plan comes first (status lines: on stderr): the runs, which variants were asked for and which the
+    # default adds
+    plan = result.stderr[: result.stderr.index("[1/14]")]
     assert "plan: 14 runs = 7 variants x 2 seeds" in plan
     assert "asked for: dam-rho0.1, dam-rho0.2, dam-rho0.3" in plan
     assert "--no-baseline" in plan and "--no-random" in plan and "--seeds 1" in plan
-    assert re.search(r"estimate: first epoch \d+ s", result.stdout)
+    assert re.search(r"estimate: first epoch \d+ s", result.stderr)
     report = work / "reports" / "default"
     with (report / "ablation.csv").open() as file:
         variants = {row["run"] for row in csv.DictReader(file)}

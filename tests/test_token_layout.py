@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparse_detr.config import PRESETS, apply_overrides, get_preset
+from sparse_detr.config import apply_overrides, get_preset, list_presets
 from sparse_detr.models.detector import build_model
 from sparse_detr.models.heads import HeadSlots
 from sparse_detr.models.token_layout import TokenLayout, TokenSelection
@@ -80,16 +80,18 @@ SPARSE_SLOTS = (HeadSlots(slice(0, 6), 6, slice(7, 12), False), 12, SPARSE_ROLES
 EXPECTED_SLOTS = {
     "deformable": (HeadSlots(slice(0, 6), None, slice(6, 6), True), 6, ["decoder"]),
     "deformable-topk-bbr": (HeadSlots(slice(0, 6), 6, slice(7, 7), False), 7, ["decoder"] * 6 + ["proposal"]),
-    **{preset: SPARSE_SLOTS for preset in PRESETS if preset.startswith("sparse-rho")},
+    **{preset: SPARSE_SLOTS for preset in list_presets() if preset.startswith("sparse-rho")},
     "tiny": (HeadSlots(slice(0, 3), 3, slice(4, 6), False), 6, ["decoder"] * 3 + ["proposal"] + ["encoder_aux"] * 2),
     # tiny with 6 encoder layers: 5 encoder aux heads
     "tiny-ablation": (
-        HeadSlots(slice(0, 3), 3, slice(4, 9), False), 9, ["decoder"] * 3 + ["proposal"] + ["encoder_aux"] * 5
+        HeadSlots(slice(0, 3), 3, slice(4, 9), False),
+        9,
+        ["decoder"] * 3 + ["proposal"] + ["encoder_aux"] * 5,
     ),
 }
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", list_presets())
 def test_head_slots_of_each_preset(preset):
     slots = HeadSlots.of(get_preset(preset).model)
     expected, num_slots, roles = EXPECTED_SLOTS[preset]

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from sparse_detr.cli import app
 from sparse_detr.data.synthetic import render_scene
-from sparse_detr.inference import load_predictor, resolve_checkpoint
+from sparse_detr.inference import load_predictor
 from sparse_detr.models.scoring import keep_counts
 from sparse_detr.models.token_layout import TokenLayout, TokenSelection
 from sparse_detr.viz import (
@@ -24,6 +24,7 @@ from sparse_detr.viz import (
     token_view,
     upsample_to_image,
 )
+from sparse_detr.zoo import resolve_checkpoint
 
 runner = CliRunner()
 STRIDES = [8, 16, 32, 64]

@@ -15,8 +15,7 @@ from test_checkpoint import official_args, official_state_dict, perturbed
 
 from sparse_detr import zoo
 from sparse_detr.checkpoint import CHECKPOINT_NAME, OFFICIAL_ARGS, load_model
-from sparse_detr.config import PRESETS, Config, ModelConfig, get_preset
-from sparse_detr.inference import resolve_checkpoint as inference_resolve_checkpoint
+from sparse_detr.config import Config, ModelConfig, get_preset, list_presets
 from sparse_detr.models.detector import build_model
 from sparse_detr.utils.cache import user_cache_dir
 
@@ -31,7 +30,7 @@ def test_registry_names_files_presets_and_backbones_agree():
         keep_ratio = int(percent) / 100
         assert name == entry.name == f"sparse-detr-{tag.replace('_', '-')}-rho{keep_ratio}"
         assert entry.keep_ratio == keep_ratio
-        assert entry.preset == f"sparse-rho{keep_ratio}" and entry.preset in PRESETS
+        assert entry.preset == f"sparse-rho{keep_ratio}" and entry.preset in list_presets()
         assert entry.backbone == ("swin-t" if tag == "swint" else "r50")
         assert entry.backbone_init == ("scrl" if tag == "r50_scrl" else "imagenet")
         assert entry.url == zoo.RELEASE_URL + entry.file_name
@@ -106,10 +105,10 @@ def downloads(monkeypatch):
     return urls
 
 
-def test_fetch_downloads_once_into_the_cache(mirror, downloads, small_model):
+def test_fetch_downloads_once_into_the_cache(mirror, downloads, small_model, library_lines):
     folder, cache = mirror
-    messages = []
-    path = zoo.fetch_checkpoint(SMALL.name, progress=False, log=messages.append)
+    path = zoo.fetch_checkpoint(SMALL.name, progress=False)
+    messages = library_lines()
     record = SMALL.file_name + zoo.RECORD_SUFFIX
     assert path == cache / SMALL.file_name and sorted(os.listdir(cache)) == [SMALL.file_name, record]  # no temp file
     assert downloads == [SMALL.url] and messages == [f"downloading {SMALL.name} from {SMALL.url} to {path}"]
@@ -214,9 +213,9 @@ def test_resolve_checkpoint_files_run_folders_and_zoo_names(mirror, downloads, t
     own.write_bytes(b"not read")
     assert zoo.resolve_checkpoint(own) == own
     assert zoo.resolve_checkpoint("run").resolve() == own
-    assert inference_resolve_checkpoint(tmp_path / "run") == tmp_path / "run" / CHECKPOINT_NAME
+    assert zoo.resolve_checkpoint(tmp_path / "run") == tmp_path / "run" / CHECKPOINT_NAME
     assert zoo.resolve_checkpoint(SMALL.name) == cache / SMALL.file_name and downloads == [SMALL.url]
-    assert inference_resolve_checkpoint(SMALL.name) == cache / SMALL.file_name and len(downloads) == 1
+    assert zoo.resolve_checkpoint(SMALL.name) == cache / SMALL.file_name and len(downloads) == 1
 
     (tmp_path / SMALL.name).write_bytes(b"a local file")  # a local file wins over the zoo
     assert zoo.resolve_checkpoint(SMALL.name).resolve() == tmp_path / SMALL.name and len(downloads) == 1
@@ -238,7 +237,7 @@ def test_resolve_checkpoint_of_an_unknown_name(tmp_path, monkeypatch, spec, gues
     with pytest.raises(FileNotFoundError, match=f"^{re.escape(message)}$"):
         zoo.resolve_checkpoint(spec)
     with pytest.raises(FileNotFoundError, match=re.escape(message)):
-        inference_resolve_checkpoint(spec)
+        zoo.resolve_checkpoint(spec)
 
 
 def test_zoo_table(tmp_path, monkeypatch):

@@ -16,8 +16,8 @@ Every file is written atomically.
 from __future__ import annotations
 
 import json
+import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -29,6 +29,8 @@ from matplotlib.figure import Figure
 from sparse_detr.ablation.stats import CONFIDENCE, mean_interval, paired_difference
 from sparse_detr.ablation.sweep import Run
 from sparse_detr.utils.report import save_figure, write_table
+
+logger = logging.getLogger(__name__)
 
 RESULT_NAME = "result.json"
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -409,23 +411,18 @@ def _notes(results: list[dict[str, Any]], table: pd.DataFrame, run_root: Path) -
     return notes
 
 
-Log = Callable[[str], None]
-
-
 def write_report(
     run_root: str | Path,
     report_dir: str | Path,
     runs: list[Run] | None = None,
     title: str = "Ablation",
-    log: Log | None = None,
 ) -> AblationReport | None:
     """Rebuild the report in ``report_dir`` from the results of ``runs`` (every run when None) under
     ``run_root``; None when none has finished yet (nothing is written then)."""
     run_root, report_dir = Path(run_root), Path(report_dir)
     results = read_results(run_root, runs)
     if not results:
-        if log is not None:
-            log(f"no finished runs in {run_root} yet: no report written")
+        logger.info(f"no finished runs in {run_root} yet: no report written")
         return None
     per_run = runs_table(results)
     table = ablation_table(per_run)
@@ -446,9 +443,8 @@ def write_report(
         files += write_table(inference, report_dir, "inference_rho", title=f"{title}: inference-time keep ratio",
                              notes=notes, float_format=".2f", markdown=readable(inference))  # fmt: skip
         files.append(save_figure(plot_inference_rho(inference, table), report_dir / "inference_rho.png"))
-    if log is not None:
-        single = " (one seed: no intervals)" if (table["seeds"] < 2).all() else ""
-        log(f"report: {report_dir} ({len(results)} finished runs){single}")
+    single = " (one seed: no intervals)" if (table["seeds"] < 2).all() else ""
+    logger.info(f"report: {report_dir} ({len(results)} finished runs){single}")
     return AblationReport(table, comparisons, inference, per_run, files)
 
 

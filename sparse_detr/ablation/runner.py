@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -40,6 +41,8 @@ from sparse_detr.errors import ConfigError, Interrupted
 from sparse_detr.utils.io import atomic_write_text, check_writable
 from sparse_detr.utils.lock import FolderInUseError, folder_lock
 
+logger = logging.getLogger(__name__)
+
 BUILTIN_DATA = "built-in synthetic dataset"
 SWEEP_FILE = "sweep.toml"  # in the report folder: the sweep it reports on (an experiment file)
 # training settings that do not change the trained model
@@ -55,7 +58,6 @@ _IGNORED_TRAIN_SETTINGS = (
     "eval_batch_size",
 )
 
-Log = Callable[[str], None]
 # what measure_model gives, with the metrics: the entry of one inference-time evaluation
 MEASUREMENT_KEYS = ("metrics", *GFLOP_KEYS, *FPS_KEYS, "dam_coverage")
 
@@ -213,7 +215,6 @@ def execute_run(
     run: Run,
     data: _SweepData,
     stored: dict[str, Any] | None,
-    log: Log,
     on_first_epoch: Callable[[float], None] | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) ``run``, measure it, and evaluate it at the keep ratios ``stored`` lacks;
@@ -229,9 +230,9 @@ def execute_run(
     checkpoint = run_dir / CHECKPOINT_NAME
     result = stored
     if result is None:
-        log(f"  training in {run_dir}" + (" (resuming from its checkpoint)" if checkpoint.is_file() else ""))
+        logger.info(f"  training in {run_dir}" + (" (resuming from its checkpoint)" if checkpoint.is_file() else ""))
         metrics = engine.train(model_config, train_config, train_set, val_set, on_first_epoch=on_first_epoch)
-        log("  measuring GFLOPs, FPS and DAM coverage")
+        logger.info("  measuring GFLOPs, FPS and DAM coverage")
         model = load_model(checkpoint, map_location=device)
         images = benchmark_images(val_set, sweep.benchmark.images, device)
         result = {
@@ -260,7 +261,7 @@ def execute_run(
     for keep_ratio in run.eval_keep_ratios:
         if keep_ratio in done:
             continue
-        log(f"  evaluating at rho {keep_ratio:g}")
+        logger.info(f"  evaluating at rho {keep_ratio:g}")
         if keep_ratio == run.keep_ratio:  # the training's own evaluation
             entry = {key: value for key, value in result.items() if key in MEASUREMENT_KEYS}
         else:
@@ -294,7 +295,7 @@ def _stored_sweep(report_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def claim_report_folder(sweep: Sweep, chosen: bool = False, force: bool = False, log: Log = print) -> Sweep:
+def claim_report_folder(sweep: Sweep, chosen: bool = False, force: bool = False) -> Sweep:
     """``sweep`` placed where it writes into no other sweep's report, its own recorded there (``sweep.toml``).
 
     A report folder that records the same sweep (or is empty) is taken. One that holds another sweep's report:
@@ -326,8 +327,10 @@ def claim_report_folder(sweep: Sweep, chosen: bool = False, force: bool = False,
         number = 2
         while conflict(placed := dataclasses.replace(sweep, name=f"{sweep.name}-{number}")) is not None:
             number += 1
-        log(f"{sweep.report_dir} holds another sweep's report ({reason}): this one is {placed.name}, its report "
-            f"in {placed.report_dir} (--name chooses another)")  # fmt: skip
+        logger.info(
+            f"{sweep.report_dir} holds another sweep's report ({reason}): this one is {placed.name}, its report in "
+            f"{placed.report_dir} (--name chooses another)"
+        )
     check_writable(placed.report_dir)
     _record_sweep(placed)
     return placed
@@ -340,7 +343,6 @@ def _record_sweep(sweep: Sweep) -> None:
 def run_ablation(
     sweep: Sweep,
     shard: tuple[int, int] = (0, 1),
-    log: Log = print,
     source: str = "the experiment file",
     asked: frozenset[str] | set[str] = frozenset(),
 ):
@@ -364,30 +366,31 @@ def run_ablation(
             check_same_settings(result, run_settings(sweep, run), result_path(sweep, run))
     finished = [run for run, result in stored.items() if result is not None and _complete(run, result)]
     shard_text = f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""
-    log(f"ablation {sweep.name}{shard_text}: run folders in {sweep.run_root}, report in {sweep.report_dir}")
+    logger.info(f"ablation {sweep.name}{shard_text}: run folders in {sweep.run_root}, report in {sweep.report_dir}")
     for line in describe_plan(sweep, source, asked, runs, len(finished)):
-        log(line)
+        logger.info(line)
     to_train = [run for run in runs if run not in finished]
     estimate = TimeEstimate(len(to_train), run_train_config(sweep, runs[0]).epochs if runs else 0)
     for k, run in enumerate(runs, 1):
         step = f"[{k}/{len(runs)}] {run.label}"
         if run in finished:
-            log(f"{step}: finished, skipped")
+            logger.info(f"{step}: finished, skipped")
             continue
         try:  # the run folder is locked while this process trains and measures it (shards run side by side)
             with StopSignals().installed(), folder_lock(run_train_config(sweep, run).output_dir):
                 stored[run] = read_result(result_path(sweep, run))  # another shard may have finished it since
                 if stored[run] is not None and _complete(run, stored[run]):
-                    log(f"{step}: finished by another process, skipped")
+                    logger.info(f"{step}: finished by another process, skipped")
                     estimate.skip_run()
                     continue
-                log(step)
+                logger.info(step)
                 estimate.start_run()
-                first = (lambda seconds: log(estimate.first_epoch(seconds))) if not estimate.run_seconds else None
-                result = execute_run(sweep, run, data, stored[run], log, first)
+                result = execute_run(
+                    sweep, run, data, stored[run], None if estimate.run_seconds else _say_first_epoch(estimate)
+                )
                 write_result(result_path(sweep, run), result)
         except FolderInUseError as error:
-            log(f"{step}: skipped, {error}")
+            logger.info(f"{step}: skipped, {error}")
             estimate.skip_run()
             continue
         except (KeyboardInterrupt, Interrupted) as interrupt:
@@ -397,9 +400,13 @@ def run_ablation(
                 "and the interrupted one keeps its checkpoint: run the same command again to continue",
                 exit_code=getattr(interrupt, "exit_code", Interrupted.exit_code),
             ) from None
-        log(f"{step}: AP {percent(result['metrics']['AP']):.1f}, GFLOPs {result['gflops']:.3f}, "
+        logger.info(f"{step}: AP {percent(result['metrics']['AP']):.1f}, GFLOPs {result['gflops']:.3f}, "
             f"FPS {result['fps']:.1f}; {estimate.end_run()}")  # fmt: skip
-    return write_sweep_report(sweep, log)
+    return write_sweep_report(sweep)
+
+
+def _say_first_epoch(estimate: TimeEstimate) -> Callable[[float], None]:
+    return lambda seconds: logger.info(estimate.first_epoch(seconds))
 
 
 def _complete(run: Run, result: dict[str, Any]) -> bool:
@@ -407,10 +414,10 @@ def _complete(run: Run, result: dict[str, Any]) -> bool:
     return set(run.eval_keep_ratios) <= set(_evaluations(result))
 
 
-def write_sweep_report(sweep: Sweep, log: Log = print):
+def write_sweep_report(sweep: Sweep):
     """Rebuild ``sweep``'s report from its finished runs (None when none has finished), with the sweep
     itself as ``sweep.toml``."""
-    report = write_report(sweep.run_root, sweep.report_dir, sweep.runs(), title=f"Ablation: {sweep.name}", log=log)
+    report = write_report(sweep.run_root, sweep.report_dir, sweep.runs(), title=f"Ablation: {sweep.name}")
     if report is not None:
         _record_sweep(sweep)
     return report

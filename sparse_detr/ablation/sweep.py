@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from sparse_detr.config import (
-    PRESETS,
+    DEFAULT_PRESET,
     TOKEN_RANKINGS,
     ModelConfig,
     TrainConfig,
     apply_overrides,
     check_field,
+    check_preset,
     field_names,
     get_preset,
     keep_ratio_range,
@@ -30,7 +31,6 @@ from sparse_detr.config import (
     train_recipe,
 )
 from sparse_detr.data.source import DataSource
-from sparse_detr.engine.run_config import DEFAULT_PRESET
 from sparse_detr.errors import ConfigError
 
 # set by each run, so a sweep may not fix them for all runs
@@ -157,8 +157,7 @@ class Sweep:
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
             raise SweepError(f"name {self.name!r} must be a folder name: letters, digits, '.', '_' or '-'")
-        if self.preset not in PRESETS:
-            raise SweepError(f"unknown preset {self.preset!r}; presets: {', '.join(PRESETS)}")
+        check_preset(self.preset, SweepError)
         for ranking in (*self.rankings, *([self.eval_ranking] if self.eval_ranking else [])):
             if ranking not in TOKEN_RANKINGS:
                 raise SweepError(f"unknown ranking {ranking!r}; rankings: {', '.join(TOKEN_RANKINGS)}")

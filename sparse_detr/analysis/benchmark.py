@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from sparse_detr.config import check_keep_ratio
 from sparse_detr.errors import MissingFileError, UsageError
 from sparse_detr.utils.cpu import cpu_description, cpu_isa, cpu_model
 from sparse_detr.utils.io import check_writable
+
+logger = logging.getLogger(__name__)
 
 # a lower bound of the memory inference takes per input pixel of a batch (activations, input included):
 # peak RSS grows by 160 bytes per pixel for tiny and 320 to 480 for R50 (sparse, dense) on a CPU
@@ -165,7 +168,6 @@ def run_benchmark(
     images: list[torch.Tensor],
     options: BenchmarkOptions,
     input_size: tuple[int, int] | None = None,
-    log: Callable[[str], None] = print,
 ) -> BenchmarkResult:
     """Measure every model of ``specs`` on ``images`` (a list of (3, H, W)).
 
@@ -192,7 +194,7 @@ def run_benchmark(
         rho = model.keep_ratio if model.keep_ratio > 0 else math.nan
         preset = reference_preset(config, model.keep_ratio)
         label = spec.preset or model.config.name
-        log(f"{label} ({config.backbone}" + (f", rho {rho:g})" if rho == rho else ")"))
+        logger.info(f"measuring {label} ({config.backbone}" + (f", rho {rho:g})" if rho == rho else ")"))
         row = {"preset": label, "backbone": config.backbone, "rho": rho}
         if spec.checkpoint:
             row["checkpoint"] = spec.checkpoint
@@ -436,7 +438,6 @@ def benchmark_models(
     inputs: BenchmarkInputs,
     options: BenchmarkOptions,
     folder: str | Path,
-    log: Callable[[str], None] = print,
 ) -> BenchmarkReport:
     """``sdetr benchmark``: measure the presets (or a checkpoint file, run folder or zoo name) at each keep
     ratio, with the dotted ``settings``' ``model.*`` / ``loss.*`` fields applied to every model, on
@@ -468,7 +469,7 @@ def benchmark_models(
         val_images, val_ann = DataSource(**section(settings, "data")).val_split()
         images = dataset_images(val_images, val_ann, inputs.images, image_size)
         source = f"the first {inputs.images} images of {val_images}, shorter side {image_size} (mean over them)"
-    result = run_benchmark(specs, images, options, inputs.size if inputs.images is None else None, log)
+    result = run_benchmark(specs, images, options, inputs.size if inputs.images is None else None)
     notes = report_notes(result.table, options, source, result.skipped)
     paths = write_benchmark_report(result, folder, notes, f"Benchmark: {source}")
     return BenchmarkReport(result, source, str(device), paths)

@@ -20,14 +20,14 @@ from typing import Any
 import torch
 
 from sparse_detr.analysis.fps import FpsResult, measure_fps
-from sparse_detr.errors import SparseDetrError, UsageError
-from sparse_detr.utils.precision import AMP_DTYPES
+from sparse_detr.errors import SparseDetrError
+from sparse_detr.utils.precision import check_amp
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """A model to measure: a preset with random weights (seed 0), or a checkpoint (``preset`` then picks
-    another architecture for its weights, see :func:`~sparse_detr.checkpoint.load_model`), at an optional
+    another architecture for its weights, see :func:`~sparse_detr.checkpoint.load_for_inference`), at an optional
     keep ratio; ``overrides`` are dotted config fields (``{"model.num_queries": 100}``) applied first."""
 
     preset: str | None = None
@@ -44,11 +44,11 @@ class ModelSpec:
 
     def build(self, device: str | torch.device = "cpu"):
         """The detector, in eval mode on ``device``."""
-        from sparse_detr.checkpoint import load_model
+        from sparse_detr.checkpoint import load_for_inference
         from sparse_detr.models import build_model
 
         if self.checkpoint is not None:
-            model = load_model(self.checkpoint, preset=self.preset, map_location=device, overrides=self.overrides)
+            model = load_for_inference(self.checkpoint, device, self.overrides, preset=self.preset).model
         else:
             torch.manual_seed(0)
             model = build_model(self.config()).to(device)
@@ -81,8 +81,7 @@ class Timing:
         return " ".join(words + (["compiled"] if self.compile else []))
 
     def __post_init__(self) -> None:
-        if self.amp is not None and self.amp not in AMP_DTYPES:
-            raise UsageError(f"--amp must be bf16 or fp16, got {self.amp!r}")
+        check_amp(self.amp, "--amp")
 
     def measure(self, model, images: list[torch.Tensor]) -> list[FpsResult]:
         """:func:`~sparse_detr.analysis.fps.measure_fps` of ``model`` at every batch size, in this process

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ import torch
 from sparse_detr.analysis.fps import Timer
 from sparse_detr.errors import UsageError
 from sparse_detr.ops import load_backend, ms_deform_attn
+
+logger = logging.getLogger(__name__)
 
 # Feature maps of an 800x1066 input at strides 8, 16, 32, 64.
 LEVEL_SHAPES_800x1066 = ((100, 134), (50, 67), (25, 34), (13, 17))
@@ -109,7 +112,6 @@ def run_op_benchmark(
     repeats: int = 5,
     dtype: str = "float32",
     shapes: tuple[OpShape, ...] = DEFAULT_SHAPES,
-    log: Callable[[str], None] = print,
 ) -> pd.DataFrame:
     """Time every available backend; speed-ups are against ``"pytorch"`` on the same device."""
     if dtype not in _DTYPES:
@@ -122,10 +124,10 @@ def run_op_benchmark(
         if status.available:
             devices.append((torch.device(kernel), kernel))
         elif kernel == "cpu":
-            log(f"backend 'cpu' unavailable ({status.reason}): timing 'pytorch' only")
+            logger.info(f"backend 'cpu' unavailable ({status.reason}): timing 'pytorch' only")
             devices.append((torch.device("cpu"), None))
         else:
-            log(f"skipping backend 'cuda': {status.reason}")
+            logger.info(f"skipping backend 'cuda': {status.reason}")
     rows = []
     for shape in shapes:
         for device, kernel in devices:

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from typing import NamedTuple
 
-from sparse_detr.config import PRESETS, ModelConfig, get_preset
+from sparse_detr.config import ModelConfig, get_preset, list_presets
 
 NAN = math.nan
 
@@ -70,7 +70,7 @@ def reference_preset(model: ModelConfig, keep_ratio: float) -> str | None:
     normalized = dataclasses.replace(model, keep_ratio=keep_ratio, **_INFERENCE_NEUTRAL)
     candidates = [f"sparse-rho{keep_ratio:g}"] if keep_ratio > 0 else ["deformable", "deformable-topk-bbr"]
     for name in candidates:
-        if name in PRESETS and name != "tiny":
+        if name in list_presets() and name != "tiny":
             preset = get_preset(name, model.backbone).model
             if dataclasses.replace(preset, **_INFERENCE_NEUTRAL) == normalized:
                 return name

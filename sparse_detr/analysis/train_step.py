@@ -1,22 +1,26 @@
-"""Seconds per training iteration: the engine's forward, weighted SPEC §6 loss, backward, clipping and AdamW
-step on synthetic images with a few random boxes each (no data loading)."""
+"""Seconds per training iteration: the engine's own :func:`~sparse_detr.engine.step.train_step` (forward,
+weighted SPEC §6 loss, backward, clipping and the AdamW update of the preset's recipe) on synthetic images with a
+few random boxes each (no data loading)."""
 
 from __future__ import annotations
 
+import logging
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
-from torch.nn.utils import clip_grad_norm_
 
 from sparse_detr.analysis.fps import Timer
-from sparse_detr.config import Config, get_preset
-from sparse_detr.engine import build_optimizer, train_recipe
+from sparse_detr.config import Config, get_preset, train_recipe
+from sparse_detr.engine.optim import build_optimizer
+from sparse_detr.engine.step import train_step
 from sparse_detr.models import build_criterion, build_model
 from sparse_detr.utils.io import check_writable
 from sparse_detr.utils.report import write_table
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,19 +68,17 @@ def measure_train_step(
     criterion = build_criterion(config).to(device)
     recipe = train_recipe(config.name)
     optimizer = build_optimizer(model, recipe)
+    scaler = torch.amp.GradScaler(device.type, enabled=recipe.amp == "fp16")
     images = torch.randn(batch_size, 3, height, width, generator=generator).to(device)
+    mask = torch.zeros(batch_size, height, width, dtype=torch.bool, device=device)  # no padding
     targets = [
         {k: v.to(device) for k, v in t.items()}
         for t in random_targets(batch_size, objects, config.model.num_classes, generator)
     ]
 
     def step() -> None:
-        losses = criterion(model(images), targets)
-        loss = sum(criterion.weight_dict[k] * losses[k] for k in criterion.weight_dict)
-        loss.backward()
-        clip_grad_norm_(model.parameters(), recipe.clip_max_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, criterion, [(images, mask, targets)], optimizer, scaler, device, recipe.clip_max_norm,
+                   recipe.amp)  # fmt: skip
 
     times = []
     for index in range(warmup + iters):
@@ -108,15 +110,13 @@ def train_step_table(
     iters: int = 3,
     warmup: int = 1,
     device: str = "cpu",
-    log=None,
 ) -> pd.DataFrame:
     """One row per (preset, batch size): seconds per training iteration, images per second and the speed-up
     over the first preset at the same batch size."""
     rows = []
     for name in presets:
         for batch_size in batch_sizes:
-            if log is not None:
-                log(f"{name}, batch {batch_size}")
+            logger.info(f"measuring {name}, batch {batch_size}")
             result = measure_train_step(
                 get_preset(name, backbone), height, width, batch_size, iters, warmup, device=device
             )
@@ -143,14 +143,13 @@ def write_train_step_report(
     device: str,
     threads: int | None,
     folder: str | Path,
-    log=None,
 ) -> tuple[pd.DataFrame, tuple[Path, Path]]:
     """``sdetr benchmark-train``: :func:`train_step_table` (on ``threads`` CPU threads when given) written to
     ``folder/train_step.csv`` and ``.md``; returns the table and the two paths."""
     check_writable(folder)
     if threads:
         torch.set_num_threads(threads)
-    frame = train_step_table(presets, height, width, batch_sizes, backbone, iters, warmup, device, log)
+    frame = train_step_table(presets, height, width, batch_sizes, backbone, iters, warmup, device)
     notes = [
         f"One random {height}×{width} image per batch entry with 7 random boxes; median of {iters} iterations "
         f"after {warmup} warm-up; each iteration is the forward pass, the weighted loss, the backward pass, "

@@ -50,10 +50,14 @@ SET_OPTION = typer.Option(
 @app.callback()
 def _global_options(
     debug: bool = typer.Option(False, "--debug", envvar="SDETR_DEBUG", help="Show the traceback of errors."),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="Only results, warnings and errors: no status or progress lines."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also the library's debug lines."),
 ) -> None:
     _debug["on"] = debug
     warnings.formatwarning = _one_line_warning
-    _show_status_lines()
+    show_library_lines(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -68,15 +72,27 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def _show_status_lines() -> None:
-    """Show the library's status lines (the ``sparse_detr`` logger at INFO: a kernel build, the built-in
-    dataset being written) on stderr, one plain line each; under ``torchrun`` rank 0's only."""
+class _PlainFormatter(logging.Formatter):
+    """One plain line a record: the message alone at INFO (status and progress read as the command's own
+    lines), ``warning:`` / ``error:`` before it above, the logger's name with ``-v``'s debug lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            return f"{record.levelname.lower()}: {message}"
+        return f"debug: {record.name}: {message}" if record.levelno < logging.INFO else message
+
+
+def show_library_lines(level: int = logging.INFO) -> None:
+    """Show the ``sparse_detr`` logger's lines (status: a kernel build, a dataset being written, where a sweep
+    stands; training progress) from ``level`` on, on stderr, so a command's results on stdout stay pipeable;
+    under ``torchrun`` rank 0's alone below warnings."""
     logger = logging.getLogger("sparse_detr")
     if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
         handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(_PlainFormatter())
         logger.addHandler(handler)
-    logger.setLevel(logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING)
+    logger.setLevel(level if int(os.environ.get("RANK", 0)) == 0 else max(level, logging.WARNING))
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

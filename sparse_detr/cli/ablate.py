@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from sparse_detr.cli._app import app, command, console, log_line, parse_list, plain, print_frame
+from sparse_detr.cli._app import app, command, console, parse_list, plain, print_frame
 from sparse_detr.config import TOKEN_RANKINGS
 
 
@@ -76,14 +76,14 @@ def ablate(
     asked = {key for key, value in changes.items() if value is not None}
     sweep = resolve_sweep(experiment, **plain(changes))
     if report_only:
-        report = write_sweep_report(sweep, log_line)
+        report = write_sweep_report(sweep)
         if report is None:
             raise SweepError(f"no finished runs of {sweep.name} in {sweep.run_root}: run the sweep first")
     else:
         chosen = name is not None or output is not None
-        sweep = claim_report_folder(sweep, chosen=chosen, force=force, log=log_line)
+        sweep = claim_report_folder(sweep, chosen=chosen, force=force)
         source = str(experiment) if experiment else "the default (sparse_detr/ablation/default.toml)"
-        report = run_ablation(sweep, parse_shard(shard) if shard else (0, 1), log_line, source=source, asked=asked)
+        report = run_ablation(sweep, parse_shard(shard) if shard else (0, 1), source=source, asked=asked)
     if report is not None:  # the columns that fit a terminal; the report files have them all
         from sparse_detr.ablation.report import readable, readable_comparisons
 

@@ -75,7 +75,7 @@ def benchmark(
     inputs = bench.BenchmarkInputs(parse_size(input_size) if images is None else None, images)
     report = bench.benchmark_models(
         presets, parse_list(rho, float, "--rho"), backbone, checkpoint, resolved, inputs, options,
-        output or Path("reports") / name, log=lambda text: console.print(f"measuring {text}"),
+        output or Path("reports") / name,
     )  # fmt: skip
     print_frame(bench.summary(report.result.table), f"benchmark on {report.device}: {report.source}")
     if flops:
@@ -94,7 +94,7 @@ def benchmark_op(
     encoder and decoder shapes (800x1066 input), with the speed-up over the pytorch reference."""
     from sparse_detr.analysis.op_benchmark import DEFAULT_SHAPES, run_op_benchmark
 
-    frame = run_op_benchmark(parse_list(backends, str, "--backends"), repeats=repeats, dtype=dtype, log=console.print)
+    frame = run_op_benchmark(parse_list(backends, str, "--backends"), repeats=repeats, dtype=dtype)
     print_frame(frame, f"ms_deform_attn, {dtype}: median ms of {repeats} (speed-up vs pytorch)")
     for shape in DEFAULT_SHAPES:
         console.print(f"  {shape.name}: {shape.description}")
@@ -125,7 +125,7 @@ def benchmark_train(
     height, width = parse_size(input_size)
     frame, paths = write_train_step_report(
         parse_list(preset, str, "--preset"), height, width, tuple(parse_list(batch_sizes, int, "--batch-sizes")),
-        backbone, iters, warmup, device, threads, output or Path("reports") / name, log=console.print,
+        backbone, iters, warmup, device, threads, output or Path("reports") / name,
     )  # fmt: skip
     print_frame(frame[list(TRAIN_STEP_COLUMNS)], f"seconds per training iteration, {input_size}")
     console.print(f"wrote {', '.join(str(path) for path in paths)}", highlight=False)

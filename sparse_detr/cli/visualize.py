@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from sparse_detr.cli._app import app, command, console, log_line, parse_list
+from sparse_detr.cli._app import app, command, console, parse_list
 from sparse_detr.cli.evaluate import CHECKPOINT_HELP
 from sparse_detr.errors import InputError
 
@@ -40,7 +40,7 @@ def visualize(
     keep_ratios = [value for text in rho or [] for value in parse_list(text, float, "--rho")] or [None]
     _, failures = visualize_files(
         images, checkpoint, out, keep_ratios, threshold, parse_list(formats, str, "--format"), device, image_size,
-        force, track=lambda items: track(items, description="drawing", console=console), log=log_line,
+        force, track=lambda items: track(items, description="drawing", console=console),
     )  # fmt: skip
     for reason in failures.values():
         console.print(f"[red]{escape(reason)}[/red]", soft_wrap=True)

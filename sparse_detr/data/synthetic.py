@@ -31,7 +31,7 @@ from sparse_detr.data.shapes import SHAPE_KINDS, SHAPES, background, fill, rando
 from sparse_detr.errors import ConfigError, OutputError, SparseDetrError, UsageError
 from sparse_detr.utils.cache import os_error_reason, unwritable_cache, user_cache_dir
 
-_log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 GENERATOR_VERSION = 1
 DEFAULT_NUM_TRAIN = 500
 DEFAULT_NUM_VAL = 100
@@ -230,7 +230,7 @@ def make_synthetic_dataset(
     if read_manifest(out) == wanted:
         return out
     _check_replaceable(out, replace)
-    _log.info(f"writing the synthetic dataset ({num_train} + {num_val} images) to {out}, once")
+    logger.info(f"writing the synthetic dataset ({num_train} + {num_val} images) to {out}, once")
     try:
         _write_dataset(out, wanted, classes)
     except OSError as error:

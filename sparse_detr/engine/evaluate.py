@@ -23,9 +23,9 @@ from sparse_detr.engine.sampling import BlockBatchSampler
 from sparse_detr.errors import InputError, NonFiniteError, UsageError
 from sparse_detr.models import postprocess
 from sparse_detr.models.fast_inference import InferenceModel, prepare_for_inference
+from sparse_detr.models.postprocess import MAX_DETECTIONS
 from sparse_detr.utils.io import atomic_write_text, check_writable
 
-MAX_DETECTIONS = 100  # per image, as COCO evaluation counts them
 SCORED_OUTPUTS = ("pred_logits", "pred_boxes", "scores", "boxes")  # the outputs detections are made of
 # COCOeval.stats, in order
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -51,7 +51,7 @@ def predict(
     data_loader: Iterable,
     label_to_category_id: Mapping[int, int],
     device: torch.device | str,
-    top_k: int = 100,
+    top_k: int = MAX_DETECTIONS,
     source: str = "the model",
 ) -> tuple[list[dict[str, Any]], list[int]]:
     """This process's detections in COCO results format (``bbox`` xywh in original-image pixels) and
@@ -330,23 +330,16 @@ def evaluate_checkpoint(
         UsageError: ``image_size`` too small for the model (see :func:`check_image_size`).
         NonFiniteError: the model's outputs are not finite.
     """
-    from sparse_detr.checkpoint import (
-        category_differences,
-        model_from_checkpoint,
-        read_checkpoint,
-        stored_categories,
-        trained_image_size,
-    )
+    from sparse_detr.checkpoint import category_differences, load_for_inference
     from sparse_detr.data import CocoDetection, eval_transform
 
     info = distributed.init_distributed(device)
     checkpoint = Path(checkpoint)
     out = check_writable(output_dir if output_dir is not None else checkpoint.parent)
-    content = read_checkpoint(checkpoint, trust_checkpoint=trust_checkpoint)
-    if image_size is None:
-        image_size = trained_image_size(content)
+    loaded = load_for_inference(checkpoint, info.device, overrides, trust_checkpoint)
+    model = loaded.model
+    image_size = loaded.image_size if image_size is None else image_size
     transform = eval_transform(image_size)
-    model = model_from_checkpoint(content, checkpoint, map_location=info.device, overrides=overrides)
     check_image_size(model, image_size, checkpoint)
     dataset = CocoDetection(val_images, val_ann, transform)
     num_classes = model.config.model.num_classes
@@ -355,7 +348,7 @@ def evaluate_checkpoint(
             f"{val_ann} has class labels up to {dataset.num_classes - 1} but {checkpoint} predicts "
             f"{num_classes} classes: evaluate it on the dataset it was trained for"
         )
-    differences = category_differences(stored_categories(content, num_classes), dataset.category_names)
+    differences = category_differences(loaded.stored_categories, dataset.category_names)
     if differences and not allow_other_categories:
         raise UsageError(
             f"{checkpoint} was trained on other categories than {val_ann} ({len(differences)} differ; "

@@ -1,5 +1,5 @@
-"""What a run reports: JSON-lines metrics (and, when asked, TensorBoard event files), and progress on the
-console.
+"""What a run reports: JSON-lines metrics (and, when asked, TensorBoard event files), and its progress and
+status lines on the ``sparse_detr`` logger (a bar on a terminal instead of the progress lines).
 
 Only rank 0 reports; the other processes get inactive objects.
 """
@@ -7,6 +7,7 @@ Only rank 0 reports; the other processes get inactive objects.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import time
@@ -15,6 +16,8 @@ from typing import Any, TextIO
 
 from sparse_detr.errors import ConfigError
 from sparse_detr.utils.io import atomic_write_text
+
+logger = logging.getLogger(__name__)
 
 
 def require_tensorboard() -> None:
@@ -89,14 +92,16 @@ def _row_step(line: str) -> float:
 
 
 class Progress:
-    """Per-epoch progress: a rich bar (loss, it/s, ETA) on a terminal, otherwise a plain line every
-    ``log_every`` iterations (for CI and cluster logs)."""
+    """Per-epoch progress: a rich bar (loss, it/s, ETA) on a terminal, otherwise a line on the logger every
+    ``log_every`` iterations (for CI and cluster logs); nothing when the logger hides INFO (``--quiet``).
+    :meth:`message` is a status line on the logger."""
 
     def __init__(self, active: bool = True, log_every: int = 20, stream: TextIO | None = None):
         self.active = active
         self.log_every = log_every
         self.stream = stream or sys.stdout
-        self.rich = active and self.stream.isatty()
+        self.shown = active and logger.isEnabledFor(logging.INFO)
+        self.rich = self.shown and self.stream.isatty()
         self._bar = None
 
     def start_epoch(self, epoch: int, epochs: int, total: int, done: int = 0) -> None:
@@ -122,7 +127,7 @@ class Progress:
 
     def update(self, done: int, loss: float, lr: float) -> None:
         self.done = done
-        if not self.active:
+        if not self.shown:
             return
         speed = (done - self._start_done) / max(time.perf_counter() - self._start, 1e-9)
         status = f"loss {loss:.4f}  lr {lr:.2e}  {speed:.2f} it/s"
@@ -130,11 +135,7 @@ class Progress:
             self._bar.update(self._task, completed=done, status=status)
         elif done % self.log_every == 0 or done == self.total:
             eta = (self.total - done) / speed if speed > 0 else math.inf
-            print(
-                f"epoch {self.epoch + 1}/{self.epochs} [{done}/{self.total}] {status}  eta {_duration(eta)}",
-                file=self.stream,
-                flush=True,
-            )
+            logger.info(f"epoch {self.epoch + 1}/{self.epochs} [{done}/{self.total}] {status}  eta {_duration(eta)}")
 
     def end_epoch(self) -> None:
         if self._bar is not None:
@@ -143,7 +144,7 @@ class Progress:
 
     def message(self, text: str) -> None:
         if self.active:
-            print(text, file=self.stream, flush=True)
+            logger.info(text)
 
 
 def _duration(seconds: float) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sparse_detr.config import (
-    PRESETS,
+    DEFAULT_PRESET,
     Config,
     LossConfig,
     ModelConfig,
@@ -28,6 +28,7 @@ from sparse_detr.config import (
     config_to_dict,
     field_names,
     get_preset,
+    list_presets,
     load_toml,
     train_config_to_dict,
     train_recipe,
@@ -38,7 +39,6 @@ from sparse_detr.errors import ConfigError
 SECTIONS: dict[str, type] = {"data": DataSource, "model": ModelConfig, "loss": LossConfig, "train": TrainConfig}
 # field name -> its section (no field name appears in two sections)
 _FIELD_SECTIONS = {name: section for section, cls in SECTIONS.items() for name in field_names(cls)}
-DEFAULT_PRESET = "tiny"  # what a bare `sdetr train` trains, on the built-in dataset only
 CONFIG_FILE_NAME = "config.toml"
 
 
@@ -184,8 +184,6 @@ def resolve_run_config(
     data = DataSource(**section(settings, "data"))
     preset = settings.get("preset")
     if preset is not None:
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
         config = get_preset(preset)
     elif base_config is not None:
         config = base_config
@@ -193,7 +191,7 @@ def resolve_run_config(
         config = get_preset(default_preset)
     else:
         raise ConfigError(
-            f"a dataset needs a model preset: pass --preset (one of {', '.join(PRESETS)}) or a config file "
+            f"a dataset needs a model preset: pass --preset (one of {', '.join(list_presets())}) or a config file "
             f'with preset = "..." (`{default_preset}` is the default for the built-in dataset only)'
         )
     overrides = {key: value for key, value in settings.items() if key.startswith(("model.", "loss."))}

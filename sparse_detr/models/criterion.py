@@ -53,9 +53,7 @@ class SetCriterion(nn.Module):
         self.focal_alpha = focal_alpha
         self.token_ranking = token_ranking
 
-    def loss_labels(
-        self, outputs: Detections, targets: Targets, indices: Indices, num_boxes: float
-    ) -> torch.Tensor:
+    def loss_labels(self, outputs: Detections, targets: Targets, indices: Indices, num_boxes: float) -> torch.Tensor:
         """Sigmoid focal loss over the one-hot classes of all queries, / number of target boxes."""
         logits = outputs["pred_logits"]  # (N, Q, C)
         batch_index, query_index = _matched_queries(indices)
@@ -122,7 +120,7 @@ class SetCriterion(nn.Module):
             Unweighted losses and metrics by name.
         """
         if num_boxes is None:
-            num_boxes = _average_num_boxes(targets, outputs["pred_logits"].device)
+            num_boxes = average_num_boxes(targets, outputs["pred_logits"].device)
         losses, indices = self.detection_losses(outputs, targets, num_boxes)
         losses["class_error"] = _class_error(outputs["pred_logits"], targets, indices)
 
@@ -178,8 +176,9 @@ def _matched_targets(targets: Targets, indices: Indices, key: str) -> torch.Tens
     return torch.cat([t[key][target] for t, (_, target) in zip(targets, indices, strict=True)])
 
 
-def _average_num_boxes(targets: Targets, device: torch.device) -> float:
-    """Target boxes per process (averaged over processes when distributed), at least 1."""
+def average_num_boxes(targets: Targets, device: torch.device) -> float:
+    """Target boxes per process (averaged over processes when distributed), at least 1: what normalizes the
+    detection losses of a batch, or of an optimizer step's batches together."""
     num_boxes = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(num_boxes)

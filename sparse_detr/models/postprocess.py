@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torchvision.ops import box_convert
 
+MAX_DETECTIONS = 100  # per image: what COCO evaluation counts (maxDets=100)
+
 
 def top_detections(
-    logits: torch.Tensor, boxes: torch.Tensor, target_sizes: torch.Tensor, top_k: int = 100
+    logits: torch.Tensor, boxes: torch.Tensor, target_sizes: torch.Tensor, top_k: int = MAX_DETECTIONS
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ``top_k`` best (query, class) pairs of each image, batched (also the exported graph's tail).
 
@@ -31,7 +33,7 @@ def top_detections(
 
 @torch.no_grad()
 def postprocess(
-    outputs: dict, target_sizes: torch.Tensor | list[tuple[int, int]], top_k: int = 100
+    outputs: dict, target_sizes: torch.Tensor | list[tuple[int, int]], top_k: int = MAX_DETECTIONS
 ) -> list[dict[str, torch.Tensor]]:
     """:func:`top_detections` of model outputs with ``pred_logits`` and ``pred_boxes``, per image.
 

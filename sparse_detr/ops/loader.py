@@ -33,7 +33,7 @@ from sparse_detr.ops import library as library_ops  # defines the op schema the 
 from sparse_detr.utils.cache import user_cache_dir
 from sparse_detr.utils.io import atomic_write_text, file_sha256
 
-_log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
 COMPILED_BACKENDS = ("cpu", "cuda")
 _SOURCES = {"cpu": ("ms_deform_attn_cpu.cpp",), "cuda": ("ms_deform_attn_cuda.cu",)}
@@ -281,6 +281,7 @@ def _load(kind: str, library: Path) -> BackendStatus:
         return BackendStatus(kind, False, f"loading {library} failed ({error}); delete {library.parent} to rebuild")
     if not torch._C._dispatch_has_kernel_for_dispatch_key(_KERNEL_OP, kind.upper()):
         return BackendStatus(kind, False, f"{library} has no '{kind}' kernel; delete {library.parent} to rebuild")
+    logger.debug(f"loaded the {kind.upper()} kernel of deformable attention from {library}")
     return BackendStatus(kind, True, build_log=build_log)
 
 
@@ -300,7 +301,7 @@ def _load_or_build(kind: str) -> BackendStatus:
         return BackendStatus(kind, False, f"{found} and cannot be rebuilt: {reason}" if damage else reason)
     if damage:
         warnings.warn(f"sparse_detr: {found}; rebuilding it", RuntimeWarning, stacklevel=3)
-    _log.info(f"building the {kind.upper()} kernel of deformable attention once (about a minute): {build_dir}")
+    logger.info(f"building the {kind.upper()} kernel of deformable attention once (about a minute): {build_dir}")
     try:
         compile_extension(kind, build_dir)
     except (BackendUnavailableError, OSError) as error:  # OSError: the build log cannot be written
@@ -313,4 +314,6 @@ def load_backend(kind: str) -> BackendStatus:
     """Load (building on first use) the compiled ``kind`` backend; never raises, reports status."""
     if kind not in _loaded:
         _loaded[kind] = _load_or_build(kind)
+        if not _loaded[kind].available:
+            logger.debug(f"the '{kind}' kernel is unavailable: {_loaded[kind].reason}")
     return _loaded[kind]

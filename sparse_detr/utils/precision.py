@@ -8,7 +8,17 @@ import torch
 
 from sparse_detr.errors import UsageError
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the names config.AMP_MODES allows
+
+
+def check_amp(amp: str | None, option: str = "amp") -> None:
+    """Refuse an ``amp`` that is none of ``bf16``, ``fp16`` or None.
+
+    Raises:
+        UsageError: naming ``option``.
+    """
+    if amp is not None and amp not in AMP_DTYPES:
+        raise UsageError(f"{option} must be {' or '.join(AMP_DTYPES)} (or unset: float32), got {amp!r}")
 
 
 def autocast(device: torch.device | str, amp: str | None):
@@ -17,8 +27,7 @@ def autocast(device: torch.device | str, amp: str | None):
     Raises:
         UsageError: ``amp`` is none of ``bf16``, ``fp16``.
     """
+    check_amp(amp)
     if amp is None:
         return contextlib.nullcontext()
-    if amp not in AMP_DTYPES:
-        raise UsageError(f"amp must be one of {', '.join(AMP_DTYPES)} or None, got {amp!r}")
     return torch.autocast(torch.device(device).type, dtype=AMP_DTYPES[amp])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from sparse_detr.inference import Predictor, expand_image_paths, load_predictor
 from sparse_detr.utils.io import check_writable
 from sparse_detr.viz.figures import FIGURE_FORMATS, draw_explanation, save_explanation
 from sparse_detr.viz.saliency import explain_image, require_saliency
+
+logger = logging.getLogger(__name__)
 
 FIGURE_SUFFIX = "_tokens"
 
@@ -74,7 +77,6 @@ def visualize_files(
     image_size: int | None = None,
     force: bool = False,
     track: Callable[[Iterable], Iterable] = iter,
-    log: Callable[[str], None] = print,
 ) -> tuple[list[Path], dict[Path, str]]:
     """``sdetr visualize``: a figure per image file, folder entry or glob match of ``inputs`` (see
     :func:`visualize_file`) in ``out``, with the checkpoint's predictor (see
@@ -105,8 +107,8 @@ def visualize_files(
             files = visualize_file(predictor, path, stem, keep_ratios, threshold, formats)
         except InputError as error:  # an unreadable image, or one too small for the model
             failures[path] = str(error)
-            log(f"failed: {error}")
+            logger.warning(f"failed: {error}")
             continue
         written += files
-        log(f"wrote {', '.join(map(str, files))}")
+        logger.info(f"wrote {', '.join(map(str, files))}")
     return written, failures

@@ -18,7 +18,9 @@ import pytest
 import torch
 
 from sparse_detr.data import make_synthetic_dataset, synthetic_splits
+from sparse_detr.data.source import DataSource
 from sparse_detr.engine import evaluate_checkpoint
+from sparse_detr.engine.run_config import EvalSettings
 
 
 def _worker(data_dir: str, out_dir: str) -> None:
@@ -50,8 +52,9 @@ def _worker(data_dir: str, out_dir: str) -> None:
     train(get_preset("tiny"), config, train_set, val_set)
     _, _, val_images, val_ann = synthetic_splits(data_dir)
     checkpoint = Path(out_dir) / "run" / "checkpoint.pth"
-    evaluate_checkpoint(checkpoint, val_images, val_ann, Path(out_dir) / "distributed_eval", batch_size=2,
-                        device="cpu", workers=0)  # fmt: skip
+    split = DataSource(val_images=str(val_images), val_ann=str(val_ann))
+    evaluate_checkpoint(checkpoint, EvalSettings(split, batch_size=2, device="cpu", workers=0),
+                        Path(out_dir) / "distributed_eval")  # fmt: skip
     torch.distributed.destroy_process_group()
 
 
@@ -82,8 +85,9 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path):
     # 5 images in batches of 2 over 2 processes: blocks of whole batches, so the same images share a batch
     # (and so the same padding) as in one process, and the detections are the same
     _, _, val_images, val_ann = synthetic_splits(data)
-    single = evaluate_checkpoint(out / "run" / "checkpoint.pth", val_images, val_ann, out / "single_eval",
-                                 batch_size=2, device="cpu", workers=0)  # fmt: skip
+    split = DataSource(val_images=str(val_images), val_ann=str(val_ann))
+    single = evaluate_checkpoint(out / "run" / "checkpoint.pth", EvalSettings(split, batch_size=2, device="cpu",
+                                 workers=0), out / "single_eval")  # fmt: skip
     distributed = json.loads((out / "distributed_eval" / "eval_checkpoint.json").read_text())
     distributed = {key: math.nan if distributed[key] is None else distributed[key] for key in single}  # null: n/a
     assert distributed == pytest.approx(single, nan_ok=True)

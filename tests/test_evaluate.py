@@ -15,7 +15,9 @@ from torch import nn
 from sparse_detr.checkpoint import save_checkpoint
 from sparse_detr.config import apply_overrides, get_preset
 from sparse_detr.data import make_synthetic_dataset, synthetic_splits
+from sparse_detr.data.source import DataSource
 from sparse_detr.engine import METRIC_KEYS, coco_metrics, evaluate, evaluate_checkpoint, format_metrics
+from sparse_detr.engine.run_config import EvalSettings
 from sparse_detr.models import build_model
 
 # two images, boxes xywh in pixels; category ids 1 and 3 (label = id)
@@ -113,7 +115,8 @@ def test_evaluate_checkpoint_with_keep_ratio_override(tmp_path):
     model = build_model(apply_overrides(get_preset("tiny"), {"model.num_classes": 7}))
     path = save_checkpoint(tmp_path / "model.pth", model, train_config={"image_size": 96})
 
-    metrics = evaluate_checkpoint(path, val_images, val_ann, tmp_path / "eval", keep_ratio=0.5, workers=0)
+    split = DataSource(val_images=str(val_images), val_ann=str(val_ann))
+    metrics = evaluate_checkpoint(path, EvalSettings(split, keep_ratio=0.5, batch_size=1, workers=0), tmp_path / "eval")
     assert list(metrics) == list(METRIC_KEYS)
     stored = json.loads((tmp_path / "eval" / "eval_model_rho0.5.json").read_text())
     assert stored["keep_ratio"] == 0.5 and stored["image_size"] == 96
@@ -123,4 +126,4 @@ def test_evaluate_checkpoint_with_keep_ratio_override(tmp_path):
     small = build_model(apply_overrides(get_preset("tiny"), {"model.num_classes": 3}))
     small_path = save_checkpoint(tmp_path / "small.pth", small)
     with pytest.raises(ValueError, match="predicts 3 classes"):
-        evaluate_checkpoint(small_path, val_images, val_ann, tmp_path / "eval", workers=0)
+        evaluate_checkpoint(small_path, EvalSettings(split, batch_size=1, workers=0), tmp_path / "eval")

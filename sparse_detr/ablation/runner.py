@@ -35,8 +35,9 @@ from sparse_detr.ablation.plan import TimeEstimate, describe_plan
 from sparse_detr.ablation.report import FPS_KEYS, GFLOP_KEYS, RESULT_NAME, percent, write_report
 from sparse_detr.ablation.sweep import Run, Sweep, SweepError, placement_free, shard_runs, sweep_to_dict
 from sparse_detr.config import Config, apply_overrides, config_to_dict, get_preset, load_toml
-from sparse_detr.data.source import DataSplits
+from sparse_detr.data.source import DataSource, DataSplits
 from sparse_detr.engine.interrupts import StopSignals
+from sparse_detr.engine.run_config import EvalSettings
 from sparse_detr.errors import ConfigError, Interrupted
 from sparse_detr.utils.io import atomic_write_text, check_writable
 from sparse_detr.utils.lock import FolderInUseError, folder_lock
@@ -265,11 +266,12 @@ def execute_run(
         if keep_ratio == run.keep_ratio:  # the training's own evaluation
             entry = {key: value for key, value in result.items() if key in MEASUREMENT_KEYS}
         else:
-            metrics = engine.evaluate_checkpoint(
-                checkpoint, data.splits.val_images, data.splits.val_ann, output_dir=run_dir, keep_ratio=keep_ratio,
-                batch_size=train_config.batch_size_eval, image_size=train_config.image_size,
-                device=str(device), workers=train_config.workers,
+            settings = EvalSettings(
+                DataSource(val_images=str(data.splits.val_images), val_ann=str(data.splits.val_ann)),
+                keep_ratio=keep_ratio, image_size=train_config.image_size, batch_size=train_config.batch_size_eval,
+                workers=train_config.workers, device=str(device),
             )  # fmt: skip
+            metrics = engine.evaluate_checkpoint(checkpoint, settings, run_dir)
             model.set_keep_ratio(keep_ratio)
             measured = measure_model(model, images, val_set, sweep, device, train_config.batch_size_eval)
             entry = {"metrics": metrics, **measured}

@@ -7,7 +7,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,16 @@ from sparse_detr.analysis.reference_figures import (
     reference_published_params,
 )
 from sparse_detr.config import check_keep_ratio
+from sparse_detr.data import CocoDetection, eval_transform, scaled_sizes
+from sparse_detr.data.source import DataSource
+from sparse_detr.data.transforms import COCO_EVAL_SIZE
+from sparse_detr.engine.run_config import section
 from sparse_detr.errors import MissingFileError, UsageError
 from sparse_detr.utils.cpu import cpu_description, cpu_isa, cpu_model
+from sparse_detr.utils.device import resolve_device
 from sparse_detr.utils.io import check_writable
+from sparse_detr.utils.report import save_figure, write_table
+from sparse_detr.zoo import resolve_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +69,33 @@ class BenchmarkOptions:
 @dataclass(frozen=True)
 class BenchmarkInputs:
     """What the models see: one random image of ``size`` (H, W), or the first ``images`` validation images
-    of the configured data (then ``size`` is None)."""
+    of ``data`` at shorter side ``image_size``, resized as evaluation does (then ``size`` is None)."""
 
     size: tuple[int, int] | None = (850, 1040)
     images: int | None = None
+    data: DataSource = field(default_factory=DataSource)
+    image_size: int = COCO_EVAL_SIZE
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], size: tuple[int, int] | None, images: int | None):
+        """The inputs dotted ``settings`` (``data.*``, ``train.image_size``) describe, with ``size`` or
+        ``images`` from the options."""
+        image_size = section(settings, "train").get("image_size", COCO_EVAL_SIZE)
+        return cls(size, images, DataSource(**section(settings, "data")), image_size)
+
+
+@dataclass(frozen=True)
+class BenchmarkModels:
+    """Which models to measure: each of ``presets`` (random weights) or the ``checkpoint`` (a file, run folder
+    or zoo name; one preset then names another architecture for its weights), sparse ones at each of
+    ``keep_ratios`` when given; ``backbone`` replaces the presets' and ``overrides`` (dotted ``model.*`` /
+    ``loss.*`` fields) change every model."""
+
+    presets: tuple[str, ...] = ()
+    keep_ratios: tuple[float, ...] | None = None
+    backbone: str | None = None
+    checkpoint: str | None = None
+    overrides: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -183,7 +213,7 @@ def run_benchmark(
     path, see :attr:`~sparse_detr.analysis.latency.Timing.mode`); on CPU ``cpu`` (its model) and ``cpu_isa``
     (its AVX2/AVX-512/AVX512-BF16/AMX extensions).
     """
-    from sparse_detr.analysis.flops import PARTS
+    from sparse_detr.analysis.flops import PARTS  # imports fvcore, which warns on import
 
     if options.timing.threads:
         torch.set_num_threads(options.timing.threads)
@@ -341,8 +371,6 @@ def plot_benchmark(frame: pd.DataFrame, directory: str | Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sparse_detr.utils.report import save_figure
-
     paths = []
     plots = [(["gflops"] if "gflops" in frame else [], "GFLOPs", "gflops_vs_rho.png")]
     plots.append((_fps_columns_of(frame), "images / s", "fps_vs_rho.png"))
@@ -369,8 +397,6 @@ def write_benchmark_report(
 ) -> list[Path]:
     """``benchmark.csv``/``.md``, ``gflops_by_part.csv``/``.md`` (with FLOPs) and the plots in ``directory``;
     returns their paths."""
-    from sparse_detr.utils.report import write_table
-
     paths = list(write_table(result.table, directory, BENCHMARK_STEM, title=title, notes=notes))
     if not result.gflops_by_part.empty:
         paths += write_table(
@@ -421,8 +447,6 @@ def synthetic_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
 def dataset_images(images_dir: str | Path, annotations: str | Path, count: int, image_size: int) -> list[torch.Tensor]:
     """The first ``count`` images of a COCO-format split, each (3, H, W) as evaluation sees it (shorter side
     ``image_size``, longer side at most 1333 · ``image_size`` / 800, normalized)."""
-    from sparse_detr.data import CocoDetection, eval_transform
-
     dataset = CocoDetection(images_dir, annotations, eval_transform(image_size))
     if count > len(dataset):
         raise UsageError(f"--images {count} asks for more than the {len(dataset)} images of {images_dir}")
@@ -430,45 +454,29 @@ def dataset_images(images_dir: str | Path, annotations: str | Path, count: int, 
 
 
 def benchmark_models(
-    presets: Sequence[str],
-    keep_ratios: Sequence[float] | None,
-    backbone: str | None,
-    checkpoint: str | None,
-    settings: Mapping[str, Any],
-    inputs: BenchmarkInputs,
-    options: BenchmarkOptions,
-    folder: str | Path,
+    models: BenchmarkModels, inputs: BenchmarkInputs, options: BenchmarkOptions, folder: str | Path
 ) -> BenchmarkReport:
-    """``sdetr benchmark``: measure the presets (or a checkpoint file, run folder or zoo name) at each keep
-    ratio, with the dotted ``settings``' ``model.*`` / ``loss.*`` fields applied to every model, on
-    ``inputs`` (dataset images: from ``settings``' ``data.*``, at ``train.image_size``, default 800), and
-    write the report to ``folder`` (checked to be writable first). Input sizes and batches that cannot fit
-    in the device's memory are refused before anything is allocated (:func:`check_fits`)."""
-    from sparse_detr.data.source import DataSource
-    from sparse_detr.engine.run_config import section
-    from sparse_detr.utils.device import resolve_device
-    from sparse_detr.zoo import resolve_checkpoint
-
+    """``sdetr benchmark``: measure ``models`` (presets, or a checkpoint file, run folder or zoo name, at each
+    keep ratio) on ``inputs`` and write the report to ``folder`` (checked to be writable first). Input sizes
+    and batches that cannot fit in the device's memory are refused before anything is allocated
+    (:func:`check_fits`)."""
     device = resolve_device(options.timing.device)
     options = dataclasses.replace(options, timing=dataclasses.replace(options.timing, device=str(device)))
     check_writable(folder)
-    overrides = {key: value for key, value in settings.items() if key.startswith(("model.", "loss."))}
-    path = str(resolve_checkpoint(checkpoint)) if checkpoint else None
-    specs = model_specs(presets, keep_ratios, backbone, path, overrides)
+    path = str(resolve_checkpoint(models.checkpoint)) if models.checkpoint else None
+    specs = model_specs(models.presets, models.keep_ratios, models.backbone, path, models.overrides)
     batch_size = max(options.timing.batch_sizes) if options.fps else 1
     if inputs.images is None:
         height, width = inputs.size
         check_fits((height, width), batch_size, f"--input-size {height}x{width}", device)
         images, source = [synthetic_image(height, width)], f"one random {height}×{width} image"
     else:
-        from sparse_detr.data import scaled_sizes
-
-        image_size = section(settings, "train").get("image_size", 800)
-        widest = (image_size, scaled_sizes(image_size).max_size)  # the longer side is capped at max_size
-        check_fits(widest, batch_size, f"--image-size {image_size}", device)
-        val_images, val_ann = DataSource(**section(settings, "data")).val_split()
-        images = dataset_images(val_images, val_ann, inputs.images, image_size)
-        source = f"the first {inputs.images} images of {val_images}, shorter side {image_size} (mean over them)"
+        widest = (inputs.image_size, scaled_sizes(inputs.image_size).max_size)  # the longer side is capped
+        check_fits(widest, batch_size, f"--image-size {inputs.image_size}", device)
+        val_images, val_ann = inputs.data.val_split()
+        images = dataset_images(val_images, val_ann, inputs.images, inputs.image_size)
+        source = (f"the first {inputs.images} images of {val_images}, shorter side {inputs.image_size} "
+                  "(mean over them)")  # fmt: skip
     result = run_benchmark(specs, images, options, inputs.size if inputs.images is None else None)
     notes = report_notes(result.table, options, source, result.skipped)
     paths = write_benchmark_report(result, folder, notes, f"Benchmark: {source}")

@@ -62,7 +62,7 @@ def benchmark(
     """
     from sparse_detr.analysis import benchmark as bench
     from sparse_detr.analysis.latency import Timing
-    from sparse_detr.engine.run_config import merged_settings, option_settings
+    from sparse_detr.engine.run_config import merged_settings, model_overrides, option_settings
 
     resolved = merged_settings(config_file, settings or (), option_settings(
         {"root": root, "val_images": val_images, "val_ann": val_ann, "image_size": image_size}))  # fmt: skip
@@ -72,11 +72,11 @@ def benchmark(
     timing = Timing(tuple(sorted(set(sizes))), warmup, iters, amp, compile, device, threads, fast)
     options = bench.BenchmarkOptions(flops, fps, timing, isolate)
     presets = parse_list(preset, str, "--preset") or ([] if checkpoint else parse_list(DEFAULT_PRESETS))
-    inputs = bench.BenchmarkInputs(parse_size(input_size) if images is None else None, images)
-    report = bench.benchmark_models(
-        presets, parse_list(rho, float, "--rho"), backbone, checkpoint, resolved, inputs, options,
-        output or Path("reports") / name,
-    )  # fmt: skip
+    keep_ratios = parse_list(rho, float, "--rho")
+    models = bench.BenchmarkModels(tuple(presets), tuple(keep_ratios) if keep_ratios else None, backbone, checkpoint,
+                                   model_overrides(resolved))  # fmt: skip
+    inputs = bench.BenchmarkInputs.from_settings(resolved, parse_size(input_size) if images is None else None, images)
+    report = bench.benchmark_models(models, inputs, options, output or Path("reports") / name)
     print_frame(bench.summary(report.result.table), f"benchmark on {report.device}: {report.source}")
     if flops:
         console.print("fvcore skipped (element-wise) ops: " + ", ".join(sorted(report.result.skipped)), highlight=False)

@@ -49,10 +49,10 @@ def evaluate(
         del fields[name]
     from sparse_detr.engine import distributed, format_metrics
     from sparse_detr.engine.evaluate import evaluate_settings
-    from sparse_detr.engine.run_config import merged_settings, option_settings
+    from sparse_detr.engine.run_config import EvalSettings, merged_settings, option_settings
 
     resolved = merged_settings(config_file, settings or (), option_settings(fields))
-    metrics = evaluate_settings(checkpoint, resolved, output_dir, compile)
+    metrics = evaluate_settings(checkpoint, EvalSettings.from_settings(resolved, compile=compile), output_dir)
     if distributed.get_rank() == 0:  # under torchrun every process has the metrics; the table prints once
         console.print(format_metrics(metrics))
 

@@ -18,13 +18,17 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 
+from sparse_detr.checkpoint import category_differences, load_for_inference
+from sparse_detr.data import CocoDetection, collate, eval_transform
 from sparse_detr.engine import distributed
+from sparse_detr.engine.run_config import EvalSettings
 from sparse_detr.engine.sampling import BlockBatchSampler
 from sparse_detr.errors import InputError, NonFiniteError, UsageError
 from sparse_detr.models import postprocess
 from sparse_detr.models.fast_inference import InferenceModel, prepare_for_inference
 from sparse_detr.models.postprocess import MAX_DETECTIONS
 from sparse_detr.utils.io import atomic_write_text, check_writable
+from sparse_detr.zoo import ZOO, resolve_checkpoint
 
 SCORED_OUTPUTS = ("pred_logits", "pred_boxes", "scores", "boxes")  # the outputs detections are made of
 # COCOeval.stats, in order
@@ -256,8 +260,6 @@ def build_eval_loader(dataset, batch_size: int, workers: int) -> torch.utils.dat
     """Batches of ``dataset`` in order; under ``torchrun`` each process takes a contiguous block of them
     (:class:`~sparse_detr.engine.sampling.BlockBatchSampler`), so every image shares its batch with the
     same images as in one process, and distributed evaluation gives the single-process numbers."""
-    from sparse_detr.data import collate
-
     batches = BlockBatchSampler(len(dataset), batch_size, distributed.get_rank(), distributed.get_world_size())
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate)
 
@@ -291,54 +293,31 @@ def check_image_size(model: nn.Module, image_size: int, source: str | Path) -> N
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path,
-    val_images: str | Path,
-    val_ann: str | Path,
-    output_dir: str | Path | None = None,
-    keep_ratio: float | None = None,
-    batch_size: int = 1,
-    image_size: int | None = None,
-    device: str | None = None,
-    workers: int = 2,
-    trust_checkpoint: bool = False,
-    overrides: Mapping[str, Any] | None = None,
-    allow_other_categories: bool = False,
-    amp: str | None = None,
-    compile: bool = False,
-    fast: bool = True,
+    checkpoint: str | Path, settings: EvalSettings = EvalSettings(), output_dir: str | Path | None = None
 ) -> Metrics:
-    """Evaluate a checkpoint file (this project's or a released one) on a COCO-format split, the model
-    prepared for inference as ``amp``, ``compile`` and ``fast`` say (see
-    :func:`~sparse_detr.models.prepare_for_inference`).
+    """Evaluate a checkpoint file (this project's or a released one) on the validation split of
+    ``settings.data`` (see :class:`~sparse_detr.engine.run_config.EvalSettings` for what else they say).
 
-    Args:
-        keep_ratio: the encoder keep ratio ρ at inference instead of the checkpoint's.
-        overrides: dotted config fields applied to the stored configuration before loading (see
-            :func:`~sparse_detr.checkpoint.load_model`).
-        image_size: shorter side of the evaluation images; default the size the run was trained for
-            (its ``train_config.image_size``), else 800 as in COCO.
-        output_dir: where ``eval_<name>.json`` (the metrics) and ``detections_<name>.json`` (COCO
-            results) go, ``<name>`` being the checkpoint's stem plus ``_rho<R>`` when overridden;
-            default the checkpoint's folder. Checked to be writable before the evaluation starts.
-        allow_other_categories: evaluate although the checkpoint names other categories for the
-            dataset's labels than the dataset does (otherwise a :class:`~sparse_detr.errors.UsageError`).
+    ``output_dir``: where ``eval_<name>.json`` (the metrics) and ``detections_<name>.json`` (COCO results) go,
+    ``<name>`` being the checkpoint's stem plus ``_rho<R>`` when ``settings.keep_ratio`` is not the trained
+    one; default the checkpoint's folder. Checked to be writable before the evaluation starts.
 
     Returns:
         ``{AP, AP50, ..., ARl}`` (:class:`Metrics`, with the images left out) on every process.
 
     Raises:
-        UsageError: ``image_size`` too small for the model (see :func:`check_image_size`).
+        UsageError: an image size too small for the model (see :func:`check_image_size`), a dataset with more
+            classes than the model predicts, or other categories than it was trained on (unless
+            ``settings.allow_other_categories``).
         NonFiniteError: the model's outputs are not finite.
     """
-    from sparse_detr.checkpoint import category_differences, load_for_inference
-    from sparse_detr.data import CocoDetection, eval_transform
-
-    info = distributed.init_distributed(device)
+    val_images, val_ann = settings.data.val_split()
+    info = distributed.init_distributed(settings.device)
     checkpoint = Path(checkpoint)
     out = check_writable(output_dir if output_dir is not None else checkpoint.parent)
-    loaded = load_for_inference(checkpoint, info.device, overrides, trust_checkpoint)
-    model = loaded.model
-    image_size = loaded.image_size if image_size is None else image_size
+    loaded = load_for_inference(checkpoint, info.device, settings.overrides, settings.trust_checkpoint)
+    model, keep_ratio = loaded.model, settings.keep_ratio
+    image_size = loaded.image_size if settings.image_size is None else settings.image_size
     transform = eval_transform(image_size)
     check_image_size(model, image_size, checkpoint)
     dataset = CocoDetection(val_images, val_ann, transform)
@@ -349,7 +328,7 @@ def evaluate_checkpoint(
             f"{num_classes} classes: evaluate it on the dataset it was trained for"
         )
     differences = category_differences(loaded.stored_categories, dataset.category_names)
-    if differences and not allow_other_categories:
+    if differences and not settings.allow_other_categories:
         raise UsageError(
             f"{checkpoint} was trained on other categories than {val_ann} ({len(differences)} differ; "
             f"{differences[0]}): its AP here would mean nothing; evaluate it on its own data, fine-tune it "
@@ -360,43 +339,25 @@ def evaluate_checkpoint(
     if keep_ratio is not None:
         model.set_keep_ratio(keep_ratio)
     name = checkpoint.stem + (f"_rho{keep_ratio:g}" if keep_ratio is not None else "")
-    loader = build_eval_loader(dataset, batch_size, workers)
-    runner = prepare_for_inference(model, amp, compile, fast)
+    loader = build_eval_loader(dataset, settings.batch_size, settings.workers)
+    runner = prepare_for_inference(model, settings.amp, settings.compile, settings.fast)
     detections_file = out / f"detections_{name}.json"
     metrics = evaluate(
         runner, loader, dataset.coco, dataset.label_to_category_id, info.device, detections_file, str(checkpoint)
     )
     if info.is_main:
-        inference = runner.dtype + (", compiled" if compile else "") + ("" if fast else ", plain")
+        inference = runner.dtype + (", compiled" if settings.compile else "") + ("" if settings.fast else ", plain")
         extra = {"checkpoint": str(checkpoint), "keep_ratio": model.keep_ratio, "image_size": image_size,
                  "inference": inference}  # fmt: skip
         atomic_write_text(out / f"eval_{name}.json", metrics_json(metrics, **extra))
     return metrics
 
 
-def evaluate_settings(
-    checkpoint: str | Path, settings: Mapping[str, Any], output_dir: str | Path | None = None, compile: bool = False
-):
-    """Evaluate a checkpoint file, run folder or zoo name as dotted ``settings`` say (the keys of
-    :mod:`~sparse_detr.engine.run_config`, a run's ``config.toml`` included): ``data.*`` names the split (the
-    built-in one by default), ``model.*`` / ``loss.*`` change the loaded model (``model.keep_ratio`` runs it at
-    another ρ), and ``train.image_size``, ``eval_batch_size`` (default 2, as the reference),
-    ``workers``, ``device``, ``amp`` (autocast at inference) and ``allow_other_categories`` apply; ``compile``
-    runs ``torch.compile``. Results go to ``output_dir`` (default the checkpoint's folder; ``runs/eval/<name>``
-    for a zoo name). Returns the metrics."""
-    from sparse_detr.data.source import DataSource
-    from sparse_detr.engine.run_config import section
-    from sparse_detr.zoo import ZOO, resolve_checkpoint
-
-    train = section(settings, "train")
-    overrides = {key: value for key, value in settings.items() if key.startswith(("model.", "loss."))}
+def evaluate_settings(checkpoint: str | Path, settings: EvalSettings, output_dir: str | Path | None = None) -> Metrics:
+    """``sdetr eval``: :func:`evaluate_checkpoint` of a checkpoint file, run folder or zoo name; results go to
+    ``output_dir``, by default the checkpoint's folder, or ``runs/eval/<name>`` for a zoo name (not into the
+    download cache)."""
     path = resolve_checkpoint(checkpoint)
     if output_dir is None and str(checkpoint) in ZOO and not Path(checkpoint).exists():
-        output_dir = Path("runs") / "eval" / str(checkpoint)  # not into the download cache
-    return evaluate_checkpoint(
-        path, *DataSource(**section(settings, "data")).val_split(), output_dir=output_dir,
-        keep_ratio=overrides.pop("model.keep_ratio", None), batch_size=train.get("eval_batch_size", 2),
-        image_size=train.get("image_size"), device=train.get("device"), workers=train.get("workers", 2),
-        overrides=overrides, allow_other_categories=train.get("allow_other_categories", False),
-        amp=train.get("amp"), compile=compile,
-    )  # fmt: skip
+        output_dir = Path("runs") / "eval" / str(checkpoint)
+    return evaluate_checkpoint(path, settings, output_dir)

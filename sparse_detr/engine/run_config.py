@@ -172,6 +172,47 @@ def section(settings: Mapping[str, Any], name: str) -> dict[str, Any]:
     return {key.removeprefix(prefix): value for key, value in settings.items() if key.startswith(prefix)}
 
 
+def model_overrides(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The dotted ``model.*`` and ``loss.*`` settings: what changes a model that is loaded or built."""
+    return {key: value for key, value in settings.items() if key.startswith(("model.", "loss."))}
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What ``sdetr eval`` (:func:`~sparse_detr.engine.evaluate.evaluate_checkpoint`) runs with, resolved once
+    from a config file, ``--set`` and options (:meth:`from_settings`).
+
+    ``data`` names the validation split; ``overrides`` (dotted ``model.*`` / ``loss.*``) change the loaded
+    model; ``keep_ratio`` runs it at another ρ; ``image_size`` (default the run's, else 800), ``batch_size``,
+    ``workers``, ``device``, ``amp``, ``compile`` and ``fast`` say how it runs (see
+    :func:`~sparse_detr.models.prepare_for_inference`); ``allow_other_categories`` evaluates a checkpoint
+    trained on other categories than the split's."""
+
+    data: DataSource = dataclasses.field(default_factory=DataSource)
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    keep_ratio: float | None = None
+    image_size: int | None = None
+    batch_size: int = 2  # as the reference evaluates
+    workers: int = 2
+    device: str | None = None
+    amp: str | None = None
+    compile: bool = False
+    fast: bool = True
+    allow_other_categories: bool = False
+    trust_checkpoint: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], **options: Any) -> EvalSettings:
+        """The settings that dotted ``settings`` (see :func:`merged_settings`) give: ``[data]``, ``[model]``
+        and ``[loss]``, and of ``[train]`` the evaluation's fields; ``options`` (``compile``, ...) on top."""
+        train, overrides = section(settings, "train"), model_overrides(settings)
+        keep_ratio = overrides.pop("model.keep_ratio", None)
+        taken = {"eval_batch_size": "batch_size", "image_size": "image_size", "workers": "workers", "device": "device",
+                 "amp": "amp", "allow_other_categories": "allow_other_categories"}  # fmt: skip
+        fields = {name: train[key] for key, name in taken.items() if key in train}
+        return cls(DataSource(**section(settings, "data")), overrides, keep_ratio, **fields, **options)
+
+
 def resolve_run_config(
     settings: Mapping[str, Any], base_config: Config | None = None, default_preset: str = DEFAULT_PRESET
 ) -> RunConfig:
@@ -194,7 +235,6 @@ def resolve_run_config(
             f"a dataset needs a model preset: pass --preset (one of {', '.join(list_presets())}) or a config file "
             f'with preset = "..." (`{default_preset}` is the default for the built-in dataset only)'
         )
-    overrides = {key: value for key, value in settings.items() if key.startswith(("model.", "loss."))}
-    config = apply_overrides(config, overrides)
+    config = apply_overrides(config, model_overrides(settings))
     train = train_recipe(config.name, **section(settings, "train"))
     return RunConfig(config, train, data)

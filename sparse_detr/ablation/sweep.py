@@ -118,7 +118,7 @@ class Sweep:
     Runs: ``baseline`` (the preset with every token encoded and no encoder aux loss: Deformable DETR
     with top-k queries and box refinement for the sparse presets); one run per token ranking in
     ``rankings`` and keep ratio in ``keep_ratios``; with ``random``, random token selection at each ρ; with
-    ``no_enc_aux``, each (ranking, ρ) again without the encoder auxiliary loss. ``eval_keep_ratios``
+    ``no_enc_aux``, each (ranking, ρ) again without the encoder aux loss. ``eval_keep_ratios``
     evaluates the model trained at ``eval_train_keep_ratio`` with ``eval_ranking`` at each of those keep
     ratios (the inference-time sweep; that model is trained when no other run is it). They default to the
     first ρ and the first ranking. Every run is trained once per seed in ``seeds`` (empty: the recipe's

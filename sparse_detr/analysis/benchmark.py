@@ -221,11 +221,12 @@ def run_benchmark(
     for spec in specs:
         model = spec.build(options.timing.device)
         config = model.config.model
-        rho = model.keep_ratio if model.keep_ratio > 0 else math.nan
+        keep_ratio = model.keep_ratio if model.keep_ratio > 0 else math.nan  # NaN: a dense model
         preset = reference_preset(config, model.keep_ratio)
         label = spec.preset or model.config.name
-        logger.info(f"measuring {label} ({config.backbone}" + (f", rho {rho:g})" if rho == rho else ")"))
-        row = {"preset": label, "backbone": config.backbone, "rho": rho}
+        sparsity = f", rho {keep_ratio:g})" if model.keep_ratio > 0 else ")"
+        logger.info(f"measuring {label} ({config.backbone}{sparsity}")
+        row = {"preset": label, "backbone": config.backbone, "rho": keep_ratio}
         if spec.checkpoint:
             row["checkpoint"] = spec.checkpoint
         row.update(token_counts(model, images[0]))
@@ -379,8 +380,8 @@ def plot_benchmark(frame: pd.DataFrame, directory: str | Path) -> list[Path]:
             continue
         figure, axis = plt.subplots(figsize=(6.4, 4.2))
         _draw(axis, frame, columns, batch_labels=filename.startswith("fps"))
-        rho = frame["rho"].dropna()
-        axis.set_xlim(0, max(0.55, rho.max() + 0.05) if len(rho) else 1)
+        keep_ratios = frame["rho"].dropna()
+        axis.set_xlim(0, max(0.55, keep_ratios.max() + 0.05) if len(keep_ratios) else 1)
         axis.set_ylim(bottom=0)
         axis.set_xlabel("keep ratio ρ")
         axis.set_ylabel(label)

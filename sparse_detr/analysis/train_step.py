@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 class TrainStepResult:
     preset: str
     backbone: str
-    rho: float
+    rho: float  # the keep ratio, under its report column's name (README glossary)
     height: int
     width: int
     batch_size: int

@@ -19,7 +19,9 @@ def benchmark(
         None, help=f"Comma-separated presets (default {DEFAULT_PRESETS}; with --checkpoint: one)."
     ),
     backbone: str | None = typer.Option(None, help="Backbone for every preset (r50, swin-t, a timm ResNet)."),
-    rho: str | None = typer.Option(None, help="Comma-separated keep ratios applied to the sparse models."),
+    keep_ratios: str | None = typer.Option(
+        None, "--rho", help="Comma-separated keep ratios applied to the sparse models."
+    ),
     checkpoint: str | None = typer.Option(None, help="Measure this checkpoint: a file, run folder or zoo name."),
     config_file: Path | None = CONFIG_OPTION,
     settings: list[str] | None = SET_OPTION,
@@ -72,8 +74,8 @@ def benchmark(
     timing = Timing(tuple(sorted(set(sizes))), warmup, iters, amp, compile, device, threads, fast)
     options = bench.BenchmarkOptions(flops, fps, timing, isolate)
     presets = parse_list(preset, str, "--preset") or ([] if checkpoint else parse_list(DEFAULT_PRESETS))
-    keep_ratios = parse_list(rho, float, "--rho")
-    models = bench.BenchmarkModels(tuple(presets), tuple(keep_ratios) if keep_ratios else None, backbone, checkpoint,
+    ratios = parse_list(keep_ratios, float, "--rho")
+    models = bench.BenchmarkModels(tuple(presets), tuple(ratios) if ratios else None, backbone, checkpoint,
                                    model_overrides(resolved))  # fmt: skip
     inputs = bench.BenchmarkInputs.from_settings(resolved, parse_size(input_size) if images is None else None, images)
     report = bench.benchmark_models(models, inputs, options, output or Path("reports") / name)

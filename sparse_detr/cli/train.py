@@ -84,17 +84,18 @@ def train(
 
     resolved = merged_settings(config_file, settings or (), option_settings(fields))
     base = init_model_config(resolved["train.init"]) if "train.init" in resolved and "preset" not in resolved else None
-    run = resolve_run_config(resolved, base)
-    folder = choose_run_folder(run, explicit="train.output_dir" in resolved, force=force)
-    run = dataclasses.replace(run, train=dataclasses.replace(run.train, output_dir=str(folder.path)))
+    run_config = resolve_run_config(resolved, base)
+    folder = choose_run_folder(run_config, explicit="train.output_dir" in resolved, force=force)
+    train_config = dataclasses.replace(run_config.train, output_dir=str(folder.path))
+    run_config = dataclasses.replace(run_config, train=train_config)
     if print_config:  # what the run will use: its folder, and the classes its data has
-        log_line(with_data_classes(run).to_toml())
+        log_line(with_data_classes(run_config).to_toml())
         return
     if folder.notice:
         log_line(folder.notice)
-    if run.data.is_builtin:
+    if run_config.data.is_builtin:
         console.print("no data given: using the built-in synthetic dataset")
-    metrics = train_run(run, replace=force)
+    metrics = train_run(run_config, replace=force)
     if distributed.get_rank() == 0:  # under torchrun every process has the metrics; the table prints once
         console.print(format_metrics(metrics))
-    console.print(f"run folder: {run.train.output_dir}")
+    console.print(f"run folder: {run_config.train.output_dir}")

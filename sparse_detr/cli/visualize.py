@@ -16,8 +16,9 @@ from sparse_detr.errors import InputError
 def visualize(
     images: list[str] = typer.Argument(..., help="Image files, folders or glob patterns (quote the globs)."),
     checkpoint: str | None = typer.Option(None, help=CHECKPOINT_HELP),
-    rho: list[str] | None = typer.Option(
+    keep_ratios: list[str] | None = typer.Option(
         None,
+        "--rho",
         help="Keep ratio at inference (default: the trained one); several, repeated or comma-separated, "
         "give one row each.",
     ),
@@ -37,9 +38,9 @@ def visualize(
 
     from sparse_detr.viz import visualize_files
 
-    keep_ratios = [value for text in rho or [] for value in parse_list(text, float, "--rho")] or [None]
+    ratios = [value for text in keep_ratios or [] for value in parse_list(text, float, "--rho")] or [None]
     _, failures = visualize_files(
-        images, checkpoint, out, keep_ratios, threshold, parse_list(formats, str, "--format"), device, image_size,
+        images, checkpoint, out, ratios, threshold, parse_list(formats, str, "--format"), device, image_size,
         force, track=lambda items: track(items, description="drawing", console=console),
     )  # fmt: skip
     for reason in failures.values():

@@ -63,8 +63,8 @@ class RunFolder:
     notice: str | None = None
 
 
-def choose_run_folder(run: RunConfig, explicit: bool, force: bool = False) -> RunFolder:
-    """The folder ``run`` writes to by the module's rule. ``explicit``: ``run.train.output_dir`` was given
+def choose_run_folder(run_config: RunConfig, explicit: bool, force: bool = False) -> RunFolder:
+    """The folder ``run_config`` writes to by the module's rule. ``explicit``: ``run_config.train.output_dir`` was given
     (an option, ``--set`` or a config file), so it is never replaced by another; ``force``: start a new run
     there whatever it holds (the caller removes the old run's files, :func:`clear_run`).
 
@@ -72,25 +72,25 @@ def choose_run_folder(run: RunConfig, explicit: bool, force: bool = False) -> Ru
         UsageError: an explicit folder holds a run of another configuration, the run would write into the
             run folder its ``init`` reads from, or ``force`` comes with ``resume``.
     """
-    if force and run.train.resume is not None:
+    if force and run_config.train.resume is not None:
         raise UsageError("--force starts a new run and --resume continues one: give one")
-    base = Path(run.train.output_dir)
-    if run.train.init is not None and not explicit:
+    base = Path(run_config.train.output_dir)
+    if run_config.train.init is not None and not explicit:
         base = base.with_name(f"{base.name}-finetune")
     if force:
         notice = f"--force: a new run in {base}, replacing the run it held" if _holds_run(base) else None
         folder = RunFolder(base, notice)
     else:
-        folder = _verdict(run, base)
+        folder = _verdict(run_config, base)
         if isinstance(folder, str):
             if explicit:
                 raise UsageError(f"{base} holds a run of another configuration ({folder}): {_FORCE_HINT}")
-            folder = _numbered(run, base, folder)
-    _check_not_init_source(run, folder.path)
+            folder = _numbered(run_config, base, folder)
+    _check_not_init_source(run_config, folder.path)
     return folder
 
 
-def _numbered(run: RunConfig, base: Path, reason: str) -> RunFolder:
+def _numbered(run_config: RunConfig, base: Path, reason: str) -> RunFolder:
     """The first of ``base-2``, ``base-3``, ... that holds this configuration's run, else the first free one."""
     free = None
     for number in itertools.count(2):
@@ -99,22 +99,22 @@ def _numbered(run: RunConfig, base: Path, reason: str) -> RunFolder:
             free = free or candidate
             if not candidate.exists():
                 break
-        elif isinstance(folder := _verdict(run, candidate), RunFolder):
+        elif isinstance(folder := _verdict(run_config, candidate), RunFolder):
             notice = f"{base} holds a run of another configuration ({reason}); this configuration's run is {candidate}"
             return replace(folder, notice=notice + (f"; {folder.notice}" if folder.notice else ""))
     return RunFolder(free, f"{base} holds a run of another configuration ({reason}): this run goes to {free}")
 
 
-def _verdict(run: RunConfig, folder: Path) -> RunFolder | str:
-    """``folder`` when ``run`` may write there: it holds no run, or this run (up to resumable changes, which
+def _verdict(run_config: RunConfig, folder: Path) -> RunFolder | str:
+    """``folder`` when ``run_config`` may write there: it holds no run, or this run (up to resumable changes, which
     the notice names); else why not, in a few words."""
-    differences = run_differences(run, folder)
+    differences = run_differences(run_config, folder)
     if differences is None:
         return RunFolder(folder)
     others = [key for key in differences if key not in RESUMABLE_KEYS]
     if others:
         return f"{', '.join(others[:4])}{', ...' if len(others) > 4 else ''} differ{'s' if len(others) == 1 else ''}"
-    if _starts_anew(run):
+    if _starts_anew(run_config):
         return "auto_resume is off, so this run would start over it"
     if not differences:
         return RunFolder(folder)
@@ -122,33 +122,35 @@ def _verdict(run: RunConfig, folder: Path) -> RunFolder | str:
     return RunFolder(folder, f"continuing the run in {folder} with {changes}")
 
 
-def _starts_anew(run: RunConfig) -> bool:
-    return run.train.resume is None and not run.train.auto_resume
+def _starts_anew(run_config: RunConfig) -> bool:
+    return run_config.train.resume is None and not run_config.train.auto_resume
 
 
 def _holds_run(folder: Path) -> bool:
     return (folder / CONFIG_FILE_NAME).is_file()
 
 
-def _check_not_init_source(run: RunConfig, folder: Path) -> None:
+def _check_not_init_source(run_config: RunConfig, folder: Path) -> None:
     """A fine-tuning run never writes into the run folder it starts from (it would replace its source)."""
-    if run.train.init is None or not Path(run.train.init).exists():
+    if run_config.train.init is None or not Path(run_config.train.init).exists():
         return
-    source = Path(run.train.init)
+    source = Path(run_config.train.init)
     source = source if source.is_dir() else source.parent
     if folder.exists() and source.resolve() == folder.resolve():
-        raise UsageError(f"--init {run.train.init} is read from {folder}: write the new run to another --output-dir")
+        raise UsageError(
+            f"--init {run_config.train.init} is read from {folder}: write the new run to another --output-dir"
+        )
 
 
-def run_differences(run: RunConfig, folder: Path) -> dict[str, tuple[Any, Any]] | None:
-    """Dotted key -> (stored value, ``run``'s) for each setting in which ``run`` differs from the run that
+def run_differences(run_config: RunConfig, folder: Path) -> dict[str, tuple[Any, Any]] | None:
+    """Dotted key -> (stored value, ``run_config``'s) for each setting in which ``run_config`` differs from the run that
     ``folder`` holds (its ``config.toml``); None when it holds none. Data sources compare by the files they
     name, so ``--data DIR`` matches the stored paths of ``DIR``'s splits."""
     stored_file = folder / CONFIG_FILE_NAME
     if not stored_file.is_file():
         return None
     stored = _comparable(load_toml(stored_file, "run configuration"))
-    current = _comparable(_parse_toml(run.to_toml()))
+    current = _comparable(_parse_toml(run_config.to_toml()))
     keys = [*current, *(key for key in stored if key not in current)]
     return {
         key: (stored.get(key), current.get(key))
@@ -198,17 +200,17 @@ def clear_run(folder: str | Path) -> list[Path]:
     return removed
 
 
-def with_data_classes(run: RunConfig) -> RunConfig:
-    """``run`` with ``model.num_classes`` set from its training annotations' categories, as training sets it
+def with_data_classes(run_config: RunConfig) -> RunConfig:
+    """``run_config`` with ``model.num_classes`` set from its training annotations' categories, as training sets it
     (:func:`~sparse_detr.data.annotations.category_label_map`); unchanged when they cannot be read yet
     (training then says why)."""
     try:
-        ids = [category["id"] for category in read_categories(run.data.splits().train_ann)]
+        ids = [category["id"] for category in read_categories(run_config.data.splits().train_ann)]
         num_classes = max(category_label_map(ids).values()) + 1
     except (SparseDetrError, OSError, ValueError, KeyError, TypeError):
-        return run
-    model = replace(run.config.model, num_classes=num_classes)
-    return replace(run, config=replace(run.config, model=model))
+        return run_config
+    model = replace(run_config.config.model, num_classes=num_classes)
+    return replace(run_config, config=replace(run_config.config, model=model))
 
 
 def read_categories(path: str | Path) -> list[dict[str, Any]]:

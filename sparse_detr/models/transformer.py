@@ -114,7 +114,7 @@ class DeformableTransformer(nn.Module):
 
     @property
     def can_sparsify(self) -> bool:
-        """Whether this transformer has what its saliency criterion needs to rank tokens."""
+        """Whether this transformer has what its token ranking needs to rank tokens."""
         if self.token_ranking == "dam":
             return hasattr(self, "enc_mask_predictor")
         if self.token_ranking == "oam":

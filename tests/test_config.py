@@ -128,15 +128,15 @@ def test_a_preset_registered_after_import_is_accepted_everywhere(monkeypatch, tm
     Python API, `sdetr train --preset` and sweep files alike."""
     from typer.testing import CliRunner
 
-    from sparse_detr import config as config_module
     from sparse_detr.ablation import Sweep
     from sparse_detr.cli import app
+    from sparse_detr.config import presets as config_module
 
     def narrow_tiny() -> config_module.Preset:
         """tiny with 32 queries."""
         preset = config_module.create_preset("tiny")
         preset.config.model.num_queries = 32
-        return config_module.Preset(config_module.Config("narrow-tiny", preset.config.model), preset.train)
+        return config_module.Preset(Config("narrow-tiny", preset.config.model), preset.train)
 
     monkeypatch.setitem(config_module._REGISTRY, "narrow-tiny", narrow_tiny)
     assert "narrow-tiny" in list_presets() and get_preset("narrow-tiny").model.num_queries == 32

@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 
 from sparse_detr import engine
 from sparse_detr.ablation import runner as ablation
-from sparse_detr.ablation.report import COLUMNS, COMPARISON_COLUMNS, INFERENCE_COLUMNS, RUN_COLUMNS
 from sparse_detr.ablation.sweep import (
     DEFAULT_SWEEP_FILE,
     Sweep,
@@ -26,6 +25,7 @@ from sparse_detr.ablation.sweep import (
     resolve_sweep,
     shard_runs,
 )
+from sparse_detr.ablation.tables import COLUMNS, COMPARISON_COLUMNS, INFERENCE_COLUMNS, RUN_COLUMNS
 from sparse_detr.cli import app
 from sparse_detr.data import make_synthetic_dataset, synthetic_splits
 from sparse_detr.engine import trainer

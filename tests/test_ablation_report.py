@@ -8,16 +8,10 @@ import math
 
 import pytest
 
-from sparse_detr.ablation.report import (
-    ablation_table,
-    comparisons_table,
-    learning_curve,
-    readable,
-    runs_table,
-    write_report,
-)
+from sparse_detr.ablation.report import write_report
 from sparse_detr.ablation.stats import mean_interval, paired_difference
 from sparse_detr.ablation.sweep import Sweep, SweepError, load_sweep, resolve_sweep, with_changes
+from sparse_detr.ablation.tables import ablation_table, comparisons_table, learning_curve, readable, runs_table
 
 
 def test_mean_interval_is_the_student_t_interval():

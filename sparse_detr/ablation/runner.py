@@ -32,8 +32,9 @@ import torch
 
 from sparse_detr import engine
 from sparse_detr.ablation.plan import TimeEstimate, describe_plan
-from sparse_detr.ablation.report import FPS_KEYS, GFLOP_KEYS, RESULT_NAME, percent, write_report
+from sparse_detr.ablation.report import write_report
 from sparse_detr.ablation.sweep import Run, Sweep, SweepError, placement_free, shard_runs, sweep_to_dict
+from sparse_detr.ablation.tables import FPS_KEYS, GFLOP_KEYS, RESULT_NAME, percent
 from sparse_detr.config import Config, apply_overrides, config_to_dict, get_preset, load_toml
 from sparse_detr.data.source import DataSource, DataSplits
 from sparse_detr.engine.interrupts import StopSignals

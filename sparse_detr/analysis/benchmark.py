@@ -14,7 +14,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from sparse_detr.analysis.fps import DEFAULT_ITERS, FpsResult, device_name
+from sparse_detr.analysis.benchmark_notes import report_notes
+from sparse_detr.analysis.benchmark_plots import fps_columns_of, plot_benchmark
+from sparse_detr.analysis.fps import FpsResult, device_name
 from sparse_detr.analysis.latency import ModelSpec, Timing, measure_fps_isolated
 from sparse_detr.analysis.reference_figures import (
     reference_gflops,
@@ -27,10 +29,10 @@ from sparse_detr.data.source import DataSource
 from sparse_detr.data.transforms import COCO_EVAL_SIZE
 from sparse_detr.engine.run_config import section
 from sparse_detr.errors import MissingFileError, UsageError
-from sparse_detr.utils.cpu import cpu_description, cpu_isa, cpu_model
+from sparse_detr.utils.cpu import cpu_isa, cpu_model
 from sparse_detr.utils.device import resolve_device
 from sparse_detr.utils.io import check_writable
-from sparse_detr.utils.report import save_figure, write_table
+from sparse_detr.utils.report import write_table
 from sparse_detr.zoo import resolve_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -269,128 +271,11 @@ def run_benchmark(
     return BenchmarkResult(pd.DataFrame(rows), parts_table, skipped)
 
 
-def report_notes(frame: pd.DataFrame, options: BenchmarkOptions, source: str, skipped: dict[str, int]) -> list[str]:
-    """The conventions and settings a reader of the table needs."""
-    notes = [f"Inputs: {source}. Random weights unless a checkpoint is named; eval mode, no gradients."]
-    notes.append(
-        "Parameters: `params` all, `params_trainable` those that train (frozen BN statistics are buffers; "
-        "the R50 stem and layer1, the Swin-T patch embedding and stage 1 are frozen), `params_published` the "
-        "trainable ones without the encoder aux heads (training-only), the convention of the published counts."
-    )
-    if options.flops:
-        notes += [
-            "GFLOPs: fvcore, one multiply-add = one FLOP, element-wise ops not counted; the deformable sampling "
-            "counts 4 FLOPs per sampled value per channel (N·M·D·Lq·L·P·4, fvcore's count of its grid_sample "
-            "form), the decoder's scaled_dot_product_attention its two matrix products.",
-            "`gflops` leaves out the encoder aux heads, which only feed training losses and do not run at "
-            "inference here; `gflops_with_aux` includes them, as the reference runs them at inference too "
-            "(compare it with `gflops_reference_with_aux`). `gflops_reference` is the reference's figure "
-            "without them.",
-            "`gflops_as_reference` adds what the reference computes twice: with box refinement its decoder "
-            "runs every layer's box head once to refine and once more for the outputs; this model reuses the "
-            "first result (`gflops_decoder_box_heads` in gflops_by_part.md).",
-            "gflops_by_part: `backbone_pct`, `encoder_pct` (with the scoring network) and `rest_pct` split "
-            "`gflops` as the paper does; what token sparsity can save is the encoder's share.",
-            "Ops fvcore skipped (occurrences in one forward pass): "
-            + ", ".join(f"{op.split('::')[-1]} {n}" for op, n in sorted(skipped.items())),
-        ]
-    if options.fps and "fps_iters" in frame:
-        iters, warmup = int(frame["fps_iters"].iloc[0]), int(frame["fps_warmup"].iloc[0])
-        device = torch.device(options.timing.device).type
-        notes.append(
-            f"Inference path: {options.timing.mode} ("
-            + ("frozen BatchNorm folded into the convolutions, channels_last backbone" if options.timing.fast
-               else "the model as built")
-            + (f", {options.timing.amp} autocast" if options.timing.amp else "")
-            + (", torch.compile with freezing, compiled in the warm-up" if options.timing.compile else "")
-            + "; see docs/PERFORMANCE.md)."
-        )  # fmt: skip
-        if device == "cpu":
-            notes.append(f"CPU: {cpu_description()}, {int(frame['threads'].iloc[0])} thread(s).")
-        notes.append(
-            f"FPS: images per second, median over {iters} timed forward passes after {warmup} warm-up "
-            f"pass{'' if warmup == 1 else 'es'} (min and max beside it); "
-            + ("timed with CUDA events and synchronization" if device == "cuda" else "timed with perf_counter")
-            + (
-                f"; fewer passes than the {DEFAULT_ITERS['cuda']} of a GPU run, to keep CPU runs short."
-                if device == "cpu" and iters < DEFAULT_ITERS["cuda"]
-                else "."
-            )
-        )
-        notes.append(
-            "Peak memory: "
-            + (
-                "peak memory allocated by tensors during the timed passes (MiB)."
-                if device == "cuda"
-                else "peak resident set (MiB, VmHWM) of the measuring process, torch's own ~0.7 GiB included"
-                + (", a fresh process per model." if options.isolate is not False else ", shared by all models.")
-            )
-        )
-    return notes
-
-
-def _fps_columns_of(frame: pd.DataFrame) -> list[str]:
-    """``fps_bs{b}`` columns by batch size."""
-    columns = [c for c in frame.columns if c.startswith("fps_bs") and c[6:].isdigit()]
-    return sorted(columns, key=lambda column: int(column[6:]))
-
-
 def summary(frame: pd.DataFrame) -> pd.DataFrame:
     """The columns worth a screen (the files hold every column)."""
     first = ["preset", "backbone", "rho", "kept_tokens", "params_published", "gflops", "gflops_reference"]
-    columns = [*first, "gflops_diff_pct", *_fps_columns_of(frame), "peak_memory_mib"]
+    columns = [*first, "gflops_diff_pct", *fps_columns_of(frame), "peak_memory_mib"]
     return frame[[column for column in columns if column in frame]]
-
-
-def _draw(axis, frame: pd.DataFrame, columns: list[str], batch_labels: bool) -> None:
-    """Sparse models as lines over ρ, the others as horizontal lines; one colour per column when there
-    are several (batch sizes), else one per model."""
-    sparse, dense = frame[frame["rho"].notna()], frame[frame["rho"].isna()]
-    model_keys = ["backbone", "checkpoint"] if "checkpoint" in frame else ["backbone"]
-    groups = list(sparse.groupby(model_keys))
-    for column_index, column in enumerate(columns):
-        suffix = f", batch {column.removeprefix('fps_bs')}" if batch_labels else ""
-        for line, (key, group) in enumerate(groups):
-            group = group.sort_values("rho")
-            color = f"C{column_index if len(columns) > 1 else line}"
-            axis.plot(group["rho"], group[column], marker="o", color=color, label=f"sparse {' '.join(key)}{suffix}")
-            if column == "gflops" and group["gflops_reference"].notna().any():
-                label = "reference code (without aux heads)" if line == 0 else None
-                axis.plot(group["rho"], group["gflops_reference"], "x", color="black", label=label)
-        for index, row in enumerate(dense.itertuples()):
-            color = f"C{column_index if len(columns) > 1 else len(groups) + index}"
-            axis.axhline(getattr(row, column), linestyle=("--", ":", "-.")[index % 3], color=color,
-                         label=f"{row.preset} {row.backbone}{suffix}")  # fmt: skip
-
-
-def plot_benchmark(frame: pd.DataFrame, directory: str | Path) -> list[Path]:
-    """``gflops_vs_rho.png`` and ``fps_vs_rho.png`` (for the measurements the frame holds): sparse models
-    against ρ, models without sparsity (the Deformable DETR baselines) as horizontal reference lines, and the
-    reference code's GFLOPs as crosses."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    plots = [(["gflops"] if "gflops" in frame else [], "GFLOPs", "gflops_vs_rho.png")]
-    plots.append((_fps_columns_of(frame), "images / s", "fps_vs_rho.png"))
-    for columns, label, filename in plots:
-        if not columns:
-            continue
-        figure, axis = plt.subplots(figsize=(6.4, 4.2))
-        _draw(axis, frame, columns, batch_labels=filename.startswith("fps"))
-        keep_ratios = frame["rho"].dropna()
-        axis.set_xlim(0, max(0.55, keep_ratios.max() + 0.05) if len(keep_ratios) else 1)
-        axis.set_ylim(bottom=0)
-        axis.set_xlabel("keep ratio ρ")
-        axis.set_ylabel(label)
-        axis.set_title(f"{label} against the keep ratio")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
-        paths.append(save_figure(figure, Path(directory) / filename))
-        plt.close(figure)
-    return paths
 
 
 def write_benchmark_report(

@@ -85,7 +85,7 @@ def ablate(
         source = str(experiment) if experiment else "the default (sparse_detr/ablation/default.toml)"
         report = run_ablation(sweep, parse_shard(shard) if shard else (0, 1), source=source, asked=asked)
     if report is not None:  # the columns that fit a terminal; the report files have them all
-        from sparse_detr.ablation.report import readable, readable_comparisons
+        from sparse_detr.ablation.tables import readable, readable_comparisons
 
         columns = ["AP", "AP50", "AP75", "dam_coverage", "gflops", "gflops_encoder", "fps"]
         table = readable(report.table)[["run", "seeds", *columns]]

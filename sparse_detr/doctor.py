@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import platform
 
+import timm
 import torch
+import torchvision
 
 from sparse_detr.ops import BackendStatus, backend_status
 
 
 def environment() -> dict[str, str]:
     """Versions and devices that decide what this installation can do."""
-    import timm
-    import torchvision
-
     cuda = "not available"
     if torch.cuda.is_available():
         names = {torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())}

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from sparse_detr.checkpoint import Category, load_for_inference
@@ -33,6 +34,7 @@ from sparse_detr.errors import InputError, MissingFileError, UnavailableError, U
 from sparse_detr.models import DeformableDETR, pad_images
 from sparse_detr.models.postprocess import MAX_DETECTIONS, top_detections
 from sparse_detr.utils.io import atomic_write, check_writable
+from sparse_detr.zoo import resolve_checkpoint
 
 DEFAULT_OPSET = 18
 METADATA_KEY = "sparse_detr"
@@ -382,7 +384,6 @@ def _matched(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) ->
     """``got``'s rows reordered, per image, to the ``expected`` row each is closest to (Hungarian matching on
     the largest difference over every output): tokens with equal scores (the padding's, whose scoring input
     is zeroed) may be ranked in any order by a top-k, and detections are a set."""
-    from scipy.optimize import linear_sum_assignment
 
     def rows(outputs):  # (N, Q, F): every output's values of a row side by side
         return torch.cat([value.reshape(*value.shape[:2], -1).double() for value in outputs.values()], -1)
@@ -446,8 +447,6 @@ def export_checkpoint(
     :func:`export_onnx`), checked by ``onnx.checker`` and, with ``check``, run by onnxruntime against
     PyTorch on a batch of one and a padded batch of two at other sizes than the export's example. The file
     takes its name only when these checks pass; the opset is checked before anything is loaded."""
-    from sparse_detr.zoo import resolve_checkpoint
-
     require_export_packages(run=check)
     check_opset(opset)
     check_writable(Path(out).parent)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import glob
 import json
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from sparse_detr.models import DeformableDETR, pad_images
 from sparse_detr.models.fast_inference import InferenceModel, prepare_for_inference
 from sparse_detr.utils.device import resolve_device
 from sparse_detr.utils.io import atomic_write_text, check_writable
+from sparse_detr.utils.timer import Timer
 from sparse_detr.zoo import resolve_checkpoint
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -149,13 +149,10 @@ class Predictor:
         if warm_up and not self.warmed_up:
             self.runner(batch, mask, **extra)
             self.warmed_up = True
-        _synchronize(self.device)
-        tic = time.perf_counter()
-        outputs = self.runner(batch, mask, **extra)
-        _synchronize(self.device)
-        seconds = time.perf_counter() - tic
+        with Timer(self.device) as timer:
+            outputs = self.runner(batch, mask, **extra)
         require_finite_outputs(outputs, str(self.checkpoint), getattr(self.runner, "amp", None))
-        return outputs, seconds
+        return outputs, timer.seconds
 
     def detections(
         self, outputs: dict, images: Sequence[InputImage], image_ids: Sequence[int], threshold: float = 0.0
@@ -177,11 +174,6 @@ class Predictor:
             {**result, "category_name": names[result["category_id"]], "file_name": paths[result["image_id"]]}
             for result in results
         ]
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def load_predictor(

@@ -22,8 +22,8 @@ import time
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import pandas
 import torch.hub
 
 from sparse_detr.checkpoint import CHECKPOINT_NAME, checkpoint_file, load_model
@@ -33,9 +33,6 @@ from sparse_detr.utils.cache import user_cache_dir, writable_cache_folder
 from sparse_detr.utils.io import atomic_write, atomic_write_text, file_sha256
 
 logger = logging.getLogger(__name__)
-
-if TYPE_CHECKING:
-    import pandas
 
 RELEASE_URL = "https://arena.kakaocdn.net/brainrepo/sparse_detr/"
 ZOO_DIR_VARIABLE = "SDETR_ZOO_DIR"
@@ -292,8 +289,6 @@ def _close_names(spec: str) -> list[str]:
 def zoo_table() -> pandas.DataFrame:
     """One row per zoo entry, for ``sdetr zoo``: its numbers (see :data:`ZOO_NOTE`), whether it is cached
     and its file name."""
-    import pandas  # only `sdetr zoo` needs it; detection does not pay for the import
-
     folder = zoo_dir()
     return pandas.DataFrame(
         [

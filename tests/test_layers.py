@@ -79,3 +79,49 @@ def test_nothing_imports_upward(path):
     assert part in ALLOWED, f"{part} is not placed in a layer"
     upward = _imported_parts(path) - ALLOWED[part] - {part}
     assert not upward, f"{path.relative_to(PACKAGE)} imports {sorted(upward)}, above its layer"
+
+
+# what a library module may import inside a function, and why: packages a base install may lack, and imports
+# that cost seconds or change global state, paid only by the code that needs them
+LATE_IMPORTS = {
+    "importlib": "imports the optional packages by name",
+    "onnx": "optional (the onnx extra)",
+    "onnxruntime": "optional (the onnx extra)",
+    "onnxscript": "optional (the onnx extra)",
+    "sparse_detr.ops.onnx": "imports onnxscript (optional)",
+    "torch.onnx": "the exporter's private constants, read where the opset is checked",
+    "tensorboard": "optional (the tensorboard extra)",
+    "torch.utils.tensorboard": "optional (the tensorboard extra)",
+    "torch._inductor": "torch.compile's settings: imports inductor, seconds",
+    "torch.utils.cpp_extension": "the kernel build: imports setuptools",
+    "matplotlib": "selects the Agg backend before pyplot, when a figure is drawn",
+}
+
+
+def _late_imports(path: Path) -> list[str]:
+    """The modules ``path`` imports inside functions."""
+    late = []
+    for function in ast.walk(ast.parse(path.read_text())):
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(function):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    late.append(node.module)
+                elif isinstance(node, ast.Import):
+                    late += [alias.name for alias in node.names]
+    return late
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(path for path in PACKAGE.rglob("*.py") if _part(path) != "cli"),
+    ids=lambda path: str(path.relative_to(PACKAGE)),
+)
+def test_library_modules_import_at_the_top(path):
+    """Imports stand at the top of a library module, where they show its dependencies; only the
+    :data:`LATE_IMPORTS` wait. (The CLI imports each command's library inside the command, so that `sdetr
+    --help` starts in a fifth of a second rather than six.)"""
+    hidden = [
+        module for module in _late_imports(path)
+        if not any(module == name or module.startswith(name + ".") for name in LATE_IMPORTS)
+    ]  # fmt: skip
+    assert not hidden, f"{path.relative_to(PACKAGE)} imports {hidden} inside functions: move them to the top"

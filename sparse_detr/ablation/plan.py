@@ -14,6 +14,7 @@ import time
 from collections.abc import Collection
 
 from sparse_detr.ablation.sweep import Run, Sweep
+from sparse_detr.config import train_recipe
 
 _DROP_OPTIONS = {"baseline": "--no-baseline", "random": "--no-random"}
 
@@ -73,8 +74,6 @@ def describe_plan(sweep: Sweep, source: str, asked: Collection[str], runs: list[
 
 
 def _recipe_epochs(sweep: Sweep) -> int:
-    from sparse_detr.config import train_recipe
-
     return train_recipe(sweep.preset, **sweep.train).epochs
 
 

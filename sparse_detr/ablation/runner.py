@@ -35,11 +35,16 @@ from sparse_detr.ablation.plan import TimeEstimate, describe_plan
 from sparse_detr.ablation.report import write_report
 from sparse_detr.ablation.sweep import Run, Sweep, SweepError, placement_free, shard_runs, sweep_to_dict
 from sparse_detr.ablation.tables import FPS_KEYS, GFLOP_KEYS, RESULT_NAME, percent
+from sparse_detr.analysis.coverage import dam_coverage
+from sparse_detr.analysis.flops import count_flops
+from sparse_detr.analysis.fps import device_name, measure_fps
+from sparse_detr.checkpoint import CHECKPOINT_NAME, load_model
 from sparse_detr.config import Config, apply_overrides, config_to_dict, get_preset, load_toml
 from sparse_detr.data.source import DataSource, DataSplits
 from sparse_detr.engine.interrupts import StopSignals
 from sparse_detr.engine.run_config import EvalSettings
 from sparse_detr.errors import ConfigError, Interrupted
+from sparse_detr.utils.device import resolve_device
 from sparse_detr.utils.io import atomic_write_text, check_writable
 from sparse_detr.utils.lock import FolderInUseError, folder_lock
 
@@ -176,10 +181,6 @@ def measure_model(
     in batches of ``batch_size``, at the model's current keep ratio. The random token ranking draws from a
     fixed seed. FPS is timed first, after a garbage collection, so that every model is timed in the same
     process state."""
-    from sparse_detr.analysis.coverage import dam_coverage
-    from sparse_detr.analysis.flops import count_flops
-    from sparse_detr.analysis.fps import measure_fps
-
     settings = sweep.benchmark
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -221,10 +222,6 @@ def execute_run(
 ) -> dict[str, Any]:
     """Train (or resume) ``run``, measure it, and evaluate it at the keep ratios ``stored`` lacks;
     ``on_first_epoch`` gets the seconds of the first epoch trained here (its evaluation included)."""
-    from sparse_detr.analysis.fps import device_name
-    from sparse_detr.checkpoint import CHECKPOINT_NAME, load_model
-    from sparse_detr.utils.device import resolve_device
-
     model_config, train_config = run_model_config(sweep, run), run_train_config(sweep, run)
     train_set, val_set = data.datasets(train_config.image_size)
     device = resolve_device(train_config.device)

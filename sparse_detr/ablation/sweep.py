@@ -10,6 +10,7 @@ the current folder.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from sparse_detr.config import (
     TrainConfig,
     apply_overrides,
     check_field,
+    check_fields,
     check_preset,
     field_names,
     get_preset,
@@ -30,6 +32,7 @@ from sparse_detr.config import (
     load_toml,
     train_recipe,
 )
+from sparse_detr.config.fields import at_least, declare_ranges
 from sparse_detr.data.source import DataSource
 from sparse_detr.errors import ConfigError
 
@@ -61,13 +64,17 @@ class BenchmarkSettings:
     coverage_images: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("images", "batch_size", "iters"):
-            if getattr(self, name) < 1:
-                raise SweepError(f"benchmark.{name} must be at least 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise SweepError(f"benchmark.warmup must be at least 0, got {self.warmup}")
-        if self.coverage_images is not None and self.coverage_images < 1:
-            raise SweepError(f"benchmark.coverage_images must be at least 1, got {self.coverage_images}")
+        try:
+            check_fields(self)
+        except ConfigError as error:
+            raise SweepError(f"[benchmark] {error}") from None
+
+
+declare_ranges(
+    BenchmarkSettings,
+    {"images": at_least(1), "batch_size": at_least(1), "warmup": at_least(0), "iters": at_least(1),
+     "coverage_images": at_least(1)},
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -276,43 +283,19 @@ def default_sweep() -> Sweep:
     return load_sweep(DEFAULT_SWEEP_FILE)
 
 
-# TOML value parsers: each returns the field value or raises SweepError naming the key
-def _string(key: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise SweepError(f"{key} must be a string, got {value!r}")
-    return value
-
-
-def _boolean(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise SweepError(f"{key} must be true or false, got {value!r}")
-    return value
-
-
-def _number(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SweepError(f"{key} must be a number, got {value!r}")
-    return float(value)
-
-
-def _strings(key: str, value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list):
-        raise SweepError(f'{key} must be a list of strings such as ["dam", "oam"], got {value!r}')
-    return tuple(_string(key, v) for v in value)
+# A sweep file's values are checked against the fields' types by the configuration's one field check; these
+# keys need more: a table, and seeds = [] (which would silently mean the recipe's one seed).
+def _checked(cls: type, key: str, value: Any, name: str | None = None) -> Any:
+    try:
+        return check_field(cls, name or key, value, key)
+    except ConfigError as error:
+        raise SweepError(str(error)) from None
 
 
 def _seeds(key: str, value: Any) -> tuple[int, ...]:
-    if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
-        raise SweepError(f"{key} must be a list of integers such as [0, 1, 2], got {value!r}")
-    if not value:
+    if value == []:
         raise SweepError(f"{key} = [] lists no seed: give at least one, or leave {key} out for the recipe's seed")
-    return tuple(value)
-
-
-def _numbers(key: str, value: Any) -> tuple[float, ...]:
-    if not isinstance(value, list):
-        raise SweepError(f"{key} must be a list of numbers such as [0.1, 0.3], got {value!r}")
-    return tuple(_number(key, v) for v in value)
+    return _checked(Sweep, key, value)
 
 
 def _table(key: str, value: Any) -> dict[str, Any]:
@@ -322,45 +305,25 @@ def _table(key: str, value: Any) -> dict[str, Any]:
 
 
 def _benchmark(key: str, value: Any) -> BenchmarkSettings:
-    table = _table(key, value)
-    known = [f.name for f in dataclasses.fields(BenchmarkSettings)]
+    table, known = _table(key, value), field_names(BenchmarkSettings)
     for name, item in table.items():
         if name not in known:
             raise SweepError(f"unknown key [benchmark] {name!r}; known: {', '.join(known)}")
-        if isinstance(item, bool) or not isinstance(item, int):
-            raise SweepError(f"[benchmark] {name} must be an integer, got {item!r}")
+        table[name] = _checked(BenchmarkSettings, f"[benchmark] {name}", item, name)
     return BenchmarkSettings(**table)
 
 
-_PARSERS: dict[str, Callable[[str, Any], Any]] = {
-    "name": _string,
-    "preset": _string,
-    "backbone": _string,
-    "rankings": _strings,
-    "keep_ratios": _numbers,
-    "baseline": _boolean,
-    "random": _boolean,
-    "no_enc_aux": _boolean,
-    "eval_keep_ratios": _numbers,
-    "eval_train_keep_ratio": _number,
-    "eval_ranking": _string,
-    "seeds": _seeds,
-    **dict.fromkeys(DATA_FIELDS, _string),
-    "output": _string,
-    "runs_dir": _string,
-    "device": _string,
-    "train": _table,
-    "model": _table,
-    "benchmark": _benchmark,
-}
+_PARSERS: dict[str, Callable[[str, Any], Any]] = {"seeds": _seeds, "train": _table, "model": _table,
+                                                  "benchmark": _benchmark}  # fmt: skip
 
 
 def sweep_from_dict(data: dict[str, Any], default_name: str = "default") -> Sweep:
     """A :class:`Sweep` from a parsed TOML document; ``name`` defaults to ``default_name``."""
-    unknown = [key for key in data if key not in _PARSERS]
+    known = field_names(Sweep)
+    unknown = [key for key in data if key not in known]
     if unknown:
-        raise SweepError(f"unknown key {unknown[0]!r}; known: {', '.join(_PARSERS)}")
-    values = {key: _PARSERS[key](key, value) for key, value in data.items()}
+        raise SweepError(f"unknown key {unknown[0]!r}; known: {', '.join(known)}")
+    values = {key: _PARSERS.get(key, functools.partial(_checked, Sweep))(key, value) for key, value in data.items()}
     return Sweep(**{"name": default_name, **values})
 
 
@@ -415,7 +378,7 @@ def with_changes(sweep: Sweep, **changes: Any) -> Sweep:
         changes["train"] = {**sweep.train, **{key: changes.pop(key) for key in train_keys}}
     if "data" in changes:  # a COCO root replaces the sweep's explicit paths
         changes.update(dict.fromkeys(DATA_FIELDS[1:], None))
-    unknown = [key for key in changes if key not in _PARSERS]
+    unknown = [key for key in changes if key not in field_names(Sweep)]
     if unknown:
         raise SweepError(f"unknown sweep option {unknown[0]!r}")
     return dataclasses.replace(sweep, **changes)

@@ -16,6 +16,7 @@ import torch
 
 from sparse_detr.analysis.benchmark_notes import report_notes
 from sparse_detr.analysis.benchmark_plots import fps_columns_of, plot_benchmark
+from sparse_detr.analysis.flops import PARTS, count_flops, gflops_as_reference
 from sparse_detr.analysis.fps import FpsResult, device_name
 from sparse_detr.analysis.latency import ModelSpec, Timing, measure_fps_isolated
 from sparse_detr.analysis.reference_figures import (
@@ -215,8 +216,6 @@ def run_benchmark(
     path, see :attr:`~sparse_detr.analysis.latency.Timing.mode`); on CPU ``cpu`` (its model) and ``cpu_isa``
     (its AVX2/AVX-512/AVX512-BF16/AMX extensions).
     """
-    from sparse_detr.analysis.flops import PARTS  # imports fvcore, which warns on import
-
     if options.timing.threads:
         torch.set_num_threads(options.timing.threads)
     rows, parts, skipped = [], [], {}
@@ -235,8 +234,6 @@ def run_benchmark(
         row.update(parameter_counts(model))
         row["params_published_reference"] = reference_published_params(config.backbone, preset)
         if options.flops:
-            from sparse_detr.analysis.flops import count_flops, gflops_as_reference  # imports fvcore
-
             count = count_flops(model, images)
             reference = reference_gflops(config.backbone, preset, input_size)
             row.update(

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from sparse_detr.data import collate
 from sparse_detr.models import attention_coverage, decoder_attention_map
 
 
@@ -33,8 +34,6 @@ def dam_coverage(
     Returns:
         A share in [0, 1]; NaN when the model encodes every token (no selection to cover).
     """
-    from sparse_detr.data import collate
-
     if max_images is not None:
         dataset = Subset(dataset, range(min(max_images, len(dataset))))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)

@@ -14,14 +14,18 @@ two-stage top-k) are those of that image.
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field, fields, is_dataclass
 from math import prod
 
 import torch
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import get_shape
 from torch import nn
+
+with warnings.catch_warnings():  # fvcore scripts a loss with torch.jit on import, which torch now deprecates
+    warnings.simplefilter("ignore", FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
 
 from sparse_detr.config import ModelConfig
 from sparse_detr.models.detector import DeformableDETR

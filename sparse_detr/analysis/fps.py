@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import resource
 import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from torch import nn
 
 from sparse_detr.models.detector import pad_images
 from sparse_detr.models.fast_inference import InferenceModel
+from sparse_detr.utils.timer import Timer
 
 DEFAULT_ITERS = {"cuda": 50, "cpu": 5}
 DEFAULT_WARMUP = {"cuda": 5, "cpu": 1}
@@ -87,31 +87,6 @@ def _as_image_list(images: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.
     if not images or any(image.dim() != 3 for image in images):
         raise ValueError("images must be a non-empty list of (3, H, W) tensors")
     return list(images)
-
-
-class Timer:
-    """Elapsed seconds of a region: CUDA events on GPU (the GPU's own clock), ``perf_counter`` on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.cuda = device.type == "cuda"
-
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.start.record()
-        else:
-            self.begin = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.cuda:
-            self.end.record()
-            self.end.synchronize()
-            self.seconds = self.start.elapsed_time(self.end) / 1000
-        else:
-            self.seconds = time.perf_counter() - self.begin
 
 
 def measure_fps(

@@ -20,7 +20,11 @@ from typing import Any
 import torch
 
 from sparse_detr.analysis.fps import FpsResult, measure_fps
+from sparse_detr.checkpoint import load_for_inference
+from sparse_detr.config import apply_overrides, get_preset
 from sparse_detr.errors import SparseDetrError
+from sparse_detr.models import build_model
+from sparse_detr.models.fast_inference import prepare_for_inference
 from sparse_detr.utils.precision import check_amp
 
 
@@ -38,15 +42,10 @@ class ModelSpec:
 
     def config(self):
         """The configuration of a preset model (not of a checkpoint)."""
-        from sparse_detr.config import apply_overrides, get_preset
-
         return apply_overrides(get_preset(self.preset, self.backbone), self.overrides)
 
     def build(self, device: str | torch.device = "cpu"):
         """The detector, in eval mode on ``device``."""
-        from sparse_detr.checkpoint import load_for_inference
-        from sparse_detr.models import build_model
-
         if self.checkpoint is not None:
             model = load_for_inference(self.checkpoint, device, self.overrides, preset=self.preset).model
         else:
@@ -86,8 +85,6 @@ class Timing:
     def measure(self, model, images: list[torch.Tensor]) -> list[FpsResult]:
         """:func:`~sparse_detr.analysis.fps.measure_fps` of ``model`` at every batch size, in this process
         (``model`` is prepared for inference in place: measure it last)."""
-        from sparse_detr.models.fast_inference import prepare_for_inference
-
         if self.threads:
             torch.set_num_threads(self.threads)
         runner = prepare_for_inference(model, self.amp, self.compile, self.fast)

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from sparse_detr.analysis.fps import Timer
 from sparse_detr.errors import UsageError
 from sparse_detr.ops import load_backend, ms_deform_attn
+from sparse_detr.utils.timer import Timer
 
 logger = logging.getLogger(__name__)
 

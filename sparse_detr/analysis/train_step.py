@@ -12,13 +12,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from sparse_detr.analysis.fps import Timer
 from sparse_detr.config import Config, get_preset, train_recipe
 from sparse_detr.engine.optim import build_optimizer
 from sparse_detr.engine.step import train_step
 from sparse_detr.models import build_criterion, build_model
 from sparse_detr.utils.io import check_writable
 from sparse_detr.utils.report import write_table
+from sparse_detr.utils.timer import Timer
 
 logger = logging.getLogger(__name__)
 

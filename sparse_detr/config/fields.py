@@ -110,7 +110,7 @@ def check_fields(instance) -> None:
     """Check every field of a configuration dataclass ``instance`` with :func:`check_field`, storing the
     converted values (a list as a tuple, an integer as a float)."""
     for name in field_names(type(instance)):
-        setattr(instance, name, check_field(type(instance), name, getattr(instance, name)))
+        object.__setattr__(instance, name, check_field(type(instance), name, getattr(instance, name)))  # frozen too
 
 
 def _checked(kind: Any, value: Any) -> Any:
@@ -145,5 +145,6 @@ def _describe(kind: Any) -> str:
         options = [_describe(option) for option in typing.get_args(kind) if option is not type(None)]
         return " or ".join(options) + (" (or left unset)" if type(None) in typing.get_args(kind) else "")
     if origin is tuple:
-        return f"a list of {_describe(typing.get_args(kind)[0])}s"
+        item = _describe(typing.get_args(kind)[0]).removeprefix("a ").removeprefix("an ")
+        return f"a list of {item}s"
     return {str: "a string", bool: "true or false", int: "an integer", float: "a number"}.get(kind, str(kind))

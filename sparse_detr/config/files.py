@@ -59,6 +59,14 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return _from_dict(Config, data, "")
 
 
+TOMLDecodeError = tomllib.TOMLDecodeError
+
+
+def parse_toml(text: str) -> dict[str, Any]:
+    """The TOML document ``text`` (raises :data:`TOMLDecodeError`); Python 3.10 reads it with ``tomli``."""
+    return tomllib.loads(text)
+
+
 def load_toml(path: str | Path, kind: str = "config file") -> dict[str, Any]:
     """The parsed TOML file ``path``; a missing or malformed file raises :class:`ConfigError` naming it
     (``kind`` says what the file is for)."""

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from sparse_detr.data.coco import resolve_coco_root
+from sparse_detr.data.synthetic import MANIFEST_NAME, make_synthetic_dataset, synthetic_splits
 from sparse_detr.errors import ConfigError
 
 
@@ -49,9 +51,6 @@ class DataSource:
             ConfigError: explicit paths are incomplete.
             FileNotFoundError: the COCO root lacks a part (named).
         """
-        from sparse_detr.data.coco import resolve_coco_root
-        from sparse_detr.data.synthetic import MANIFEST_NAME, make_synthetic_dataset, synthetic_splits
-
         if self.root is not None:
             if (Path(self.root) / MANIFEST_NAME).is_file():
                 return DataSplits(*synthetic_splits(self.root))

@@ -25,6 +25,7 @@ from sparse_detr.models import DeformableDETR
 from sparse_detr.models.backbone_weights import BackboneWeights, check_backbone_trainable, resolve_backbone_weights
 from sparse_detr.utils.io import file_sha256
 from sparse_detr.utils.state_dict import format_keys
+from sparse_detr.zoo import resolve_checkpoint
 
 CLASS_HEAD = "class_embed"  # every classification head's parameters carry this in their name
 BACKBONE = "backbone."  # the backbone's parameters and buffers start with this
@@ -73,7 +74,6 @@ def resolve_initial_weights(config: Config, init: str | None = None) -> InitialW
     if init is None:
         check_backbone_trainable(config.model)
         return InitialWeights(backbone=resolve_backbone_weights(config.model))
-    from sparse_detr.zoo import resolve_checkpoint
 
     path = resolve_checkpoint(init)
     source_backbone = checkpoint_config(read_checkpoint(path), path).model.backbone
@@ -93,8 +93,6 @@ def resolve_initial_weights(config: Config, init: str | None = None) -> InitialW
 def init_model_config(init: str) -> Config:
     """The architecture of the checkpoint ``init`` (a file, run folder or zoo name): a fine-tuning run's
     model unless a preset is given."""
-    from sparse_detr.zoo import resolve_checkpoint
-
     path = resolve_checkpoint(init)
     return checkpoint_config(read_checkpoint(path), path)
 

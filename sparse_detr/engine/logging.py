@@ -14,6 +14,10 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
+
 from sparse_detr.errors import ConfigError
 from sparse_detr.utils.io import atomic_write_text
 
@@ -109,9 +113,6 @@ class Progress:
         self._start, self._start_done = time.perf_counter(), done
         if not self.rich:
             return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-        from rich.progress import Progress as RichProgress
 
         self._bar = RichProgress(
             TextColumn(f"epoch {epoch + 1}/{epochs}"),

@@ -11,6 +11,7 @@ from typing import Any
 
 from sparse_detr.checkpoint import category_differences, stored_categories
 from sparse_detr.config import Config, TrainConfig, config_from_dict, config_to_dict
+from sparse_detr.data import scaled_sizes
 from sparse_detr.errors import ConfigError, UsageError
 
 # fields that may differ between a run and the checkpoint it resumes
@@ -24,8 +25,6 @@ def check_input_size(model_config: Config, train_config: TrainConfig) -> None:
     Raises:
         ConfigError: naming the image size to use instead.
     """
-    from sparse_detr.data import scaled_sizes
-
     model = model_config.model
     if not model.two_stage:
         return

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from sparse_detr.config import (
     DEFAULT_PRESET,
     Config,
@@ -33,6 +35,7 @@ from sparse_detr.config import (
     train_config_to_dict,
     train_recipe,
 )
+from sparse_detr.config.files import TOMLDecodeError, parse_toml
 from sparse_detr.data.source import DataSource
 from sparse_detr.errors import ConfigError
 
@@ -57,8 +60,6 @@ class RunConfig:
 
     def to_toml(self) -> str:
         """The config file that gives this run back (unset optional fields are left out)."""
-        import tomli_w
-
         model = config_to_dict(self.config)
         document = {
             "preset": self.preset,
@@ -112,18 +113,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 def parse_set(item: str) -> tuple[str, Any]:
     """One ``--set key=value``: the value is read as a TOML value (``1e-4``, ``true``, ``[1, 2]``,
     ``"text"``), or as a plain string when it is none (``swin-t``)."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-
     key, equals, text = item.partition("=")
     key, text = key.strip(), text.strip()
     if not equals or not key:
         raise ConfigError(f"--set expects key=value such as model.keep_ratio=0.2, got {item!r}")
     try:
-        value = tomllib.loads(f"value = {text}")["value"]
-    except tomllib.TOMLDecodeError:
+        value = parse_toml(f"value = {text}")["value"]
+    except TOMLDecodeError:
         value = text
     return key, check_setting(key, value, "--set ")
 

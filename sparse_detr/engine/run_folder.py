@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sparse_detr.checkpoint import CHECKPOINT_NAME
-from sparse_detr.config import load_toml
+from sparse_detr.config.files import load_toml, parse_toml
 from sparse_detr.data.annotations import category_label_map
 from sparse_detr.data.source import DataSource
 from sparse_detr.engine.run_config import CONFIG_FILE_NAME, RunConfig
@@ -150,21 +150,13 @@ def run_differences(run_config: RunConfig, folder: Path) -> dict[str, tuple[Any,
     if not stored_file.is_file():
         return None
     stored = _comparable(load_toml(stored_file, "run configuration"))
-    current = _comparable(_parse_toml(run_config.to_toml()))
+    current = _comparable(parse_toml(run_config.to_toml()))
     keys = [*current, *(key for key in stored if key not in current)]
     return {
         key: (stored.get(key), current.get(key))
         for key in keys
         if key not in _IGNORED_KEYS and stored.get(key) != current.get(key)
     }
-
-
-def _parse_toml(text: str) -> dict[str, Any]:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    return tomllib.loads(text)
 
 
 def _comparable(document: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,14 @@
 """Detector checkpoints: this project's files and the released official ones (SPEC §8).
 
+This module owns the format. This project's file is a dict: ``format`` (``"sparse_detr"``), ``version``
+(:data:`VERSION`; a newer one is refused), ``config`` (the model and loss, :func:`config_to_dict`), ``model``
+(the state dict), and, when given, ``categories`` (class label -> ``{"id", "name"}``) and ``train_config``
+(whose ``image_size`` is the size the model trained at). A training run's file adds its
+:class:`TrainingCheckpoint` entries (optimizer, schedule, scaler, position, generator states, sampler seed,
+initial weights). Files of older versions of this project load: renamed config fields are read under their new
+names (:mod:`sparse_detr.config.files`), and training entries they lacked take their defaults. Only plain
+containers and tensors are stored, so a file loads with ``weights_only``.
+
 An official file is ``{"model": state_dict, "args": argparse.Namespace, ...}`` whose state dict repeats
 every head under a second name (``transformer.decoder.class_embed.*``, …, and in the plain preset the
 shared head once per decoder layer) and keeps Swin-T in the Microsoft layout. :func:`load_model` checks
@@ -68,16 +77,60 @@ def checkpoint_file(path: str | Path, what: str = "checkpoint") -> Path:
     return found
 
 
-def save_checkpoint(path: str | Path, model: DeformableDETR, **extra: Any) -> Path:
-    """Write ``model`` (config and state dict) and ``extra`` entries (optimizer, epoch, …) atomically: on a
-    full disk the previous file stays and the error says so."""
-    content = {
-        "format": FORMAT,
-        "version": VERSION,
-        "config": config_to_dict(model.config),
-        "model": model.state_dict(),
-        **extra,
-    }
+@dataclass(frozen=True)
+class TrainingCheckpoint:
+    """What a training run's checkpoint stores beside its model, to resume it exactly: the state dicts of the
+    optimizer, the learning-rate schedule and the fp16 loss scaler; the position (the next batch is batch
+    ``iteration`` of epoch ``epoch``, both from 0, after ``step`` optimizer steps); ``rng``, one entry per
+    process (torch, CUDA, numpy and Python generator states); ``sampler`` (its seed: the data order follows
+    from seed and position); and where the run's weights started (``initial_weights``)."""
+
+    optimizer: dict[str, Any]
+    lr_scheduler: dict[str, Any]
+    scaler: dict[str, Any]
+    epoch: int = 0
+    iteration: int = 0
+    step: int = 0
+    rng: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    sampler: dict[str, Any] = dataclasses.field(default_factory=dict)
+    initial_weights: dict[str, Any] | None = None
+
+    @classmethod
+    def from_content(cls, content: Mapping[str, Any], path: str | Path) -> TrainingCheckpoint:
+        """The training entries of a file :func:`read_checkpoint` read (older files lack some: they take their
+        defaults).
+
+        Raises:
+            CheckpointError: the file holds a model but no training state (a released checkpoint, or one
+                saved for inference), so there is nothing to resume.
+        """
+        missing = [name for name in ("optimizer", "lr_scheduler", "scaler") if name not in content]
+        if missing:
+            raise CheckpointError(
+                f"{path} holds a model but no training state ({', '.join(missing)}): it cannot be resumed; "
+                f"start a new run from its weights with --init {path}"
+            )
+        return cls(**{field.name: content[field.name] for field in dataclasses.fields(cls) if field.name in content})
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: DeformableDETR,
+    training: TrainingCheckpoint | None = None,
+    categories: Mapping[int, Mapping[str, Any]] | None = None,
+    train_config: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (config and state dict), the ``categories`` it predicts, the ``train_config`` it trained
+    with and, for a training run, its ``training`` state, atomically: on a full disk the previous file stays
+    and the error says so."""
+    content = {"format": FORMAT, "version": VERSION, "config": config_to_dict(model.config)}
+    content["model"] = model.state_dict()
+    if training is not None:  # not dataclasses.asdict: it would deep-copy every optimizer tensor
+        content.update({field.name: getattr(training, field.name) for field in dataclasses.fields(training)})
+    if categories is not None:
+        content["categories"] = dict(categories)
+    if train_config is not None:
+        content["train_config"] = dict(train_config)
 
     def write(tmp: Path) -> None:
         # through a Python file: a failed write raises OSError with its errno (ENOSPC), where torch's own

@@ -246,6 +246,15 @@ def test_resume_refuses_other_categories(run_folder, synth, tmp_path):
     one_line(result, 2, "was trained on other categories", "--init")
 
 
+def test_resuming_a_checkpoint_without_training_state_says_to_start_from_it(synth, tmp_path):
+    """A file saved for inference (or a released one) holds weights but no optimizer state: --resume cannot
+    continue it, and says that --init starts a new run from its weights."""
+    model = build_model(apply_overrides(get_preset("tiny"), {"model.num_classes": len(SHAPES) + 1}))
+    weights = save_checkpoint(tmp_path / "weights.pth", model)
+    result = runner.invoke(app, train_command(synth, tmp_path / "run", "--resume", str(weights)))
+    one_line(result, 1, f"{weights} holds a model but no training state", f"--init {weights}")
+
+
 # -- options ------------------------------------------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_backbone import OFFICIAL, swin_to_official
 
-from sparse_detr.checkpoint import load_model, read_checkpoint, save_checkpoint
+from sparse_detr.checkpoint import TrainingCheckpoint, load_model, read_checkpoint, save_checkpoint
 from sparse_detr.config import config_to_dict, get_preset
 from sparse_detr.models.detector import build_model, pad_images
 
@@ -82,9 +82,7 @@ def official_state_dict(model, config_file: str) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     if model.config.model.backbone == "swin-t":
         body = swin_to_official({k.removeprefix(BODY): v for k, v in state.items() if k.startswith(BODY)})
-        state = {k: v for k, v in state.items() if not k.startswith(BODY)} | {
-            BODY + k: v for k, v in body.items()
-        }
+        state = {k: v for k, v in state.items() if not k.startswith(BODY)} | {BODY + k: v for k, v in body.items()}
     for line in (OFFICIAL / f"aliases_{config_file}.txt").read_text().splitlines():
         alias, canonical = line.split("\t")
         state[alias] = state[canonical].clone()
@@ -127,9 +125,7 @@ def official_file(request, tmp_path_factory):
 def padded_pair():
     """Two images padded into one batch, large enough for 300 two-stage queries (510 tokens)."""
     generator = torch.Generator().manual_seed(0)
-    return pad_images(
-        [torch.randn(3, 128, 160, generator=generator), torch.randn(3, 96, 192, generator=generator)]
-    )
+    return pad_images([torch.randn(3, 128, 160, generator=generator), torch.randn(3, 96, 192, generator=generator)])
 
 
 @pytest.mark.slow
@@ -236,7 +232,8 @@ def tiny_model():
 
 
 def test_own_checkpoint_round_trip(tiny_model, tmp_path):
-    path = save_checkpoint(tmp_path / "run" / "tiny.pth", tiny_model, epoch=3, optimizer={"lr": 1e-4})
+    training = TrainingCheckpoint(optimizer={"lr": 1e-4}, lr_scheduler={}, scaler={}, epoch=3)
+    path = save_checkpoint(tmp_path / "run" / "tiny.pth", tiny_model, training)
     content = read_checkpoint(path)
     assert (content["format"], content["version"], content["epoch"]) == ("sparse_detr", 1, 3)
     model = load_model(path)
@@ -275,9 +272,7 @@ def test_untrusted_objects_are_refused_unless_trusted(tiny_model, tmp_path):
             "note": Untrusted(),
         },
     )
-    with pytest.raises(
-        ValueError, match=r"holds test_checkpoint\.Untrusted object\(s\).*trust_checkpoint=True"
-    ):
+    with pytest.raises(ValueError, match=r"holds test_checkpoint\.Untrusted object\(s\).*trust_checkpoint=True"):
         load_model(path)
     assert load_model(path, trust_checkpoint=True).config == tiny_model.config
 

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from sparse_detr.checkpoint import read_checkpoint
+from sparse_detr.checkpoint import TrainingCheckpoint, read_checkpoint
 from sparse_detr.config import Config, TrainConfig
 from sparse_detr.data import CocoDetection, build_transforms, collate, eval_transform, scaled_sizes
 from sparse_detr.data.source import DataSource
@@ -62,7 +62,8 @@ class TrainingSession:
     info: distributed.DistInfo
     progress: Progress
     log: MetricsLog
-    checkpoint_extras: dict[str, Any]  # categories and initial weights, stored in every checkpoint
+    categories: dict[int, dict[str, Any]]  # label -> {"id", "name"}: the classes the model predicts
+    initial_weights: dict[str, Any] | None  # where the run's weights started (initial_weights.json)
     ddp: DistributedDataParallel | None = None
     signals: StopSignals = field(default_factory=StopSignals)
     good_checkpoint: Path | None = None  # the last checkpoint known to be good (the one to resume from)
@@ -98,6 +99,7 @@ def set_up(
     if info.is_main:
         _warn_boxes_beyond_queries(train_set, model_config.model.num_queries)
     checkpoint = read_checkpoint(resume_path) if resume_path else None
+    stored = TrainingCheckpoint.from_content(checkpoint, resume_path) if checkpoint is not None else None
     if checkpoint is not None:
         check_resumable(checkpoint, model_config, train_set.category_names, resume_path, config.allow_other_categories)
     torch.manual_seed(config.seed + info.rank)
@@ -110,16 +112,15 @@ def set_up(
     optimizer = build_optimizer(model, config, info.world_size)
     scaler = torch.amp.GradScaler(info.device.type, enabled=config.amp == "fp16")
     state = TrainingState(optimizer, build_scheduler(optimizer, config), scaler)
-    extras = {
-        # label -> (category id, name): lets predict/visualize name the classes of a checkpoint
-        "categories": {
-            label: {"id": int(category_id), "name": train_set.category_names[label]}
-            for label, category_id in train_set.label_to_category_id.items()
-        },
-        "initial_weights": checkpoint.get("initial_weights") if checkpoint is not None else initial_weights.to_dict(),
+    # label -> (category id, name): lets predict/visualize name the classes of a checkpoint
+    categories = {
+        label: {"id": int(category_id), "name": train_set.category_names[label]}
+        for label, category_id in train_set.label_to_category_id.items()
     }
-    if checkpoint is not None:
-        _restore(model, state, checkpoint, resume_path, config, info, progress)
+    started_from = stored.initial_weights if stored is not None else initial_weights.to_dict()
+    if stored is not None:
+        model.load_state_dict(checkpoint["model"])
+        _restore(state, stored, resume_path, config, info, progress)
     ddp = None
     if info.distributed:
         device_ids = [info.device.index] if info.device.type == "cuda" else None
@@ -149,20 +150,19 @@ def set_up(
     if info.is_main:
         run_config = RunConfig(model_config, config, _data_source(train_set, val_set))
         atomic_write_text(output_dir / CONFIG_FILE_NAME, run_config.to_toml())
-        atomic_write_text(output_dir / INITIAL_WEIGHTS_FILE, json.dumps(extras["initial_weights"], indent=2))
+        atomic_write_text(output_dir / INITIAL_WEIGHTS_FILE, json.dumps(started_from, indent=2))
     return TrainingSession(
         config, model, build_criterion(model_config).to(info.device), state, batches, train_loader, val_loader,
-        val_set, train_set.label_to_category_id, info, progress, log, extras, ddp,
+        val_set, train_set.label_to_category_id, info, progress, log, categories, started_from, ddp,
     )  # fmt: skip
 
 
-def _restore(model, state: TrainingState, checkpoint: dict[str, Any], path: Path, config, info, progress) -> None:
-    """Continue where ``checkpoint`` stopped: weights, optimizer state, position and generators."""
-    model.load_state_dict(checkpoint["model"])
-    changed = state.load_state_dict(checkpoint) + _move_lr_drop(state, config.lr_drop)
+def _restore(state: TrainingState, stored: TrainingCheckpoint, path: Path, config, info, progress) -> None:
+    """Continue where the checkpoint ``path`` stopped: optimizer state, position and generators."""
+    changed = state.restore(stored) + _move_lr_drop(state, config.lr_drop)
     if changed:
         progress.message(f"learning rates changed on resume: {', '.join(changed)}")
-    states = checkpoint.get("rng") or []
+    states = stored.rng
     if len(states) == info.world_size:
         set_rng_state(states[info.rank], info.device)
     else:  # another number of processes: a fresh but reproducible draw

@@ -1,13 +1,6 @@
 """A training run's state besides the model: where it stands, the optimizer, the learning-rate schedule and
-the fp16 loss scaler, saved into the checkpoint and restored from it in one place.
-
-A training checkpoint is a :func:`sparse_detr.checkpoint.save_checkpoint` file (so ``load_model`` reads it)
-with these extra entries: ``optimizer``, ``lr_scheduler``, ``scaler`` state dicts, ``epoch`` /
-``iteration`` (the position to resume at: batch ``iteration`` of epoch ``epoch``, both from 0), ``step``
-(optimizer steps so far), ``rng`` (one entry per process: torch, CUDA, numpy and Python generator states),
-``sampler`` (its seed; the data order follows from seed and position), ``train_config``, ``categories`` and
-``initial_weights``. Only plain containers and tensors are stored, so it loads with ``weights_only``.
-"""
+the fp16 loss scaler, turned into the checkpoint's :class:`~sparse_detr.checkpoint.TrainingCheckpoint` and
+restored from it in one place (the file format itself is :mod:`sparse_detr.checkpoint`'s)."""
 
 from __future__ import annotations
 
@@ -20,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sparse_detr.checkpoint import CHECKPOINT_NAME, checkpoint_file
+from sparse_detr.checkpoint import CHECKPOINT_NAME, TrainingCheckpoint, checkpoint_file
 
 
 @dataclass
@@ -42,26 +35,23 @@ class TrainingState:
     scaler: torch.amp.GradScaler
     position: Position = field(default_factory=Position)
 
-    def state_dict(self) -> dict[str, Any]:
-        """The checkpoint entries of this state."""
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "epoch": self.position.epoch,
-            "iteration": self.position.iteration,
-            "step": self.position.step,
-        }
+    def to_checkpoint(self, **entries: Any) -> TrainingCheckpoint:
+        """This state as a checkpoint's training entries, with the other ``entries`` (``rng``, ``sampler``,
+        ``initial_weights``)."""
+        return TrainingCheckpoint(
+            self.optimizer.state_dict(), self.scheduler.state_dict(), self.scaler.state_dict(),
+            self.position.epoch, self.position.iteration, self.position.step, **entries,
+        )  # fmt: skip
 
-    def load_state_dict(self, checkpoint: dict[str, Any]) -> list[str]:
-        """Restore from a checkpoint's entries. Learning rates configured differently from the stored run's
-        (say, lower ones after a divergence) replace them, at the point of the schedule the run had reached;
-        returns those changes, one ``"group old -> new"`` each."""
+    def restore(self, stored: TrainingCheckpoint) -> list[str]:
+        """Continue from a checkpoint's training entries. Learning rates configured differently from the
+        stored run's (say, lower ones after a divergence) replace them, at the point of the schedule the run had
+        reached; returns those changes, one ``"group old -> new"`` each."""
         configured = [group["lr"] for group in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["lr_scheduler"])
-        self.scaler.load_state_dict(checkpoint["scaler"])
-        self.position = Position(checkpoint["epoch"], checkpoint["iteration"], checkpoint["step"])
+        self.optimizer.load_state_dict(stored.optimizer)
+        self.scheduler.load_state_dict(stored.lr_scheduler)
+        self.scaler.load_state_dict(stored.scaler)
+        self.position = Position(stored.epoch, stored.iteration, stored.step)
         changed = []
         for group, rate in zip(self.optimizer.param_groups, configured):
             if not math.isclose(group["initial_lr"], rate):

@@ -275,15 +275,11 @@ def save(session: TrainingSession, collective: bool = True) -> None:
     if session.info.is_main:
         path = session.output_dir / CHECKPOINT_NAME
         try:
-            save_checkpoint(
-                path,
-                session.model,
-                **session.state.state_dict(),
-                rng=states,
-                sampler={"seed": session.config.seed},
-                train_config=train_config_to_dict(session.config),
-                **session.checkpoint_extras,
+            training = session.state.to_checkpoint(
+                rng=states, sampler={"seed": session.config.seed}, initial_weights=session.initial_weights
             )
+            train_config = train_config_to_dict(session.config)
+            save_checkpoint(path, session.model, training, session.categories, train_config)
         except OutputError as error:
             good = session.good_checkpoint
             kept = f"{good} (step {session.good_step}) is kept to resume from" if good else "no checkpoint was written"

@@ -21,8 +21,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from sparse_detr.checkpoint import Category
 from sparse_detr.config import get_preset
-from sparse_detr.export import OnnxDetector, export_onnx
+from sparse_detr.export import OnnxDetector, export_onnx, file_metadata
 from sparse_detr.models import build_model, prepare_for_inference
 from sparse_detr.utils.cpu import cpu_description
 
@@ -55,7 +56,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / f"{preset}.onnx"
             start = time.perf_counter()
-            export_onnx(model, path)
+            classes = {label: Category(label, f"class {label}") for label in range(model.config.model.num_classes)}
+            export_onnx(model, path, metadata=file_metadata(model, classes, min(height, width)))
             export_seconds = time.perf_counter() - start
             session = OnnxDetector(path, threads=args.threads)
             times = {"onnxruntime": median_seconds(partial(session, image, mask), args.iters)}

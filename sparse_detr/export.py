@@ -219,6 +219,16 @@ def _check_number(value: Any, name: str | Path, key: str, allowed: str, valid: C
         )
 
 
+def file_metadata(model: DeformableDETR, categories: Mapping[int, Category], image_size: int) -> dict[str, Any]:
+    """What an exported file stores for :class:`OnnxDetector` besides the graph (see :func:`read_metadata`):
+    the classes the model predicts and the image size it runs at."""
+    return {
+        "image_size": image_size,
+        "num_classes": model.config.model.num_classes,
+        "categories": {str(label): {"id": c.id, "name": c.name} for label, c in categories.items()},
+    }
+
+
 def read_metadata(stored: str | None, name: str | Path) -> dict[str, Any]:
     """The ``sparse_detr`` metadata of the exported file ``name``, checked: ``image_size`` a whole number of
     pixels in :data:`IMAGE_SIZES`, ``keep_ratio`` in [0, 1], ``categories`` a mapping of class labels
@@ -453,12 +463,7 @@ def export_checkpoint(
     path = resolve_checkpoint(checkpoint)
     loaded = load_for_inference(path, "cpu", trust_checkpoint=trust_checkpoint)
     model = loaded.model
-    metadata = {
-        "checkpoint": str(path),
-        "image_size": loaded.image_size,
-        "num_classes": model.config.model.num_classes,
-        "categories": {str(label): {"id": c.id, "name": c.name} for label, c in loaded.categories.items()},
-    }
+    metadata = {"checkpoint": str(path), **file_metadata(model, loaded.categories, loaded.image_size)}
     differences: dict[str, float] = {}
 
     def compare(tmp: Path) -> None:

@@ -71,33 +71,29 @@ def train_step(
         last = index == len(batches) - 1
         sync = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
         with sync:
-            batch_losses = _forward_backward(model, criterion, images, mask, targets, num_boxes, len(batches), scaler,
-                                             amp, index)  # fmt: skip
-        for key, value in batch_losses.items():
+            with autocast(device, amp):
+                outputs = _to_float32(model(images, mask))
+            loss, batch_losses, problem = _weighted_loss(criterion, outputs, targets, num_boxes, 1 / len(batches))
+            if distributed.any_process(problem is not None, device):
+                raise Diverged(problem or "another process's batch", index)
+            scaler.scale(loss).backward()  # fp16: scaled, unscaled before clipping
+        for key, value in {"loss": loss, **batch_losses}.items():
             additive = key == "loss" or key in criterion.weight_dict
-            losses[key] += value if additive else value / len(batches)
+            losses[key] += float(value.detach()) / (1 if additive else len(batches))
     return StepResult(dict(losses), _optimizer_step(_unwrapped(model), optimizer, scaler, device, max_norm))
 
 
-def _forward_backward(model, criterion, images, mask, targets, num_boxes, num_batches, scaler, amp, index):
-    """Backpropagate one batch's share of the step's weighted loss (scaled for fp16); returns its losses and
-    metrics as floats, ``loss`` being the weighted sum."""
-    device = images.device
-    with autocast(device, amp):
-        outputs = _to_float32(model(images, mask))
-    problem, losses, loss = None, {}, None
+def _weighted_loss(criterion, outputs, targets, num_boxes: float, batch_share: float):
+    """One batch's weighted loss, its unweighted losses and metrics, and what is not finite in them (None:
+    nothing; predictions that are not finite are not matched at all)."""
     if not all(bool(torch.isfinite(outputs[key]).all()) for key in ("pred_logits", "pred_boxes")):
-        problem = "the model's predictions"  # the matcher cannot match them
-    else:
-        losses = criterion(outputs, targets, num_boxes, batch_share=1 / num_batches)
-        loss = sum(criterion.weight_dict[key] * losses[key] for key in criterion.weight_dict)
-        if not bool(torch.isfinite(loss)):
-            bad = sorted(key for key, value in losses.items() if not bool(torch.isfinite(value).all()))
-            problem = f"the loss ({', '.join(bad) or 'the weighted sum'})"
-    if distributed.any_process(problem is not None, device):
-        raise Diverged(problem or "another process's batch", index)
-    scaler.scale(loss).backward()
-    return {"loss": float(loss.detach()), **{key: float(value.detach()) for key, value in losses.items()}}
+        return None, {}, "the model's predictions"
+    losses = criterion(outputs, targets, num_boxes, batch_share=batch_share)
+    loss = sum(criterion.weight_dict[key] * losses[key] for key in criterion.weight_dict)
+    if bool(torch.isfinite(loss)):
+        return loss, losses, None
+    bad = sorted(key for key, value in losses.items() if not bool(torch.isfinite(value).all()))
+    return loss, losses, f"the loss ({', '.join(bad) or 'the weighted sum'})"
 
 
 def _optimizer_step(model, optimizer, scaler, device, max_norm: float) -> float:

@@ -344,6 +344,27 @@ def test_clip_max_norm_zero_means_no_clipping():
         torch.testing.assert_close(value, never_reached[name], rtol=0, atol=0, msg=name)
 
 
+def test_train_one_epoch_takes_what_it_uses():
+    """An epoch runs from a model, its loss, a loader, the optimizer state and a recipe alone (no run folder,
+    no logs): a step per two batches, the position moved on, finite losses."""
+    from sparse_detr.data import collate
+    from sparse_detr.engine.state import TrainingState
+    from sparse_detr.engine.trainer import train_one_epoch
+
+    torch.manual_seed(0)
+    config = apply_overrides(get_preset("tiny"), {"model.backbone_norm": "frozen_bn"})
+    model, criterion = build_model(config), build_criterion(config)
+    recipe = train_recipe("tiny", batch_size=2, grad_accum=2, iters_per_epoch=4)
+    optimizer = build_optimizer(model, recipe)
+    state = TrainingState(optimizer, build_scheduler(optimizer, recipe), torch.amp.GradScaler("cpu", enabled=False))
+    sampler = EpochBatchSampler(_SameSizeImages(), 2, seed=3, max_batches=4, multiple_of=2)
+    loader = DataLoader(SeededSamples(_SameSizeImages()), batch_sampler=sampler, collate_fn=collate)
+    steps = list(train_one_epoch(model, criterion, loader, state, recipe, torch.device("cpu"), epoch=0))
+    assert [done.iteration for done in steps] == [2, 4]
+    assert (state.position.epoch, state.position.iteration, state.position.step) == (0, 4, 2)
+    assert all(math.isfinite(done.result.losses["loss"]) for done in steps)
+
+
 class _FirstStep(Exception):
     pass
 

@@ -33,6 +33,7 @@ class Diverged(Exception):
     def __init__(self, what: str, batch: int | None = None):
         super().__init__(what)
         self.what, self.batch = what, batch
+        self.where = ""  # where in the run, for the message: the training loop fills it in
 
 
 @dataclass(frozen=True)

@@ -2,24 +2,30 @@
 
 Reading order: :func:`train_run` (a resolved configuration) reads the data and calls :func:`train`, which
 sets the run up (:func:`~sparse_detr.engine.setup.set_up`, a :class:`~sparse_detr.engine.setup.TrainingSession`)
-and calls :func:`fit`, which runs :func:`train_one_epoch` per epoch, then checkpoints and evaluates; an epoch
-is a :func:`~sparse_detr.engine.step.train_step` per ``grad_accum`` batches. The same code runs in one process
-and under ``torchrun`` (one process per device, gloo on CPUs, NCCL on GPUs); only rank 0 writes to the
-output folder. A checkpoint is written only when its model is good (:func:`save`); Ctrl-C or SIGTERM stops
-the run after the step under way, with a checkpoint of it (:func:`_interrupted`).
+and calls :func:`fit`, which runs :func:`train_one_epoch` per epoch (with the run's progress, logs and
+checkpoints), then checkpoints and evaluates; an epoch is a :func:`~sparse_detr.engine.step.train_step` per
+``grad_accum`` batches. The same code runs in one process and under ``torchrun`` (one process per device,
+gloo on CPUs, NCCL on GPUs); only rank 0 writes to the output folder. A checkpoint is written only when its
+model is good (:func:`save`); Ctrl-C or SIGTERM stops the run after the step under way, with a checkpoint of
+it (:func:`_interrupted`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager as ContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from torch.utils.data import DataLoader
 
 from sparse_detr.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from sparse_detr.config import Config, TrainConfig, train_config_to_dict
@@ -32,9 +38,10 @@ from sparse_detr.engine.run_checks import check_input_size
 from sparse_detr.engine.run_config import RunConfig
 from sparse_detr.engine.run_folder import clear_run
 from sparse_detr.engine.setup import TrainingSession, build_datasets, set_up
-from sparse_detr.engine.state import Position, find_resume_path, rng_state
-from sparse_detr.engine.step import Diverged, batch_to, train_step
+from sparse_detr.engine.state import Position, TrainingState, find_resume_path, rng_state
+from sparse_detr.engine.step import Diverged, StepResult, batch_to, train_step
 from sparse_detr.errors import Interrupted, NonFiniteError, OutputError
+from sparse_detr.models import SetCriterion
 from sparse_detr.utils.device import resolve_device
 from sparse_detr.utils.io import atomic_write_text, check_writable
 from sparse_detr.utils.lock import folder_lock
@@ -131,7 +138,7 @@ def fit(session: TrainingSession, on_first_epoch: Callable[[float], None] | None
         metrics = evaluate_epoch(session, start.epoch, skip_if_done=True)  # killed before its evaluation
     for epoch in range(start.epoch, config.epochs):
         epoch_start = time.perf_counter()
-        train_one_epoch(session, epoch)
+        _train_epoch(session, epoch)
         with session.signals.deferred():  # schedule, position, statistics and checkpoint move on together
             session.state.end_epoch()
             distributed.average_buffers(session.model)
@@ -152,45 +159,90 @@ def _evaluation_due(config: TrainConfig, epochs_done: int) -> bool:
     return epochs_done % config.eval_every_epochs == 0 or epochs_done == config.epochs
 
 
-def train_one_epoch(session: TrainingSession, epoch: int) -> None:
-    """One epoch from the run's position (a resumed epoch skips the batches already done): a
-    :func:`~sparse_detr.engine.step.train_step` per ``grad_accum`` batches; logs a window of loss means every
-    ``log_every`` steps and checkpoints every ``checkpoint_every_iters`` steps."""
-    config, state, device = session.config, session.state, session.device
+@dataclass(frozen=True)
+class StepDone:
+    """An optimizer step of an epoch, done: its result, the batches of the epoch done after it
+    (``iteration``), the seconds it waited for data, and its last batch's images and mask."""
+
+    result: StepResult
+    iteration: int
+    data_seconds: float
+    last_batch: tuple[torch.Tensor, torch.Tensor]
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: SetCriterion,
+    loader: DataLoader,
+    state: TrainingState,
+    recipe: TrainConfig,
+    device: torch.device,
+    epoch: int,
+    deferred: Callable[[], ContextManager] = contextlib.nullcontext,
+) -> Iterator[StepDone]:
+    """Train epoch ``epoch`` from ``state.position`` (a resumed epoch skips the batches already done): a
+    :func:`~sparse_detr.engine.step.train_step` per ``recipe.grad_accum`` batches of ``loader`` (whose batch
+    sampler serves whole steps), the position moved on after each. ``model`` is the module whose forward trains
+    (DDP's wrapper when distributed).
+
+    Yields after every step, still inside ``deferred()``: a stop signal waits for the step and for what the
+    caller does with it (log it, checkpoint).
+
+    Raises:
+        Diverged: with ``where`` (the epoch and batch, or the step) filled in.
+    """
     skip = state.position.iteration if epoch == state.position.epoch else 0
-    session.batches.set_epoch(epoch, skip)
-    session.train_model.train()
-    session.progress.start_epoch(epoch, config.epochs, session.batches.num_batches, skip)
-    window: dict[str, float] = defaultdict(float)
-    window_steps, tic = 0, time.perf_counter()
-    data_tic = tic
-    for first, batches in _step_batches(enumerate(session.train_loader, start=skip), config.grad_accum):
-        with session.signals.deferred():  # Ctrl-C waits for the step, its position, log line and checkpoint
-            window["data_time"] += time.perf_counter() - data_tic
+    loader.batch_sampler.set_epoch(epoch, skip)
+    model.train()
+    data_tic = time.perf_counter()
+    for first, batches in _step_batches(enumerate(loader, start=skip), recipe.grad_accum):
+        with deferred():
+            data_seconds = time.perf_counter() - data_tic
             batches = [batch_to(batch, device) for batch in batches]
-            session.last_batch = batches[-1][:2]
             try:
-                result = train_step(session.train_model, session.criterion, batches, state.optimizer, state.scaler,
-                                    device, config.clip_max_norm, config.amp)  # fmt: skip
+                result = train_step(model, criterion, batches, state.optimizer, state.scaler, device,
+                                    recipe.clip_max_norm, recipe.amp)  # fmt: skip
             except Diverged as diverged:
-                where = f"step {state.position.step + 1}" if diverged.batch is None else (
+                diverged.where = f"step {state.position.step + 1}" if diverged.batch is None else (
                     f"epoch {epoch + 1}, batch {first + diverged.batch + 1}"
                 )  # fmt: skip
-                _stop(session, diverged.what, where)
-            for key, value in result.losses.items():
-                window[key] += value
-            window["grad_norm"] += result.grad_norm
-            window_steps += 1
-            iteration = first + len(batches)
-            state.position = Position(epoch, iteration, state.position.step + 1)
-            session.progress.update(iteration, result.losses["loss"], state.optimizer.param_groups[0]["lr"])
-            if state.position.step % config.log_every == 0 or iteration == session.batches.num_batches:
-                _log_window(session, window, window_steps, time.perf_counter() - tic)
-                window, window_steps, tic = defaultdict(float), 0, time.perf_counter()
-            every = config.checkpoint_every_iters
-            if every and state.position.step % every == 0 and iteration < session.batches.num_batches:
-                save(session)
+                raise
+            state.position = Position(epoch, first + len(batches), state.position.step + 1)
+            yield StepDone(result, first + len(batches), data_seconds, batches[-1][:2])
         data_tic = time.perf_counter()
+
+
+def _train_epoch(session: TrainingSession, epoch: int) -> None:
+    """:func:`train_one_epoch` with the run's reports: the progress, a window of loss means every
+    ``log_every`` steps, a checkpoint every ``checkpoint_every_iters`` steps; Ctrl-C waits for each step and
+    its reports."""
+    config, state, num_batches = session.config, session.state, session.batches.num_batches
+    skip = state.position.iteration if epoch == state.position.epoch else 0
+    session.progress.start_epoch(epoch, config.epochs, num_batches, skip)
+    window: dict[str, float] = defaultdict(float)
+    window_steps, tic = 0, time.perf_counter()
+    steps = train_one_epoch(session.train_model, session.criterion, session.train_loader, state, config,
+                            session.device, epoch, session.signals.deferred)  # fmt: skip
+    with contextlib.closing(steps):  # a step's reports that fail leave no step half-deferred
+        try:
+            for done in steps:
+                session.last_batch = done.last_batch
+                window["data_time"] += done.data_seconds
+                for key, value in done.result.losses.items():
+                    window[key] += value
+                window["grad_norm"] += done.result.grad_norm
+                window_steps += 1
+                session.progress.update(
+                    done.iteration, done.result.losses["loss"], state.optimizer.param_groups[0]["lr"]
+                )
+                if state.position.step % config.log_every == 0 or done.iteration == num_batches:
+                    _log_window(session, window, window_steps, time.perf_counter() - tic)
+                    window, window_steps, tic = defaultdict(float), 0, time.perf_counter()
+                every = config.checkpoint_every_iters
+                if every and state.position.step % every == 0 and done.iteration < num_batches:
+                    save(session)
+        except Diverged as diverged:
+            _stop(session, diverged.what, diverged.where)
     session.progress.end_epoch()
 
 

@@ -343,6 +343,7 @@ def _record_sweep(sweep: Sweep) -> None:
 def run_ablation(
     sweep: Sweep,
     shard: tuple[int, int] = (0, 1),
+    *,
     source: str = "the experiment file",
     asked: frozenset[str] | set[str] = frozenset(),
 ):

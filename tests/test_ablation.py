@@ -327,3 +327,40 @@ def test_a_run_another_process_holds_is_skipped(mini, monkeypatch, library_lines
         holder.kill()
         holder.wait()
         result_file.write_bytes(stored)
+
+
+@pytest.mark.slow
+def test_status_says_where_every_run_stands(mini, monkeypatch):
+    """`sdetr ablate --status` starts nothing: done runs with their AP, a run another process holds as running
+    (naming it), one with a checkpoint and no result as interrupted."""
+    from sparse_detr.ablation.status import sweep_status
+
+    path, sweep, _ = mini
+    monkeypatch.setattr(engine, "train", _forbid("training"))
+    table = sweep_status(sweep)
+    assert list(table["state"]) == ["done"] * 4 and table["AP"].notna().all()
+    assert list(table["epoch"]) == [1] * 4
+
+    held, interrupted = sweep.run_root / "baseline" / "seed3", sweep.run_root / "dam-rho0.3" / "seed4"
+    stored = {folder: (folder / "result.json").read_bytes() for folder in (held, interrupted)}
+    for folder in stored:
+        (folder / "result.json").unlink()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom sparse_detr.utils.lock import folder_lock\n"
+         "with folder_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n", str(held)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        rows = {(row.run, row.seed): row for row in sweep_status(sweep).itertuples()}
+        assert rows["baseline", 3].state == "running" and f"process {holder.pid}" in rows["baseline", 3].detail
+        assert rows["dam-rho0.3", 4].state == "interrupted" and rows["dam-rho0.3", 3].state == "done"
+        result = runner.invoke(app, ["ablate", str(path), "--status"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        assert "2 of 4 runs done" in result.output and "running" in result.output and "interrupted" in result.output
+    finally:
+        holder.kill()
+        holder.wait()
+        for folder, data in stored.items():
+            (folder / "result.json").write_bytes(data)
+    assert not (sweep.report_dir / "status").exists()

@@ -296,7 +296,17 @@ def _stored_sweep(report_dir: Path) -> dict[str, Any] | None:
 
 
 def claim_report_folder(sweep: Sweep, chosen: bool = False, force: bool = False) -> Sweep:
-    """``sweep`` placed where it writes into no other sweep's report, its own recorded there (``sweep.toml``).
+    """``sweep`` placed by :func:`place_sweep`, its folder checked to be writable and the sweep recorded there
+    (``sweep.toml``)."""
+    placed = place_sweep(sweep, chosen, force)
+    check_writable(placed.report_dir)
+    _record_sweep(placed)
+    return placed
+
+
+def place_sweep(sweep: Sweep, chosen: bool = False, force: bool = False) -> Sweep:
+    """``sweep`` placed where it writes into no other sweep's report (nothing is written: ``--status`` finds a
+    sweep's folders this way).
 
     A report folder that records the same sweep (or is empty) is taken. One that holds another sweep's report:
     when its place was chosen (``chosen``: the user named it, or the sweep file sets ``output``) a
@@ -331,8 +341,6 @@ def claim_report_folder(sweep: Sweep, chosen: bool = False, force: bool = False)
             f"{sweep.report_dir} holds another sweep's report ({reason}): this one is {placed.name}, its report in "
             f"{placed.report_dir} (--name chooses another)"
         )
-    check_writable(placed.report_dir)
-    _record_sweep(placed)
     return placed
 
 
@@ -365,7 +373,7 @@ def run_ablation(
     for run, result in stored.items():
         if result is not None:
             check_same_settings(result, run_settings(sweep, run), result_path(sweep, run))
-    finished = [run for run, result in stored.items() if result is not None and _complete(run, result)]
+    finished = [run for run, result in stored.items() if result is not None and result_complete(run, result)]
     shard_text = f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""
     logger.info(f"ablation {sweep.name}{shard_text}: run folders in {sweep.run_root}, report in {sweep.report_dir}")
     for line in describe_plan(sweep, source, asked, runs, len(finished)):
@@ -380,7 +388,7 @@ def run_ablation(
         try:  # the run folder is locked while this process trains and measures it (shards run side by side)
             with StopSignals().installed(), folder_lock(run_train_config(sweep, run).output_dir):
                 stored[run] = read_result(result_path(sweep, run))  # another shard may have finished it since
-                if stored[run] is not None and _complete(run, stored[run]):
+                if stored[run] is not None and result_complete(run, stored[run]):
                     logger.info(f"{step}: finished by another process, skipped")
                     estimate.skip_run()
                     continue
@@ -410,7 +418,7 @@ def _say_first_epoch(estimate: TimeEstimate) -> Callable[[float], None]:
     return lambda seconds: logger.info(estimate.first_epoch(seconds))
 
 
-def _complete(run: Run, result: dict[str, Any]) -> bool:
+def result_complete(run: Run, result: dict[str, Any]) -> bool:
     """Whether a stored result holds every evaluation ``run`` asks for."""
     return set(run.eval_keep_ratios) <= set(_evaluations(result))
 

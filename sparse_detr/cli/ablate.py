@@ -42,6 +42,9 @@ def ablate(
     runs_dir: Path | None = typer.Option(None, help="Folder of the run folders (default runs/ablate/<name>)."),
     shard: str | None = typer.Option(None, help="I/N: run only the runs at positions p with p % N == I."),
     report_only: bool = typer.Option(False, "--report-only", help="Only rebuild the report from finished runs."),
+    status: bool = typer.Option(
+        False, "--status", help="Only say where each run stands (done, running, interrupted, not started)."
+    ),
     force: bool = typer.Option(
         False, "--force", help="Write into --name's report folder even though it holds another sweep's report."
     ),
@@ -62,10 +65,10 @@ def ablate(
     (default-2, ...) unless --name or --output chooses the folder.
     """
     changes = dict(locals())  # the options named after sweep fields, taken before anything else
-    for option in ("experiment", "shard", "report_only", "force"):
+    for option in ("experiment", "shard", "report_only", "status", "force"):
         del changes[option]
     from sparse_detr.ablation import SweepError, parse_shard, resolve_sweep, run_ablation, write_sweep_report
-    from sparse_detr.ablation.runner import claim_report_folder
+    from sparse_detr.ablation.runner import claim_report_folder, place_sweep
 
     for key, kind, option in (("rankings", str, "--criterion"), ("keep_ratios", float, "--rho"),
                               ("eval_keep_ratios", float, "--eval-rho")):  # fmt: skip
@@ -75,12 +78,23 @@ def ablate(
             changes[key] = tuple(parse_list(changes[key], kind, option) or ()) or None
     asked = {key for key, value in changes.items() if value is not None}
     sweep = resolve_sweep(experiment, **plain(changes))
+    chosen = name is not None or output is not None
+    if status:
+        from sparse_detr.ablation.status import sweep_status
+
+        sweep = place_sweep(sweep, chosen=chosen, force=force)
+        table = sweep_status(sweep)
+        for column in ("epoch", "iteration", "step"):  # whole numbers, "-" where the run has none yet
+            table[column] = [str(int(value)) if value == value else "-" for value in table[column]]
+        done = (table["state"] == "done").sum()
+        print_frame(table.drop(columns="folder"), f"ablation {sweep.name}: {done} of {len(table)} runs done")
+        console.print(f"run folders: {sweep.run_root}/<run>/seed<N>", highlight=False, soft_wrap=True)
+        return
     if report_only:
         report = write_sweep_report(sweep)
         if report is None:
             raise SweepError(f"no finished runs of {sweep.name} in {sweep.run_root}: run the sweep first")
     else:
-        chosen = name is not None or output is not None
         sweep = claim_report_folder(sweep, chosen=chosen, force=force)
         source = str(experiment) if experiment else "the default (sparse_detr/ablation/default.toml)"
         report = run_ablation(sweep, parse_shard(shard) if shard else (0, 1), source=source, asked=asked)

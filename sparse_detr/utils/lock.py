@@ -126,3 +126,26 @@ def _describe(holder: dict) -> str:
     if not holder:
         return "a process that has not said which yet"
     return f"process {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('since', '?')}"
+
+
+def lock_holder(folder: str | Path) -> str | None:
+    """Who holds ``folder``'s lock now (``"process 123 on host since ..."``), or None when no process does;
+    reads without taking the lock (a shared, non-blocking try that is released at once)."""
+    path = Path(folder) / LOCK_NAME
+    if fcntl is None or not path.is_file():
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return _describe(_read_holder(fd))
+        return None
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +33,27 @@ def save_tiny_checkpoint(path: str | Path, keep_ratio: float = 0.3) -> Path:
     inputs, as `sdetr train` stores one."""
     model = tiny_model({"model.num_classes": 4, "model.num_queries": 20, "model.keep_ratio": keep_ratio})
     return save_checkpoint(path, model, categories=TINY_CATEGORIES, train_config={"image_size": 64})
+
+
+_HOLD_LOCK = """import sys, time
+from sparse_detr.utils.lock import folder_lock
+with folder_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(folder: str | Path) -> Iterator[subprocess.Popen]:
+    """Another process holding ``folder``'s lock for the ``with`` block (it has the lock when the block
+    starts); killed with SIGKILL afterwards, as a crash would end it, so its lock file stays behind."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 @pytest.fixture

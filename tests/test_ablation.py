@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import lock_held_elsewhere
 from typer.testing import CliRunner
 
 from sparse_detr import engine
@@ -308,24 +307,17 @@ def test_a_run_another_process_holds_is_skipped(mini, monkeypatch, library_lines
     result_file = run_dir / "result.json"
     stored = result_file.read_bytes()
     result_file.unlink()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom sparse_detr.utils.lock import folder_lock\n"
-         "with folder_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n", str(run_dir)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
     try:
-        assert holder.stdout.readline().strip() == "held"
-        monkeypatch.setattr(engine, "train", _forbid("training"))
-        ablation.run_ablation(sweep)
-        logs = library_lines()
-        assert any(
-            line.startswith("[1/4] baseline (seed 3): skipped, ") and f"in use by another run: process {holder.pid}"
-            in line for line in logs
-        ), logs  # fmt: skip
-        assert not result_file.exists() and sum(line.endswith("finished, skipped") for line in logs) == 3
+        with lock_held_elsewhere(run_dir) as holder:
+            monkeypatch.setattr(engine, "train", _forbid("training"))
+            ablation.run_ablation(sweep)
+            logs = library_lines()
+            assert any(
+                line.startswith("[1/4] baseline (seed 3): skipped, ") and f"in use by another run: process {holder.pid}"
+                in line for line in logs
+            ), logs  # fmt: skip
+            assert not result_file.exists() and sum(line.endswith("finished, skipped") for line in logs) == 3
     finally:
-        holder.kill()
-        holder.wait()
         result_file.write_bytes(stored)
 
 
@@ -345,22 +337,17 @@ def test_status_says_where_every_run_stands(mini, monkeypatch):
     stored = {folder: (folder / "result.json").read_bytes() for folder in (held, interrupted)}
     for folder in stored:
         (folder / "result.json").unlink()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom sparse_detr.utils.lock import folder_lock\n"
-         "with folder_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n", str(held)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    report_files = sorted(sweep.report_dir.iterdir())
     try:
-        assert holder.stdout.readline().strip() == "held"
-        rows = {(row.run, row.seed): row for row in sweep_status(sweep).itertuples()}
-        assert rows["baseline", 3].state == "running" and f"process {holder.pid}" in rows["baseline", 3].detail
-        assert rows["dam-rho0.3", 4].state == "interrupted" and rows["dam-rho0.3", 3].state == "done"
-        result = runner.invoke(app, ["ablate", str(path), "--status"], env={"COLUMNS": "200"})
-        assert result.exit_code == 0, result.output
-        assert "2 of 4 runs done" in result.output and "running" in result.output and "interrupted" in result.output
+        with lock_held_elsewhere(held) as holder:
+            rows = {(row.run, row.seed): row for row in sweep_status(sweep).itertuples()}
+            assert rows["baseline", 3].state == "running" and f"process {holder.pid}" in rows["baseline", 3].detail
+            assert rows["dam-rho0.3", 4].state == "interrupted" and rows["dam-rho0.3", 3].state == "done"
+            result = runner.invoke(app, ["ablate", str(path), "--status"], env={"COLUMNS": "200"})
+            assert result.exit_code == 0, result.output
+            assert "2 of 4 runs done" in result.output and "running" in result.output
+            assert "interrupted" in result.output
     finally:
-        holder.kill()
-        holder.wait()
         for folder, data in stored.items():
             (folder / "result.json").write_bytes(data)
-    assert not (sweep.report_dir / "status").exists()
+    assert sorted(sweep.report_dir.iterdir()) == report_files  # --status wrote nothing

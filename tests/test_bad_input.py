@@ -29,7 +29,7 @@ import pytest
 import timm
 import tomli_w
 import torch
-from conftest import TINY_CATEGORIES, save_tiny_checkpoint, tiny_model
+from conftest import TINY_CATEGORIES, lock_held_elsewhere, save_tiny_checkpoint, tiny_model
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -608,6 +608,26 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_checkpoint_before(synth, tm
     assert read_checkpoint(out / "checkpoint.pth")["step"] == 2
 
 
+def signalled_sdetr(arguments: list[str], ready, waiting_for: str, signum: int, code: int, poll: float) -> str:
+    """Run ``sdetr arguments`` (one thread), send ``signum`` once ``ready()``, and return its error line,
+    checked: exit ``code``, no traceback, exactly one ``error:`` line (the rest of the output is progress)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "300"}
+    process = subprocess.Popen([str(SDETR), *arguments], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not ready():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, waiting_for
+        time.sleep(poll)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, (stdout, stderr)
+    assert "Traceback" not in stdout + stderr
+    errors = [line for line in stdout.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stdout
+    return errors[0]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "signum, code, name", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")], ids=["SIGINT", "SIGTERM"]
@@ -619,24 +639,13 @@ def test_a_signal_in_the_first_epoch_of_sdetr_train_leaves_a_checkpoint_to_resum
     arguments = ["train", "--preset", "tiny", "--data", str(synth), "--epochs", "1", "--batch-size", "2",
                  "--image-size", str(IMAGE_SIZE), "--workers", "0", "--set", "train.log_every=1",
                  "--output-dir", str(out)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "300"}
-    process = subprocess.Popen([str(SDETR), *arguments], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=env)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "sdetr train never logged its first step"
-        time.sleep(0.05)
-    process.send_signal(signum)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == code, (stdout, stderr)
-    assert "Traceback" not in stdout + stderr
-    errors = [line for line in stdout.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, stdout
+    metrics = out / "metrics.jsonl"
+    error = signalled_sdetr(arguments, lambda: metrics.is_file() and bool(metrics.read_text().strip()),
+                            "sdetr train never logged its first step", signum, code, poll=0.05)  # fmt: skip
     checkpoint = read_checkpoint(out / "checkpoint.pth")
     step = checkpoint["step"]
     assert checkpoint["epoch"] == 0 and 1 <= step < 10
-    assert errors[0] == (f"error: training stopped by {name} in epoch 1 after batch {step} of 10 (step {step}); "
+    assert error == (f"error: training stopped by {name} in epoch 1 after batch {step} of 10 (step {step}); "
                          f"{out / 'checkpoint.pth'} holds step {step}: run the same command again to resume "
                          f"(or add --resume {out})")  # fmt: skip
 
@@ -791,19 +800,10 @@ def workspace(finished, tmp_path, monkeypatch, one_thread):
     return copy
 
 
-HOLD = "import sys, time\nfrom sparse_detr.utils.lock import folder_lock\nwith folder_lock(sys.argv[1]):\n" \
-       "    print('locked', flush=True)\n    time.sleep(600)\n"  # fmt: skip
-
-
 def test_a_run_folder_in_use_stops_a_second_train_and_a_killed_holder_never_blocks(workspace):
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, "runs/tiny"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere("runs/tiny") as holder:  # killed after: its lock file stays behind
         result = runner.invoke(app, TRAIN)
         one_line(result, 1, f"runs/tiny is in use by another run: process {holder.pid} on {socket.gethostname()} since")
-    finally:
-        holder.kill()  # SIGKILL: its lock file stays behind
-        holder.wait()
     assert json.loads((workspace / "runs/tiny" / LOCK_NAME).read_text())["pid"] == holder.pid
     with pytest.warns(UserWarning, match=f"runs/tiny: taking over the lock that process {holder.pid} on"):
         text = ok(runner.invoke(app, TRAIN))
@@ -838,15 +838,10 @@ def test_only_rank_0_takes_the_lock_and_an_unused_new_folder_is_not_left(tmp_pat
 
 
 def test_folder_in_use_error_names_the_folder_and_the_holder(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(tmp_path) as holder:
         with pytest.raises(FolderInUseError, match=f"{tmp_path} is in use by another sweep: process {holder.pid}"):
             with folder_lock(tmp_path, what="sweep"):
                 pass
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_the_default_folder_resumes_the_same_run_and_numbers_another_configuration(workspace):
@@ -1467,26 +1462,19 @@ def test_an_interrupted_predict_writes_what_finished_and_says_what_did_not(tmp_p
         os.utime(path, (mtime - 2 * 86400, mtime))  # read -> the access time moves (relatime)
     checkpoint = save_tiny_checkpoint(tmp_path / "tiny.pth")
     out = tmp_path / "detections.json"
-    command = [str(SDETR), "predict", str(images), "--checkpoint", str(checkpoint), "--out", str(out),
-               "--threshold", "0", "--device", "cpu"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 120
-    while paths[1].stat().st_atime < paths[1].stat().st_mtime - 86400:  # the second image read: the first done
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "predict never reached the second image"
-        time.sleep(0.002)
-    process.send_signal(signum)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == code, (stdout, stderr)
-    assert "Traceback" not in stdout + stderr
-    errors = [line for line in stdout.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, stdout
+    arguments = ["predict", str(images), "--checkpoint", str(checkpoint), "--out", str(out), "--threshold", "0",
+                 "--device", "cpu"]  # fmt: skip
+
+    def second_image_read() -> bool:  # so the first image is done
+        return paths[1].stat().st_atime >= paths[1].stat().st_mtime - 86400
+
+    error = signalled_sdetr(arguments, second_image_read, "predict never reached the second image", signum, code,
+                            poll=0.002)  # fmt: skip
     finished = sorted({Path(result["file_name"]).name for result in json.loads(out.read_text())})
     count = len(finished)
     assert 1 <= count < len(paths) and finished == [path.name for path in paths[:count]]
-    assert f"wrote the detections of {count} of {len(paths)} images to {out}" in errors[0]
-    assert f"the other {len(paths) - count}, from {paths[count]} on, were not run" in errors[0]
+    assert f"wrote the detections of {count} of {len(paths)} images to {out}" in error
+    assert f"the other {len(paths) - count}, from {paths[count]} on, were not run" in error
     assert not list(tmp_path.glob(".*.tmp"))
 
 

@@ -25,6 +25,11 @@ class Position:
     iteration: int = 0
     step: int = 0
 
+    def batches_done(self, epoch: int) -> int:
+        """The batches of ``epoch`` trained already: this position's in its own epoch (a resumed one), none
+        in a later one."""
+        return self.iteration if epoch == self.epoch else 0
+
 
 @dataclass
 class TrainingState:

@@ -191,7 +191,7 @@ def train_one_epoch(
     Raises:
         Diverged: with ``where`` (the epoch and batch, or the step) filled in.
     """
-    skip = state.position.iteration if epoch == state.position.epoch else 0
+    skip = state.position.batches_done(epoch)
     loader.batch_sampler.set_epoch(epoch, skip)
     model.train()
     data_tic = time.perf_counter()
@@ -217,7 +217,7 @@ def _train_epoch(session: TrainingSession, epoch: int) -> None:
     ``log_every`` steps, a checkpoint every ``checkpoint_every_iters`` steps; Ctrl-C waits for each step and
     its reports."""
     config, state, num_batches = session.config, session.state, session.batches.num_batches
-    skip = state.position.iteration if epoch == state.position.epoch else 0
+    skip = state.position.batches_done(epoch)
     session.progress.start_epoch(epoch, config.epochs, num_batches, skip)
     window: dict[str, float] = defaultdict(float)
     window_steps, tic = 0, time.perf_counter()

@@ -56,6 +56,9 @@ JobCompType=jobcomp/none
 PreemptType=preempt/none
 KillWait=10
 MinJobAge=300
+# a requeued job may start again after 10 s (Slurm's default: 120)
+AuthInfo=cred_expire=10
+DefMemPerCPU=$(( memory / cpus ))
 NodeName=$host CPUs=$cpus RealMemory=$memory State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF

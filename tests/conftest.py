@@ -35,6 +35,19 @@ def save_tiny_checkpoint(path: str | Path, keep_ratio: float = 0.3) -> Path:
     return save_checkpoint(path, model, categories=TINY_CATEGORIES, train_config={"image_size": 64})
 
 
+def one_line(result, code: int, *fragments: str) -> str:
+    """The error line of a CLI ``result`` that exited with ``code``, checked to hold ``fragments``."""
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    text = " ".join(result.output.split())
+    for fragment in fragments:
+        assert fragment in text, (fragment, result.output)
+    return errors[0]
+
+
 _HOLD_LOCK = """import sys, time
 from sparse_detr.utils.lock import folder_lock
 with folder_lock(sys.argv[1]):

@@ -29,7 +29,7 @@ import pytest
 import timm
 import tomli_w
 import torch
-from conftest import TINY_CATEGORIES, lock_held_elsewhere, save_tiny_checkpoint, tiny_model
+from conftest import TINY_CATEGORIES, lock_held_elsewhere, one_line, save_tiny_checkpoint, tiny_model
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -94,19 +94,6 @@ def run_folder(synth, tmp_path_factory):
     result = runner.invoke(app, arguments)
     assert result.exit_code == 0, result.output
     return folder
-
-
-def one_line(result, code: int, *fragments: str) -> str:
-    """The error line of a CLI ``result`` that exited with ``code``, checked to hold ``fragments``."""
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.output
-    text = " ".join(result.output.split())
-    for fragment in fragments:
-        assert fragment in text, (fragment, result.output)
-    return errors[0]
 
 
 def copy_dataset(synth, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from collections import defaultdict
@@ -104,3 +105,61 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path):
 
 if __name__ == "__main__":
     _worker(*sys.argv[1:3])
+
+
+@pytest.mark.slow
+def test_two_nodes_train_to_the_weights_of_one_process_with_the_same_global_batch(tmp_path):
+    """Two torchrun "nodes" (one process each, c10d rendezvous, as on two machines) with a batch of one image
+    each against one process accumulating two batches of one image: the same steps on the same images."""
+    common = ["train", "--epochs", "1", "--batch-size", "1", "--image-size", "96", "--workers", "0",
+              "--device", "cpu", "--set", "train.log_every=1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--node-rank",
+                str(rank),
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv-id",
+                "two-nodes",
+                "-m",
+                "sparse_detr.cli",
+                *common,
+                "--iters-per-epoch",
+                "4",
+                "--output-dir",
+                str(tmp_path / "two-nodes"),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for rank in range(2)
+    ]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(output[-3000:] for output in outputs)
+    single = [sys.executable, "-m", "sparse_detr.cli", *common, "--grad-accum", "2", "--iters-per-epoch", "8"]
+    done = subprocess.run([*single, "--output-dir", str(tmp_path / "one")], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    states = [torch.load(tmp_path / name / "checkpoint.pth", weights_only=True) for name in ("two-nodes", "one")]
+    assert states[0]["step"] == states[1]["step"] == 4
+    statistics = ("running_mean", "running_var", "num_batches_tracked")  # per-process BatchNorm estimates differ
+    for key, value in states[0]["model"].items():
+        if not key.endswith(statistics):
+            assert torch.equal(value, states[1]["model"][key]), key  # one thread each: the same sums in order

@@ -31,6 +31,7 @@ ALLOWED = {
     "analysis": BASE | {"ops", "config", "models", "data", "checkpoint", "zoo", "engine"},
     "viz": BASE | {"ops", "config", "models", "data", "checkpoint", "zoo", "engine", "export", "inference"},
     "ablation": BASE | {"ops", "config", "models", "data", "checkpoint", "zoo", "engine", "analysis"},
+    "cluster": BASE | {"ops", "config", "models", "data", "checkpoint", "zoo", "engine", "analysis", "ablation"},
     "cli": {
         part
         for part in (
@@ -49,6 +50,7 @@ ALLOWED = {
             "analysis",
             "viz",
             "ablation",
+            "cluster",
         )
     },  # fmt: skip
 }

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from sparse_detr.analysis.fps import device_name, measure_fps
 from sparse_detr.checkpoint import CHECKPOINT_NAME, load_model
 from sparse_detr.config import Config, apply_overrides, config_to_dict, get_preset, load_toml
 from sparse_detr.data.source import DataSource, DataSplits
+from sparse_detr.engine import distributed
 from sparse_detr.engine.interrupts import StopSignals
 from sparse_detr.engine.run_config import EvalSettings
 from sparse_detr.errors import ConfigError, Interrupted
@@ -51,6 +53,7 @@ from sparse_detr.utils.lock import FolderInUseError, folder_lock
 logger = logging.getLogger(__name__)
 
 BUILTIN_DATA = "built-in synthetic dataset"
+FAILED_NAME = "failed.json"  # in a run folder: why the job that last trained it failed, and where its log is
 SWEEP_FILE = "sweep.toml"  # in the report folder: the sweep it reports on (an experiment file)
 # training settings that do not change the trained model
 _IGNORED_TRAIN_SETTINGS = (
@@ -78,6 +81,22 @@ def read_result(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     return json.loads(path.read_text())
+
+
+def mark_failed(folder: str | Path, error: str, log: str | None = None, job: str | None = None) -> None:
+    """Record in ``folder`` that the job training it failed (``--status`` shows it; the next submission of
+    the sweep trains the run again and removes the record)."""
+    record = {"error": error, "log": log, "job": job, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    atomic_write_text(Path(folder) / FAILED_NAME, json.dumps(record, indent=2))
+
+
+def read_failure(folder: str | Path) -> dict[str, Any] | None:
+    """The failure :func:`mark_failed` recorded in ``folder`` (None: none, or unreadable)."""
+    try:
+        record = json.loads((Path(folder) / FAILED_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _clean(value: Any) -> Any:
@@ -219,18 +238,30 @@ def execute_run(
     data: _SweepData,
     stored: dict[str, Any] | None,
     on_first_epoch: Callable[[float], None] | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Train (or resume) ``run``, measure it, and evaluate it at the keep ratios ``stored`` lacks;
-    ``on_first_epoch`` gets the seconds of the first epoch trained here (its evaluation included)."""
+    ``on_first_epoch`` gets the seconds of the first epoch trained here (its evaluation included).
+
+    Under ``torchrun`` or in a cluster job's tasks (``WORLD_SIZE`` processes) the processes train the run
+    together, sharing its batch (:func:`~sparse_detr.engine.distributed.share_batch`); rank 0 then measures
+    it alone and the others return None."""
     model_config, train_config = run_model_config(sweep, run), run_train_config(sweep, run)
+    processes = int(os.environ.get("WORLD_SIZE", 1))
     train_set, val_set = data.datasets(train_config.image_size)
-    device = resolve_device(train_config.device)
     run_dir = Path(train_config.output_dir)
     checkpoint = run_dir / CHECKPOINT_NAME
     result = stored
     if result is None:
         logger.info(f"  training in {run_dir}" + (" (resuming from its checkpoint)" if checkpoint.is_file() else ""))
-        metrics = engine.train(model_config, train_config, train_set, val_set, on_first_epoch=on_first_epoch)
+        shared = distributed.share_batch(train_config, processes) if processes > 1 else train_config
+        metrics = engine.train(model_config, shared, train_set, val_set, on_first_epoch=on_first_epoch)
+    if processes > 1:  # what is left runs on rank 0 alone
+        rank = int(os.environ.get("RANK", 0))
+        distributed.leave_process_group()
+        if rank != 0:
+            return None
+    device = resolve_device(train_config.device)
+    if result is None:
         logger.info("  measuring GFLOPs, FPS and DAM coverage")
         model = load_model(checkpoint, map_location=device)
         images = benchmark_images(val_set, sweep.benchmark.images, device)
@@ -250,6 +281,7 @@ def execute_run(
                 "image_sizes": [list(image.shape[-2:]) for image in images],
                 "benchmark": dataclasses.asdict(sweep.benchmark),
             },
+            "trained_by": {"processes": processes},
         }
     else:
         if not checkpoint.is_file():
@@ -275,6 +307,28 @@ def execute_run(
             entry = {"metrics": metrics, **measured}
         done[keep_ratio] = {"keep_ratio": keep_ratio, **entry}
     result["evaluations"] = [done[keep_ratio] for keep_ratio in sorted(done)]
+    return result
+
+
+def run_alone(sweep: Sweep, run: Run) -> dict[str, Any] | None:
+    """Train and measure one run of ``sweep`` by itself, as a cluster job's task does (with the job's processes,
+    see :func:`execute_run`): a finished run is skipped, another's result is checked to be of these settings,
+    and its folder is locked while it trains (by rank 0; a failure recorded there is cleared). Rank 0 writes
+    the result and returns it; the other processes return None."""
+    path = result_path(sweep, run)
+    stored = read_result(path)
+    if stored is not None:
+        check_same_settings(stored, run_settings(sweep, run), path)
+        if result_complete(run, stored):
+            logger.info(f"{run.label}: finished, skipped")
+            return stored if int(os.environ.get("RANK", 0)) == 0 else None
+    folder = sweep.run_root / run.folder
+    with folder_lock(folder):
+        if int(os.environ.get("RANK", 0)) == 0:
+            (folder / FAILED_NAME).unlink(missing_ok=True)
+        result = execute_run(sweep, run, _SweepData(sweep), stored)
+        if result is not None:
+            write_result(path, result)
     return result
 
 

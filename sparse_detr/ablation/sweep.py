@@ -1,10 +1,10 @@
 """What an ablation trains: a typed :class:`Sweep` (from an ``experiments/*.toml`` file or the built-in
 default, changed by command-line options) and its expansion into named :class:`Run` s.
 
-A sweep file holds the :class:`Sweep` fields at the top level and three tables: ``[train]`` (fields of
+A sweep file holds the :class:`Sweep` fields at the top level and four tables: ``[train]`` (fields of
 :class:`~sparse_detr.engine.TrainConfig`), ``[model]`` (fields of :class:`~sparse_detr.config.ModelConfig`
-applied to every run) and ``[benchmark]`` (:class:`BenchmarkSettings`). Relative paths are relative to
-the current folder.
+applied to every run), ``[benchmark]`` (:class:`BenchmarkSettings`) and ``[launcher]`` (where the runs train:
+:class:`~sparse_detr.config.launcher.LauncherSettings`). Relative paths are relative to the current folder.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from sparse_detr.config import (
     train_recipe,
 )
 from sparse_detr.config.fields import at_least, declare_ranges
+from sparse_detr.config.launcher import LauncherSettings, launcher_from_dict
 from sparse_detr.data.source import DataSource
 from sparse_detr.errors import ConfigError
 
@@ -134,7 +135,9 @@ class Sweep:
     Data: a COCO root (``data``), the four explicit paths, or neither for the built-in synthetic set.
     ``train`` overrides fields of the preset's training recipe (``train_recipe``), ``model`` fields of the
     preset's model. Reports go to ``output`` (default ``reports/<name>``), run folders (checkpoints, logs)
-    under ``runs_dir`` (default ``runs/ablate/<name>``).
+    under ``runs_dir`` (default ``runs/ablate/<name>``). ``launcher`` says where the runs train (this process, or
+    a Slurm job array); a run's batch is ``batch_size`` x ``grad_accum`` images per step however many processes
+    train it.
     """
 
     name: str = "default"
@@ -160,6 +163,7 @@ class Sweep:
     train: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     benchmark: BenchmarkSettings = field(default_factory=BenchmarkSettings)
+    launcher: LauncherSettings = field(default_factory=LauncherSettings)
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -313,8 +317,15 @@ def _benchmark(key: str, value: Any) -> BenchmarkSettings:
     return BenchmarkSettings(**table)
 
 
+def _launcher(key: str, value: Any) -> LauncherSettings:
+    try:
+        return launcher_from_dict(_table(key, value))
+    except ConfigError as error:
+        raise SweepError(str(error)) from None
+
+
 _PARSERS: dict[str, Callable[[str, Any], Any]] = {"seeds": _seeds, "train": _table, "model": _table,
-                                                  "benchmark": _benchmark}  # fmt: skip
+                                                  "benchmark": _benchmark, "launcher": _launcher}  # fmt: skip
 
 
 def sweep_from_dict(data: dict[str, Any], default_name: str = "default") -> Sweep:
@@ -337,11 +348,14 @@ def sweep_to_dict(sweep: Sweep) -> dict[str, Any]:
             if value is not None and value != {}
         }
 
-    return toml_ready(dataclasses.asdict(sweep))
+    document = toml_ready(dataclasses.asdict(sweep))
+    if sweep.launcher == LauncherSettings():  # the default: this process
+        del document["launcher"]
+    return document
 
 
-# what does not change a sweep's results: where they are written and on which device
-_PLACEMENT_FIELDS = ("name", "output", "runs_dir", "device")
+# what does not change a sweep's results: where they are written and on what they run
+_PLACEMENT_FIELDS = ("name", "output", "runs_dir", "device", "launcher")
 
 
 def placement_free(document: dict[str, Any]) -> dict[str, Any]:

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import typer
 
-from sparse_detr.cli._app import app, command, console, parse_list, plain, print_frame
+from sparse_detr.cli import _launcher as launching
+from sparse_detr.cli._app import app, command, console, log_line, parse_list, plain, print_frame
 from sparse_detr.config import TOKEN_RANKINGS
+from sparse_detr.errors import ConfigError
 
 
 @command(app)
@@ -50,6 +52,25 @@ def ablate(
     ),
     device: str | None = typer.Option(None, help="cpu, cuda or cuda:I (default: cuda when available)."),
     workers: int | None = typer.Option(None, min=0, help="Data loading processes."),
+    launcher: str | None = launching.LAUNCHER_OPTION,
+    gpus_per_run: int | None = typer.Option(
+        None, min=0, help="With --launcher slurm: GPUs that train each run (one process each)."
+    ),
+    nodes_per_run: int | None = typer.Option(None, min=1, help="With --launcher slurm: nodes of each run."),
+    processes_per_run: int | None = typer.Option(
+        None, min=1, help="With --launcher slurm on CPU nodes: processes that train each run (gloo)."
+    ),
+    partition: str | None = launching.PARTITION_OPTION,
+    account: str | None = launching.ACCOUNT_OPTION,
+    qos: str | None = launching.QOS_OPTION,
+    time: str | None = launching.TIME_OPTION,
+    cpus_per_task: int | None = launching.CPUS_OPTION,
+    mem: str | None = launching.MEM_OPTION,
+    max_parallel: int | None = typer.Option(
+        None, min=0, help="With --launcher slurm: the most runs training at once (0: no limit)."
+    ),
+    slurm: list[str] | None = launching.SLURM_OPTION,
+    wait: bool = launching.WAIT_OPTION,
 ) -> None:
     """Train and compare token-sparsity variants: keep ratios, DAM/OAM/random token selection criteria, the
     encoder aux loss.
@@ -63,12 +84,23 @@ def ablate(
     (sparse_detr/ablation/default.toml), or with --preset that preset's own recipe at ρ 0.1...0.5; options
     change either. A sweep whose report folder holds another sweep's report goes to a new numbered name
     (default-2, ...) unless --name or --output chooses the folder.
+
+    With --launcher slurm (or a [launcher] table in the file) every unfinished run becomes one task of a
+    Slurm job array, trained by --gpus-per-run GPUs (or --processes-per-run CPU processes) on
+    --nodes-per-run nodes with the run's batch shared among them, and a job after it rebuilds the report;
+    the command prints the job ids and returns (--wait blocks). Jobs requeue themselves at their time limit
+    and on preemption and resume from their checkpoint. Submitting again skips finished, queued and running
+    runs and retries failed ones; --status shows each run's state and job.
     """
     changes = dict(locals())  # the options named after sweep fields, taken before anything else
-    for option in ("experiment", "shard", "report_only", "status", "force"):
+    resources = ("gpus_per_run", "nodes_per_run", "processes_per_run", "max_parallel")
+    for option in ("experiment", "shard", "report_only", "status", "force", *resources, *launching.LAUNCHER_PARAMETERS):
         del changes[option]
+    import dataclasses
+
     from sparse_detr.ablation import SweepError, parse_shard, resolve_sweep, run_ablation, write_sweep_report
     from sparse_detr.ablation.runner import claim_report_folder, place_sweep
+    from sparse_detr.config.launcher import with_launcher_changes
 
     for key, kind, option in (("rankings", str, "--criterion"), ("keep_ratios", float, "--rho"),
                               ("eval_keep_ratios", float, "--eval-rho")):  # fmt: skip
@@ -78,12 +110,24 @@ def ablate(
             changes[key] = tuple(parse_list(changes[key], kind, option) or ()) or None
     asked = {key for key, value in changes.items() if value is not None}
     sweep = resolve_sweep(experiment, **plain(changes))
+    resources = _per_node(sweep.launcher.nodes, nodes_per_run, gpus_per_run, processes_per_run)
+    launch = launching.launcher_changes(launcher, partition, account, qos, time, cpus_per_task, mem, slurm,
+                                        max_parallel=max_parallel, **resources)  # fmt: skip
+    try:
+        sweep = dataclasses.replace(sweep, launcher=with_launcher_changes(sweep.launcher, **launch))
+    except ConfigError as error:
+        raise SweepError(str(error)) from None
+    launching.refuse_without_slurm(sweep.launcher.launcher, {**launch, **({"wait": True} if wait else {})})
     chosen = name is not None or output is not None
     if status:
         from sparse_detr.ablation.status import sweep_status
+        from sparse_detr.cluster.status import cluster_sweep_status
+        from sparse_detr.cluster.submit import read_jobs
 
         sweep = place_sweep(sweep, chosen=chosen, force=force)
-        table = sweep_status(sweep)
+        table = cluster_sweep_status(sweep) if read_jobs(sweep)["runs"] else sweep_status(sweep)
+        if not table["job"].any():
+            table = table.drop(columns="job")
         for column in ("epoch", "iteration", "step"):  # whole numbers, "-" where the run has none yet
             table[column] = [str(int(value)) if value == value else "-" for value in table[column]]
         done = (table["state"] == "done").sum()
@@ -94,6 +138,16 @@ def ablate(
         report = write_sweep_report(sweep)
         if report is None:
             raise SweepError(f"no finished runs of {sweep.name} in {sweep.run_root}: run the sweep first")
+    elif sweep.launcher.launcher == "slurm":
+        from sparse_detr.cluster.scheduler import check_cluster
+
+        if shard:
+            raise SweepError("--shard splits a sweep among local processes; with --launcher slurm every run is a task")
+        check_cluster(sweep.launcher)  # before anything is written
+        sweep = claim_report_folder(sweep, chosen=chosen, force=force)
+        if not _submit(sweep, experiment, wait):
+            return
+        report = write_sweep_report(sweep)
     else:
         sweep = claim_report_folder(sweep, chosen=chosen, force=force)
         source = str(experiment) if experiment else "the default (sparse_detr/ablation/default.toml)"
@@ -114,3 +168,47 @@ def ablate(
             inference = readable(report.inference)[["run", "eval_rho", "seeds", *columns]]
             print_frame(inference, f"ablation {sweep.name}: inference-time ρ")
         console.print(f"report: {sweep.report_dir}")
+
+
+def _per_node(nodes: int, nodes_per_run: int | None, gpus: int | None, processes: int | None) -> dict[str, int]:
+    """--gpus-per-run / --processes-per-run over --nodes-per-run as the settings per node."""
+    from sparse_detr.ablation import SweepError
+
+    nodes = nodes_per_run or nodes
+    resources = {"nodes": nodes_per_run}
+    for option, total, key in (("--gpus-per-run", gpus, "gpus_per_node"),
+                               ("--processes-per-run", processes, "processes_per_node")):  # fmt: skip
+        if total is not None and total % nodes:
+            raise SweepError(f"{option} {total} does not split evenly over {nodes} nodes (--nodes-per-run)")
+        resources[key] = None if total is None else total // nodes
+    return {key: value for key, value in resources.items() if value is not None}
+
+
+def _submit(sweep, experiment: Path | None, wait: bool) -> bool:
+    """Submit ``sweep`` to Slurm and say what was submitted and how to watch it; with ``wait``, block until its
+    jobs end. Returns whether it waited (the report is then printed)."""
+    from sparse_detr.ablation.status import sweep_status
+    from sparse_detr.cluster import submit_sweep
+    from sparse_detr.cluster.submit import submitit_folder
+    from sparse_detr.cluster.submit import wait as wait_for
+
+    submission = submit_sweep(sweep)
+    for why, folders in submission.skipped.items():
+        log_line(f"{len(folders)} run(s) {why}, not submitted: {', '.join(folders)}")
+    if submission.job_id is None:
+        log_line(f"nothing to submit for sweep {sweep.name}")
+    else:
+        processes = sweep.launcher.processes_per_run
+        log_line(f"submitted job array {submission.job_id}: {len(submission.submitted)} run(s) of sweep {sweep.name}, "
+                 f"{processes} process(es) each; report job {submission.report_job_id} after it")  # fmt: skip
+        status = f"sdetr ablate {experiment} --status" if experiment else "sdetr ablate --status (same options)"
+        log_line(f"watch: {status}, or squeue --me")
+        log_line(f"logs: {sweep.run_root}/<run>/seed<N>/job.log; Slurm's in {submitit_folder(sweep)}/")
+    if not wait:
+        return False
+    if submission.jobs:
+        log_line("waiting for the jobs to end (Ctrl-C stops waiting; the jobs go on)")
+        wait_for(submission.jobs)
+    states = sweep_status(sweep)["state"]
+    log_line(f"sweep {sweep.name}: {(states == 'done').sum()} of {len(states)} runs done")
+    return True

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from sparse_detr.cli import _launcher as launching
 from sparse_detr.cli._app import CONFIG_OPTION, SET_OPTION, app, command, console, log_line
 
 
@@ -62,6 +63,22 @@ def train(
         None, "--allow-other-categories", help="Resume although the data names other categories."
     ),
     device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    launcher: str | None = launching.LAUNCHER_OPTION,
+    nodes: int | None = typer.Option(None, min=1, help="With --launcher slurm: nodes of the training."),
+    gpus_per_node: int | None = typer.Option(
+        None, min=0, help="With --launcher slurm: GPUs per node (one process each; --batch-size is per process)."
+    ),
+    processes_per_node: int | None = typer.Option(
+        None, min=1, help="With --launcher slurm on CPU nodes: processes per node (gloo)."
+    ),
+    partition: str | None = launching.PARTITION_OPTION,
+    account: str | None = launching.ACCOUNT_OPTION,
+    qos: str | None = launching.QOS_OPTION,
+    time: str | None = launching.TIME_OPTION,
+    cpus_per_task: int | None = launching.CPUS_OPTION,
+    mem: str | None = launching.MEM_OPTION,
+    slurm: list[str] | None = launching.SLURM_OPTION,
+    wait: bool = launching.WAIT_OPTION,
 ) -> None:
     """Train a model; with no data, the tiny preset on the built-in synthetic dataset.
 
@@ -73,10 +90,20 @@ def train(
     evaluations and metrics_final.json. The same command again resumes its interrupted run (or says it has
     finished); other settings never write into an existing run: they go to a new numbered folder
     (runs/tiny-2), or, with --output-dir, stop unless --force. --init always starts a new run.
+
+    With --launcher slurm the training is one Slurm job of --nodes nodes with --gpus-per-node GPUs (or
+    --processes-per-node CPU processes) each, submitted through submitit; the command prints the job id and
+    returns (--wait blocks). At its time limit or when preempted the job saves its checkpoint, requeues itself
+    and resumes.
     """
     fields = dict(locals())  # the options named after configuration fields, taken before anything else
-    for name in ("config_file", "settings", "print_config", "force"):
+    launch = launching.launcher_changes(launcher, partition, account, qos, time, cpus_per_task, mem, slurm,
+                                        nodes=nodes, gpus_per_node=gpus_per_node,
+                                        processes_per_node=processes_per_node)  # fmt: skip
+    resources = ("nodes", "gpus_per_node", "processes_per_node")
+    for name in ("config_file", "settings", "print_config", "force", *resources, *launching.LAUNCHER_PARAMETERS):
         del fields[name]
+    launching.refuse_without_slurm(launch.get("launcher", "local"), {**launch, **({"wait": True} if wait else {})})
     from sparse_detr.engine import distributed, format_metrics, train_run
     from sparse_detr.engine.initialization import init_model_config
     from sparse_detr.engine.run_config import merged_settings, option_settings, resolve_run_config
@@ -95,7 +122,38 @@ def train(
         log_line(folder.notice)
     if run_config.data.is_builtin:
         console.print("no data given: using the built-in synthetic dataset")
+    if launch.get("launcher") == "slurm":
+        _submit(run_config, launch, force, wait)
+        return
     metrics = train_run(run_config, replace=force)
     if distributed.get_rank() == 0:  # under torchrun every process has the metrics; the table prints once
         console.print(format_metrics(metrics))
     console.print(f"run folder: {run_config.train.output_dir}")
+
+
+def _submit(run_config, launch: dict, force: bool, wait: bool) -> None:
+    """Submit the training as one Slurm job; say where it writes and how to watch it (with ``wait``, block)."""
+    from sparse_detr.cluster import submit_training
+    from sparse_detr.cluster.submit import SUBMITIT_FOLDER
+    from sparse_detr.cluster.submit import wait as wait_for
+    from sparse_detr.config.launcher import LauncherSettings
+    from sparse_detr.engine import format_metrics
+    from sparse_detr.engine.evaluate import read_metrics
+    from sparse_detr.engine.run_folder import clear_run
+    from sparse_detr.engine.trainer import FINAL_METRICS_FILE
+
+    settings = LauncherSettings(**launch)
+    if force:
+        clear_run(run_config.train.output_dir)
+    job = submit_training(run_config, settings)
+    folder = run_config.train.output_dir
+    log_line(f"submitted job {job.job_id}: {settings.processes_per_run} process(es) on {settings.nodes} node(s), "
+             f"run folder {folder}")  # fmt: skip
+    log_line(f"watch: squeue --me; log: {folder}/job.log (Slurm's in {folder}/{SUBMITIT_FOLDER}/{job.job_id}/)")
+    if wait:
+        log_line("waiting for the job to end (Ctrl-C stops waiting; the job goes on)")
+        wait_for([job])
+        final = Path(folder) / FINAL_METRICS_FILE
+        if final.is_file():
+            console.print(format_metrics(read_metrics(final)))
+        log_line(f"job {job.job_id} ended" + ("" if final.is_file() else " before the training finished: see job.log"))

@@ -1,10 +1,13 @@
-"""Process groups started by ``torchrun``: setup from the environment and the few collectives used.
+"""Process groups started by ``torchrun`` (or a Slurm job's tasks): setup from the environment, the few
+collectives used, and how a run's batch is shared among its processes.
 
 Every helper also works in a single process without a process group (rank 0 of 1).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,7 +16,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from sparse_detr.errors import SparseDetrError
+from sparse_detr.config import TrainConfig
+from sparse_detr.errors import ConfigError, SparseDetrError
 from sparse_detr.utils.device import resolve_device
 
 T = TypeVar("T")
@@ -59,6 +63,41 @@ def init_distributed(device: str | None = None) -> DistInfo:
             torch.cuda.set_device(target)
         dist.init_process_group(backend="nccl" if target.type == "cuda" else "gloo")
     return DistInfo(get_rank(), get_world_size(), local_rank, target)
+
+
+def leave_process_group() -> None:
+    """End this process's part in the process group and go on as a single process (rank 0 of 1): what
+    is left of a job after its distributed training, such as measuring the model, runs on rank 0 alone."""
+    if is_initialized():
+        dist.destroy_process_group()
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+
+
+def share_batch(config: TrainConfig, processes: int) -> TrainConfig:
+    """``config`` for each of ``processes`` processes that together train what it trains in one process: the
+    same ``batch_size`` x ``grad_accum`` images per optimizer step, hence the same learning rates, steps and
+    data order (:class:`~sparse_detr.engine.sampling.EpochBatchSampler` deals a step's images out among the
+    processes). The processes take over accumulated batches first (8 GPUs do in one pass what one GPU does in
+    ``grad_accum = 8``), then split each batch; ``iters_per_epoch`` (batches per process) shrinks with the
+    accumulation.
+
+    Raises:
+        ConfigError: the step's images cannot be shared evenly.
+    """
+    from_accumulation = math.gcd(config.grad_accum, processes)
+    from_batch = processes // from_accumulation
+    if config.batch_size % from_batch:
+        raise ConfigError(
+            f"a step of batch_size {config.batch_size} x grad_accum {config.grad_accum} images cannot be shared by "
+            f"{processes} processes: make batch_size x grad_accum a multiple of {processes}, or train on fewer"
+        )
+    iters = config.iters_per_epoch
+    return dataclasses.replace(
+        config,
+        batch_size=config.batch_size // from_batch,
+        grad_accum=config.grad_accum // from_accumulation,
+        iters_per_epoch=None if iters is None else max(iters // from_accumulation, 1),
+    )
 
 
 def barrier() -> None:

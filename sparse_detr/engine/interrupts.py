@@ -1,7 +1,7 @@
-"""Ctrl-C and SIGTERM during training: the run stops between optimizer steps, so that the checkpoint it then
-writes holds whole steps only.
+"""Ctrl-C, SIGTERM and SIGUSR2 (what Slurm sends before a time limit) during training: the run stops between
+optimizer steps, so that the checkpoint it then writes holds whole steps only.
 
-While :meth:`StopSignals.installed` is active, SIGINT and SIGTERM raise :class:`Stop` (a
+While :meth:`StopSignals.installed` is active, the stop signals raise :class:`Stop` (a
 ``KeyboardInterrupt``) at once, except inside :meth:`StopSignals.deferred`: work there (an optimizer step
 and its bookkeeping, the end of an epoch) finishes first, and a second signal stops it at once, half done.
 """
@@ -13,7 +13,8 @@ import signal
 import threading
 from collections.abc import Iterator
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Ctrl-C; a stop request (Slurm's preemption or requeue, a killed job); Slurm's warning before a time limit
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, *([signal.SIGUSR2] if hasattr(signal, "SIGUSR2") else []))
 
 
 class Stop(KeyboardInterrupt):
@@ -30,12 +31,12 @@ class Stop(KeyboardInterrupt):
 
     @property
     def exit_code(self) -> int:
-        """The shell's code for a process stopped by this signal: 130 for SIGINT, 143 for SIGTERM."""
+        """The shell's code for a process stopped by this signal: 130 for SIGINT, 143 for SIGTERM, 140 for SIGUSR2."""
         return 128 + self.signum
 
 
 class StopSignals:
-    """Turns SIGINT and SIGTERM into :class:`Stop`, held back while deferred work runs."""
+    """Turns the stop signals into :class:`Stop`, held back while deferred work runs."""
 
     def __init__(self) -> None:
         self.pending: int | None = None

@@ -62,11 +62,13 @@ def test_launcher_settings_refuse_what_slurm_would_not_take(changes, message):
         LauncherSettings(**changes)
 
 
-def test_slurm_options_are_key_value_pairs():
-    assert parse_slurm_options(["constraint=a100", "exclusive-user=1", " comment = a b "]) == {
-        "constraint": "a100", "exclusive_user": "1", "comment": "a b"}  # fmt: skip
+def test_slurm_options_are_key_value_pairs_or_flags():
+    assert parse_slurm_options(["constraint=a100", "requeue", " comment = a b "]) == {
+        "constraint": "a100", "requeue": True, "comment": "a b"}  # fmt: skip
+    assert LauncherSettings(slurm={"exclusive": True, "hold": False, "nice": 10}).slurm == {"exclusive": True,
+                                                                                           "nice": "10"}  # fmt: skip
     with pytest.raises(ConfigError, match="--slurm takes key=value"):
-        parse_slurm_options(["constraint"])
+        parse_slurm_options(["=a100"])
 
 
 def test_sweep_files_take_a_launcher_table_that_does_not_change_results(tmp_path):
@@ -349,7 +351,9 @@ def test_a_sweep_on_slurm_requeued_midway_ends_with_the_local_launchers_report(s
     report, reference = (pd.read_csv(s.report_dir / "ablation.csv") for s in (sweep, local_reference))
     measured = [column for column in reference if not column.startswith("fps")]  # all but the timings
     pd.testing.assert_frame_equal(report[measured], reference[measured])
-    assert _sdetr("ablate", str(path), "--launcher", "slurm", cwd=tmp_path).count("nothing to submit") == 1
+    final = _sdetr("ablate", str(path), "--launcher", "slurm", "--wait", cwd=tmp_path)
+    assert "nothing to submit" in final and "sweep cluster: 4 of 4 runs done" in final
+    assert "ablation cluster (AP and DAM coverage in %" in final  # --wait prints the report
 
 
 @pytest.mark.slow
@@ -361,6 +365,10 @@ def test_a_training_warned_of_its_time_limit_requeues_itself_and_resumes(slurm, 
     warned, calm = tmp_path / "warned", tmp_path / "calm"
     output = _sdetr(*quick, "--output-dir", str(warned), cwd=tmp_path)
     job = output.split("submitted job ")[1].split(":")[0]
+    second = subprocess.run([str(SDETR), *quick, "--output-dir", str(warned)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    refusal = second.stdout + second.stderr
+    assert second.returncode == 2 and f"error: job {job} (" in refusal and f"already trains in {warned}" in refusal
     _wait_for(lambda: _metrics_step(warned) >= 2, what="the second step")
     subprocess.run(["scancel", "--signal=USR2", job], check=True)  # what --signal=USR2@120 sends before the limit
     _wait_for(lambda: not _squeue().strip(), timeout=600, what="the warned job")
@@ -390,3 +398,37 @@ def test_what_slurm_cannot_run_gets_one_line(slurm, tmp_path, monkeypatch, argum
     if "frobnicate" in arguments:
         assert "frobnicate" in line
     assert not _squeue().strip()
+
+
+@pytest.mark.slurm
+def test_every_scheduler_option_reaches_slurm(slurm, tmp_path, monkeypatch):
+    """The options as Slurm records them (the jobs are submitted held, looked at, and cancelled)."""
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, [
+        "ablate", "--criterion", "dam", "--rho", "0.2,0.3", "--seeds", "1", "--launcher", "slurm",
+        "--partition", "debug", "--account", "vision", "--qos", "normal", "--time", "1:30:00", "--mem", "1G",
+        "--cpus-per-task", "1", "--processes-per-run", "2", "--max-parallel", "1", "--slurm", "comment=sdetr-options",
+        "--slurm", "hold",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "runs" / "ablate" / "default" / ".submitit" / "jobs.json").read_text())
+    array, report = record["runs"]["dam-rho0.2/seed0"].partition("_")[0], record["reports"][0]
+    try:
+        shown = [line for job in (array, report) for line in subprocess.run(
+            ["scontrol", "--oneliner", "show", "job", job], capture_output=True, text=True, check=True
+        ).stdout.splitlines()]  # fmt: skip
+        jobs = [dict(field.split("=", 1) for field in line.split() if "=" in field) for line in shown]
+        runs = next(job for job in jobs if job["JobId"] == array or job.get("ArrayJobId") == array)
+        expected = {"Partition": "debug", "Account": "vision", "TimeLimit": "01:30:00",
+                    "NumTasks": "2", "CPUs/Task": "1", "MinMemoryNode": "1G", "Comment": "sdetr-options",
+                    "ArrayTaskThrottle": "1", "JobState": "PENDING", "Reason": "JobHeldUser"}  # fmt: skip
+        assert {key: runs.get(key) for key in expected} == expected
+        assert "#SBATCH --qos=normal" in Path(runs["Command"]).read_text()  # kept only where Slurm keeps accounts
+        after = next(job for job in jobs if job["JobId"] == report)
+        assert after["Dependency"].startswith(f"afterany:{array}") and after["NumTasks"] == "1"
+        status = runner.invoke(app, ["ablate", "--criterion", "dam", "--rho", "0.2,0.3", "--seeds", "1", "--status"],
+                               env={"COLUMNS": "200"})  # fmt: skip
+        assert status.output.count("queued") == len(record["runs"])
+        assert all(f" {task} " in status.output for task in record["runs"].values())
+    finally:
+        subprocess.run(["scancel", array, report], check=True)

@@ -19,10 +19,15 @@ QOS_OPTION = typer.Option(None, "--qos", help="Slurm quality of service.")
 TIME_OPTION = typer.Option(
     None, "--time", help="Slurm time limit of each job (90, 4:00:00, 2-00:00:00); it requeues itself at the limit."
 )
-CPUS_OPTION = typer.Option(None, "--cpus-per-task", min=1, help="CPUs per process (data loading, CPU training).")
+CPUS_OPTION = typer.Option(
+    None, "--cpus-per-task", min=1, help="CPUs per process (default: its data loading workers + 1)."
+)
 MEM_OPTION = typer.Option(None, "--mem", help="Memory per node, such as 64G.")
 SLURM_OPTION = typer.Option(
-    None, "--slurm", metavar="KEY=VALUE", help="Any other sbatch option, repeatable: --slurm constraint=a100."
+    None,
+    "--slurm",
+    metavar="KEY=VALUE",
+    help="Any other sbatch option, repeatable: --slurm constraint=a100, --slurm exclusive.",
 )
 WAIT_OPTION = typer.Option(False, "--wait", help="With --launcher slurm: block until the jobs end.")
 # the parameters the options above fill, which are not configuration fields

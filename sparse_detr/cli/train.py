@@ -139,13 +139,10 @@ def _submit(run_config, launch: dict, force: bool, wait: bool) -> None:
     from sparse_detr.config.launcher import LauncherSettings
     from sparse_detr.engine import format_metrics
     from sparse_detr.engine.evaluate import read_metrics
-    from sparse_detr.engine.run_folder import clear_run
     from sparse_detr.engine.trainer import FINAL_METRICS_FILE
 
     settings = LauncherSettings(**launch)
-    if force:
-        clear_run(run_config.train.output_dir)
-    job = submit_training(run_config, settings)
+    job = submit_training(run_config, settings, replace=force)
     folder = run_config.train.output_dir
     log_line(f"submitted job {job.job_id}: {settings.processes_per_run} process(es) on {settings.nodes} node(s), "
              f"run folder {folder}")  # fmt: skip

@@ -1,9 +1,11 @@
 """Where a sweep on a cluster stands: the run folders' view (:func:`~sparse_detr.ablation.status.sweep_status`)
 with what Slurm knows of the jobs that train them (``squeue``, ``sacct`` where accounting is kept): ``queued``
-and ``running`` runs with their job and array task, ``failed`` ones with Slurm's word, ``not submitted`` for
-runs no job has held yet."""
+and ``running`` runs with their job and array task, ``failed`` ones with Slurm's word (or, where Slurm keeps
+no accounting, a job that ended without the run's result), ``not submitted`` for runs no job has held yet."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pandas as pd
 
@@ -11,6 +13,7 @@ from sparse_detr.ablation.status import sweep_status
 from sparse_detr.ablation.sweep import Sweep
 from sparse_detr.cluster.scheduler import FAILED_STATES, QUEUED_STATES, RUNNING_STATES, job_states
 from sparse_detr.cluster.submit import read_jobs
+from sparse_detr.cluster.tasks import RUN_LOG
 
 
 def cluster_sweep_status(sweep: Sweep) -> pd.DataFrame:
@@ -35,4 +38,8 @@ def cluster_sweep_status(sweep: Sweep) -> pd.DataFrame:
             table.at[index, "state"], table.at[index, "detail"] = "running", state.lower()
         elif state in FAILED_STATES and table.at[index, "state"] != "failed":
             table.at[index, "state"], table.at[index, "detail"] = "failed", f"Slurm: {state.lower()}"
+        elif not state and table.at[index, "state"] in ("interrupted", "not started"):  # killed outright
+            log = Path(table.at[index, "folder"]) / RUN_LOG
+            table.at[index, "state"] = "failed"
+            table.at[index, "detail"] = f"job {job} ended before the run finished (log: {log})"
     return table

@@ -33,8 +33,9 @@ from sparse_detr.cluster.tasks import SweepReportTask, SweepRunTask, TrainingTas
 from sparse_detr.config.launcher import LauncherSettings, time_limit_minutes
 from sparse_detr.engine.distributed import share_batch
 from sparse_detr.engine.run_config import RunConfig
+from sparse_detr.engine.run_folder import clear_run
 from sparse_detr.utils.io import atomic_write_text
-from sparse_detr.utils.lock import lock_holder
+from sparse_detr.utils.lock import folder_lock, lock_holder
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +64,11 @@ def submitit_folder(sweep: Sweep) -> Path:
     return sweep.run_root / SUBMITIT_FOLDER
 
 
-def executor(folder: Path, settings: LauncherSettings, name: str, cluster: str = "slurm") -> submitit.AutoExecutor:
-    """submitit's executor for jobs of ``settings``' resources (every option passed on to ``sbatch``);
+def executor(
+    folder: Path, settings: LauncherSettings, name: str, workers: int = 0, cluster: str = "slurm"
+) -> submitit.AutoExecutor:
+    """submitit's executor for jobs of ``settings``' resources (every option passed on to ``sbatch``); each
+    process gets ``cpus_per_task`` CPUs, by default one more than its ``workers`` data-loading processes.
     ``cluster="local"``: submitit's local executor, the same tasks as processes of this machine (tests)."""
     folder.mkdir(parents=True, exist_ok=True)
     made = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster, slurm_max_num_timeout=MAX_REQUEUES)
@@ -74,7 +78,7 @@ def executor(folder: Path, settings: LauncherSettings, name: str, cluster: str =
         "timeout_min": time_limit_minutes(settings.time),
         "nodes": settings.nodes,
         "tasks_per_node": tasks,
-        "cpus_per_task": settings.cpus_per_task or 1,
+        "cpus_per_task": settings.cpus_per_task or workers + 1,
     }
     if settings.gpus_per_node:
         parameters["gpus_per_node"] = settings.gpus_per_node
@@ -142,6 +146,12 @@ def submit_sweep(sweep: Sweep, cluster: str = "slurm") -> Submission:
     sweep = anchored(sweep)
     runs = sweep.runs()
     share_batch(run_train_config(sweep, runs[0]), settings.processes_per_run)  # refused before any submission
+    with folder_lock(submitit_folder(sweep), "sweep submission"):  # two at once: the second stops with one line
+        return _submit_runs(sweep, runs, cluster)
+
+
+def _submit_runs(sweep: Sweep, runs: list[Run], cluster: str) -> Submission:
+    settings = sweep.launcher
     record = read_jobs(sweep)
     active = active_jobs(sweep, record) if cluster == "slurm" else {}
     skipped: dict[str, list[str]] = {}
@@ -161,14 +171,15 @@ def submit_sweep(sweep: Sweep, cluster: str = "slurm") -> Submission:
             to_submit.append(run)
     if not to_submit:
         return Submission(skipped=skipped)
-    runs_executor = executor(submitit_folder(sweep), settings, f"sdetr-{sweep.name}", cluster)
+    workers = run_train_config(sweep, runs[0]).workers
+    runs_executor = executor(submitit_folder(sweep), settings, f"sdetr-{sweep.name}", workers, cluster)
     jobs = _submitted(runs_executor, [SweepRunTask(sweep, run) for run in to_submit])
     task_ids = {run.folder: job.job_id for run, job in zip(to_submit, jobs)}
     array_id = jobs[0].job_id.partition("_")[0]
     report_job = None
     if cluster == "slurm":
         report_settings = dataclasses.replace(settings, nodes=1, gpus_per_node=0, processes_per_node=1, slurm={})
-        report_executor = executor(submitit_folder(sweep), report_settings, f"sdetr-{sweep.name}-report", cluster)
+        report_executor = executor(submitit_folder(sweep), report_settings, f"sdetr-{sweep.name}-report", 0, cluster)
         report_executor.update_parameters(slurm_additional_parameters={"dependency": f"afterany:{array_id}"})
         report_job = _submitted(report_executor, [SweepReportTask(sweep)])[0]
     record["runs"].update(task_ids)
@@ -179,15 +190,34 @@ def submit_sweep(sweep: Sweep, cluster: str = "slurm") -> Submission:
                       [*jobs, *([report_job] if report_job else [])])  # fmt: skip
 
 
-def submit_training(run_config: RunConfig, settings: LauncherSettings, cluster: str = "slurm") -> Any:
+def submit_training(
+    run_config: RunConfig, settings: LauncherSettings, replace: bool = False, cluster: str = "slurm"
+) -> Any:
     """Submit one training of ``run_config`` over ``settings``' nodes and processes (its batch per process, as
-    under ``torchrun``); submitit's files go to ``<run folder>/.submitit/``. Returns submitit's job."""
+    under ``torchrun``); submitit's files go to ``<run folder>/.submitit/``. ``replace`` starts a new run in the
+    folder (``--force``: the files of the run it holds are removed). Returns submitit's job.
+
+    Raises:
+        ClusterError: as :func:`submit_sweep`, or a queued or running job already trains in the run folder.
+    """
     if cluster == "slurm":
         check_cluster(settings)
     folder = Path(run_config.train.output_dir).absolute()
     run_config = dataclasses.replace(run_config, train=dataclasses.replace(run_config.train, output_dir=str(folder)))
-    made = executor(folder / SUBMITIT_FOLDER, settings, f"sdetr-train-{folder.name}", cluster)
-    return _submitted(made, [TrainingTask(run_config)])[0]
+    record_path = folder / SUBMITIT_FOLDER / JOBS_FILE
+    with folder_lock(folder / SUBMITIT_FOLDER, "training submission"):
+        earlier = json.loads(record_path.read_text()).get("job") if record_path.is_file() else None
+        state = job_states([earlier]).get(earlier) if earlier and cluster == "slurm" else None
+        if state in QUEUED_STATES | RUNNING_STATES:
+            raise ClusterError(f"job {earlier} ({state.lower()}) already trains in {folder}: wait for it "
+                               f"(squeue --me), or scancel {earlier} first")  # fmt: skip
+        if replace:
+            clear_run(folder)
+        made = executor(folder / SUBMITIT_FOLDER, settings, f"sdetr-train-{folder.name}", run_config.train.workers,
+                        cluster)  # fmt: skip
+        job = _submitted(made, [TrainingTask(run_config)])[0]
+        atomic_write_text(record_path, json.dumps({"job": job.job_id}))
+    return job
 
 
 def _submitted(made: submitit.AutoExecutor, tasks: list[Any]) -> list[Any]:

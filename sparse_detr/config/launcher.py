@@ -4,7 +4,7 @@ One :class:`LauncherSettings` holds every scheduler setting ``sdetr train`` and 
 options or an experiment file's ``[launcher]`` table; :mod:`sparse_detr.cluster` turns it into submitit's
 parameters. A run's resources: ``nodes`` nodes, each with ``gpus_per_node`` GPUs and one process per GPU, or
 on CPU-only nodes ``processes_per_node`` processes (gloo). ``slurm`` holds any other ``sbatch`` option
-(``--slurm constraint=a100`` becomes ``#SBATCH --constraint=a100``).
+(``--slurm constraint=a100`` becomes ``#SBATCH --constraint=a100``, ``--slurm exclusive`` ``#SBATCH --exclusive``).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class LauncherSettings:
     gpus_per_node: int = 0
     processes_per_node: int = 1
     signal_seconds: int = 120
-    slurm: dict[str, str] = field(default_factory=dict)
+    slurm: dict[str, str | bool] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in field_names(LauncherSettings):
@@ -90,14 +90,15 @@ def time_limit_minutes(text: str) -> int:
     return max(1, round(minutes))
 
 
-def check_slurm_options(options: dict[str, Any]) -> dict[str, str]:
-    """``options`` (``sbatch`` option names without ``--``, ``-`` or ``_``) as strings.
+def check_slurm_options(options: dict[str, Any]) -> dict[str, str | bool]:
+    """``options`` (``sbatch`` option names without ``--``, ``-`` or ``_``) with string values, or True for a
+    flag (``exclusive``, ``hold``); False leaves an option out.
 
     Raises:
-        ConfigError: a name that is no option name, a value that is not a string or number, or an option this
-            tool sets from its own setting (named).
+        ConfigError: a name that is no option name, a value that is not a string, number or boolean, or an
+            option this tool sets from its own setting (named).
     """
-    checked = {}
+    checked: dict[str, str | bool] = {}
     for key, value in options.items():
         name = key.replace("-", "_")
         if not _SLURM_KEY.fullmatch(key):
@@ -105,20 +106,22 @@ def check_slurm_options(options: dict[str, Any]) -> dict[str, str]:
         if name in _OWN_KEYS:
             own = {"ntasks_per_node": "--gpus-per-node", "gres": "--gpus-per-node", "gpus": "--gpus-per-node"}
             raise ConfigError(f"--slurm {key}: set it with {own.get(name, '--' + name.replace('_', '-'))} instead")
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise ConfigError(f"--slurm {key} must be a string or a number, got {value!r}")
-        checked[name] = str(value)
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"--slurm {key} must be a string, a number or true (a flag), got {value!r}")
+        if value is not False:
+            checked[name] = True if value is True else str(value)
     return checked
 
 
-def parse_slurm_options(items: list[str] | tuple[str, ...]) -> dict[str, str]:
-    """Repeated ``--slurm key=value`` options as a dict (checked by :func:`check_slurm_options`)."""
-    options = {}
+def parse_slurm_options(items: list[str] | tuple[str, ...]) -> dict[str, str | bool]:
+    """Repeated ``--slurm key=value`` (or ``--slurm flag``) options as a dict (checked by
+    :func:`check_slurm_options`)."""
+    options: dict[str, str | bool] = {}
     for item in items:
         key, equals, value = item.partition("=")
-        if not equals or not key.strip():
-            raise ConfigError(f"--slurm takes key=value (an sbatch option and its value), got {item!r}")
-        options[key.strip()] = value.strip()
+        if not key.strip():
+            raise ConfigError(f"--slurm takes key=value (an sbatch option and its value) or a flag, got {item!r}")
+        options[key.strip()] = value.strip() if equals else True
     return check_slurm_options(options)
 
 

@@ -3,12 +3,9 @@
 
 #include <ATen/ATen.h>
 
-namespace sparse_detr {
+#include "ms_deform_attn_cpu_kernel.h"  // Geometry
 
-// Sizes of one call: batch, tokens, heads, channels per head, queries, levels, points.
-struct Geometry {
-  int64_t N, S, M, D, Lq, L, P;
-};
+namespace sparse_detr {
 
 // Checks ranks and sizes of the op's inputs. Level bounds are checked when the shapes live on the
 // host (reading device tensors here would synchronize every call; the CUDA kernels guard them).

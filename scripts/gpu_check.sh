@@ -30,3 +30,6 @@ tar -czf "$out/model_benchmark.tar.gz" -C "$out" model_benchmark && rm -r "$repo
 # onnxruntime's CUDA provider, when the machine has onnxruntime-gpu (nothing can be installed there: it is offline)
 python3 -c "import onnxruntime as ort; print('onnxruntime', ort.__version__, ort.get_available_providers())" \
     > "$out/onnxruntime.txt" 2>&1 || echo "onnxruntime not installed: no ONNX check on the GPU" > "$out/onnxruntime.txt"
+# TensorRT: FP32 and FP16 engines from `sdetr export --msda tensorrt` files, against PyTorch on the GPU
+python3 scripts/tensorrt_check.py --out "$out/tensorrt_files" > "$out/tensorrt.txt" 2>&1
+rm -rf "$out/tensorrt_files"

@@ -9,6 +9,8 @@ import torch
 import torchvision
 
 from sparse_detr.ops import BackendStatus, backend_status
+from sparse_detr.ops.loader import BackendUnavailableError
+from sparse_detr.ops.onnxruntime_library import library_path
 
 
 def environment() -> dict[str, str]:
@@ -30,8 +32,19 @@ def environment() -> dict[str, str]:
 
 
 def op_backends() -> list[BackendStatus]:
-    """Status of the ``cuda``, ``cpu`` and ``pytorch`` backends, building kernels if needed."""
-    return backend_status()
+    """Status of the ``cuda``, ``cpu`` and ``pytorch`` backends, building kernels if needed, and of the
+    onnxruntime custom-op library (its path is what plain onnxruntime users register)."""
+    return [*backend_status(), onnxruntime_library_status()]
+
+
+def onnxruntime_library_status() -> BackendStatus:
+    """The onnxruntime custom-op library of ``sdetr export --msda custom`` files, built if needed."""
+    try:
+        path = library_path()
+    except BackendUnavailableError as error:
+        return BackendStatus("onnxruntime", False, str(error))
+    note = f"register_custom_ops_library('{path}')"
+    return BackendStatus("onnxruntime", True, build_log=path.parent / "build.log", note=note)
 
 
 def backend_detail(status: BackendStatus) -> str:

@@ -4,14 +4,18 @@ One file serves every batch size and image size: the graph is captured by ``torc
 batch, height and width, and nothing in the model reads a shape from a tensor's values (level shapes come
 from the feature maps' sizes, the sparse encoder's per-image counts stay tensors and its top-k width is a
 bound computed from the token count, see :meth:`~sparse_detr.models.TokenSelection.top`). The deformable
-attention op is written in standard ONNX operators (:mod:`sparse_detr.ops.onnx`), so any runtime runs it.
+attention op takes one of three forms (``msda``, :mod:`sparse_detr.ops.onnx`): standard ONNX operators that
+any runtime runs (``gridsample``), one node that onnxruntime runs with the project's kernel (``custom``), or
+TensorRT's plugin node (``tensorrt``).
 
 Inputs: ``images`` (N, 3, H, W) float32 normalized as in evaluation and ``mask`` (N, H, W) bool, True on
 padding; with ``postprocess``, also ``orig_sizes`` (N, 2) int64 (height, width of each original image).
 Outputs: ``pred_logits`` (N, Q, C) and ``pred_boxes`` (N, Q, 4) cxcywh in [0, 1]; with ``postprocess``,
 ``scores`` (N, K), ``labels`` (N, K) int64 and ``boxes`` (N, K, 4) xyxy in pixels, K = min(100, Q * C),
 as :func:`~sparse_detr.models.postprocess` gives them. The file's metadata (``sparse_detr`` key, JSON)
-holds the classes, the image size the model was trained for and the keep ratio.
+holds the classes, the image size the model was trained for, the keep ratio and the ``msda`` form.
+
+:class:`OnnxDetector` runs a file with onnxruntime or OpenVINO (``runtime``), like the detector.
 """
 
 from __future__ import annotations
@@ -33,13 +37,17 @@ from sparse_detr.config import MAX_IMAGE_SIZE, keep_ratio_range
 from sparse_detr.errors import InputError, MissingFileError, UnavailableError, UsageError
 from sparse_detr.models import DeformableDETR, pad_images
 from sparse_detr.models.postprocess import MAX_DETECTIONS, top_detections
+from sparse_detr.ops.loader import BackendUnavailableError
+from sparse_detr.ops.onnxruntime_library import library_path
 from sparse_detr.utils.io import atomic_write, check_writable
 from sparse_detr.zoo import resolve_checkpoint
 
-DEFAULT_OPSET = 18
+DEFAULT_OPSET = 18  # onnxruntime, OpenVINO (no GridSample from opset 20 on) and TensorRT all import it
+RUNTIMES = ("onnxruntime", "openvino")
 METADATA_KEY = "sparse_detr"
 IMAGE_SIZES = range(16, MAX_IMAGE_SIZE + 1)  # the shorter sides a file's metadata may give (a forged one is refused)
 INSTALL_HINT = "pip install 'sparse-detr[onnx]' (onnx, onnxscript and onnxruntime)"
+OPENVINO_HINT = "pip install 'sparse-detr[openvino]'"
 
 
 def _require(module: str):
@@ -129,6 +137,7 @@ def export_onnx(
     postprocess: bool = False,
     metadata: Mapping[str, Any] | None = None,
     verify: Callable[[Path], None] | None = None,
+    msda: str = "gridsample",
 ) -> Path:
     """Write ``model`` (made float32, on the CPU, in eval mode, at ``keep_ratio``) as one ONNX file ``out``
     with dynamic batch, height and width; see the module docstring for its inputs and outputs.
@@ -142,6 +151,8 @@ def export_onnx(
         opset: the ONNX opset (see :func:`supported_opsets`).
         postprocess: end the graph with the top-100 detections in original-image pixels.
         metadata: JSON-able facts stored in the file (classes, image size); the keep ratio is added.
+        msda: the form of deformable attention in the graph: ``gridsample``, ``custom`` or ``tensorrt``
+            (see :mod:`sparse_detr.ops.onnx`).
 
     Raises:
         UnavailableError: onnx or onnxscript is not installed.
@@ -150,6 +161,7 @@ def export_onnx(
     """
     require_export_packages(run=False)
     check_opset(opset)
+    check_msda(msda)
     from sparse_detr.ops.onnx import TRANSLATED_OP, ms_deform_attn_translation
 
     model = model.float().cpu().eval()
@@ -173,12 +185,12 @@ def export_onnx(
     try:
         program = torch.onnx.export(
             graph, _sample_inputs(model, postprocess), dynamo=True, dynamic_shapes=dynamic_shapes,
-            custom_translation_table={TRANSLATED_OP: ms_deform_attn_translation(opset)}, opset_version=opset,
+            custom_translation_table={TRANSLATED_OP: ms_deform_attn_translation(opset, msda)}, opset_version=opset,
             input_names=input_names, output_names=output_names, verbose=False,
         )  # fmt: skip
     finally:
         optimizer_log.setLevel(level)
-    facts = {**(metadata or {}), "keep_ratio": keep_ratio, "postprocess": postprocess, "opset": opset}
+    facts = {**(metadata or {}), "keep_ratio": keep_ratio, "postprocess": postprocess, "opset": opset, "msda": msda}
     program.model.metadata_props[METADATA_KEY] = json.dumps(facts)
 
     def save_checked(tmp: Path) -> None:
@@ -191,6 +203,14 @@ def export_onnx(
             verify(tmp)
 
     return atomic_write(out, save_checked)
+
+
+def check_msda(msda: str) -> None:
+    """Refuse an unknown ``--msda`` form with one line naming the valid ones."""
+    from sparse_detr.ops.onnx import MSDA_FORMATS
+
+    if msda not in MSDA_FORMATS:
+        raise UsageError(f"--msda {msda!r} is not a form of deformable attention: use one of {', '.join(MSDA_FORMATS)}")
 
 
 def _first_line(error: BaseException) -> str:
@@ -276,12 +296,33 @@ def read_metadata(stored: str | None, name: str | Path) -> dict[str, Any]:
     return metadata
 
 
+def _read_graph_facts(path: Path, name: str | Path) -> tuple[str | None, dict[str, int]]:
+    """The ``sparse_detr`` metadata of an ONNX file and its operator sets (domain -> version)."""
+    onnx = _require("onnx")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # protobuf's DecodeError and friends
+        raise InputError(f"{name} is not an ONNX file ({_first_line(error)})") from None
+    metadata = {entry.key: entry.value for entry in model.metadata_props}
+    return metadata.get(METADATA_KEY), {entry.domain: entry.version for entry in model.opset_import}
+
+
+def _msda_form(opsets: Mapping[str, int]) -> str:
+    """The form of deformable attention a graph holds, read from its operator sets."""
+    from sparse_detr.ops.onnx import CUSTOM_DOMAIN, TENSORRT_DOMAIN
+
+    return "tensorrt" if TENSORRT_DOMAIN in opsets else "custom" if CUSTOM_DOMAIN in opsets else "gridsample"
+
+
 class OnnxDetector:
-    """An exported detector (see :func:`export_onnx`) run with onnxruntime, called like the detector.
+    """An exported detector (see :func:`export_onnx`) run with onnxruntime or OpenVINO (``runtime``) on the
+    CPU, called like the detector. A file with the ``custom`` node gets the project's custom-op library
+    registered in onnxruntime (:mod:`sparse_detr.ops.onnxruntime_library`, built on first use).
 
     Attributes:
         metadata: what the export stored (classes, ``image_size``, ``keep_ratio``, ``postprocess``), checked
             by :func:`read_metadata`.
+        msda: the graph's form of deformable attention (``gridsample``, ``custom`` or ``tensorrt``).
         takes_original_sizes: the graph ends in post-processing and needs ``orig_sizes``.
         name: what messages call the file (``path`` unless given: the final name of a temporary).
     """
@@ -292,24 +333,89 @@ class OnnxDetector:
         providers: Sequence[str] = ("CPUExecutionProvider",),
         threads: int | None = None,
         name: str | Path | None = None,
+        runtime: str = "onnxruntime",
+        allow_tensorrt: bool = False,
     ):
-        ort = _require("onnxruntime")
+        if runtime not in RUNTIMES:
+            raise UsageError(f"--runtime {runtime!r} is not supported: use one of {', '.join(RUNTIMES)}")
         self.path = Path(path)
         self.name = name or path
+        self.runtime = runtime
         if not self.path.is_file():
             raise MissingFileError(f"ONNX file not found: {self.name} (write one with `sdetr export`)")
+        stored, opsets = _read_graph_facts(self.path, self.name)
+        self.metadata = read_metadata(stored, self.name)
+        self.msda = _msda_form(opsets)
+        if self.msda == "tensorrt" and not allow_tensorrt:
+            raise InputError(
+                f"{self.name} holds TensorRT's plugin node (sdetr export --msda tensorrt): build an engine with "
+                f"`trtexec --onnx={self.name}`, or export with --msda custom or gridsample for {runtime}"
+            )
+        if runtime == "openvino":
+            inputs, outputs = self._start_openvino(opsets.get("", 0), threads)
+        else:
+            inputs, outputs = self._start_onnxruntime(providers, threads)
+        self.takes_original_sizes = self._check_interface(inputs, outputs)
+        self.output_names = outputs
+        self.keep_ratio = float(self.metadata["keep_ratio"])
+
+    def _start_onnxruntime(self, providers: Sequence[str], threads: int | None) -> tuple[list[str], list[str]]:
+        ort = _require("onnxruntime")
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if self.msda != "gridsample":
+            try:
+                options.register_custom_ops_library(str(library_path()))
+            except BackendUnavailableError as error:
+                raise UnavailableError(
+                    f"{self.name} needs the onnxruntime custom-op library of deformable attention, which cannot be "
+                    f"built here ({error}): export with --msda gridsample for a file without it"
+                ) from None
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=list(providers))
+            session = ort.InferenceSession(str(self.path), options, providers=list(providers))
         except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph types
             raise InputError(f"{self.name}: onnxruntime cannot load it ({_first_line(error)})") from None
-        self.metadata = read_metadata(self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY), self.name)
-        self.takes_original_sizes = self._check_interface()
-        self.keep_ratio = float(self.metadata["keep_ratio"])
 
-    def _check_interface(self) -> bool:
+        def run(feeds: dict[str, Any]) -> list[Any]:
+            return session.run(self.output_names, feeds)
+
+        self._run = run
+        return [value.name for value in session.get_inputs()], [value.name for value in session.get_outputs()]
+
+    def _start_openvino(self, opset: int, threads: int | None) -> tuple[list[str], list[str]]:
+        try:
+            import openvino
+        except ImportError:
+            raise UnavailableError(f"--runtime openvino needs OpenVINO: {OPENVINO_HINT}") from None
+        if self.msda != "gridsample":
+            raise InputError(
+                f"{self.name} holds the {self.msda} node of deformable attention, which OpenVINO does not know: "
+                "export with --msda gridsample for OpenVINO"
+            )
+        if opset >= 20:
+            raise InputError(
+                f"{self.name} is ONNX opset {opset}: OpenVINO cannot import its GridSample from opset 20 on "
+                "(openvinotoolkit/openvino#33531); export with --opset 19 or lower"
+            )
+        core = openvino.Core()
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}  # not the bf16 it picks on AMX/AVX512-BF16
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        try:
+            compiled = core.compile_model(core.read_model(str(self.path)), "CPU", config)
+        except Exception as error:  # OpenVINO raises RuntimeError with a long trace text
+            raise InputError(f"{self.name}: OpenVINO cannot load it ({_first_line(error)})") from None
+        request = compiled.create_infer_request()
+
+        def run(feeds: dict[str, Any]) -> list[Any]:
+            results = request.infer(feeds)
+            return [results[compiled.output(name)].copy() for name in self.output_names]
+
+        self._run = run
+        return [port.get_any_name() for port in compiled.inputs], [port.get_any_name() for port in compiled.outputs]
+
+    def _check_interface(self, inputs: list[str], outputs: list[str]) -> bool:
         """Whether the graph ends in post-processing (it takes ``orig_sizes``), checked against its outputs
         and the metadata's ``postprocess``.
 
@@ -317,8 +423,6 @@ class OnnxDetector:
             InputError: the graph's inputs or outputs are not an exported detector's, or the metadata
                 disagrees with them.
         """
-        inputs = [value.name for value in self.session.get_inputs()]
-        outputs = [value.name for value in self.session.get_outputs()]
         postprocess = "orig_sizes" in inputs
         expected = ["scores", "labels", "boxes"] if postprocess else ["pred_logits", "pred_boxes"]
         if inputs[:2] != ["images", "mask"] or outputs != expected:
@@ -365,12 +469,13 @@ class OnnxDetector:
             if orig_sizes is None:
                 raise UsageError(f"{self.name} ends in post-processing: pass orig_sizes (N, 2) (height, width)")
             feeds["orig_sizes"] = torch.as_tensor(orig_sizes, dtype=torch.int64).cpu().numpy()
-        names = [output.name for output in self.session.get_outputs()]
         try:
-            values = self.session.run(names, feeds)
-        except Exception as error:  # onnxruntime's own types; e.g. an image too small for the queries
-            raise InputError(f"{self.name}: onnxruntime cannot run it on this input ({_first_line(error)})") from None
-        return {name: torch.from_numpy(value) for name, value in zip(names, values)}
+            values = self._run(feeds)
+        except Exception as error:  # the runtime's own types; e.g. an image too small for the queries
+            raise InputError(
+                f"{self.name}: {self.runtime} cannot run it on this input ({_first_line(error)})"
+            ) from None
+        return {name: torch.from_numpy(value) for name, value in zip(self.output_names, values)}
 
 
 @dataclass(frozen=True)
@@ -388,6 +493,8 @@ class ExportReport:
     seconds: float
     size_mib: float
     max_abs_diff: dict[str, float] | None
+    msda: str = "gridsample"
+    note: str = ""  # what changed from what was asked, and why
 
 
 def _matched(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -452,14 +559,34 @@ def export_checkpoint(
     postprocess: bool = False,
     check: bool = True,
     trust_checkpoint: bool = False,
+    msda: str = "gridsample",
 ) -> ExportReport:
     """``sdetr export``: a checkpoint file, run folder or zoo name as one ONNX file (see
     :func:`export_onnx`), checked by ``onnx.checker`` and, with ``check``, run by onnxruntime against
-    PyTorch on a batch of one and a padded batch of two at other sizes than the export's example. The file
-    takes its name only when these checks pass; the opset is checked before anything is loaded."""
+    PyTorch on a batch of one and a padded batch of two at other sizes than the export's example (a
+    ``tensorrt`` file through the custom-op library, which also runs TensorRT's node). The file takes its
+    name only when these checks pass; the opset and ``msda`` are checked before anything is loaded.
+
+    ``msda="custom"`` where the custom-op library cannot be built (no compiler) writes the ``gridsample``
+    form instead, and the report's ``note`` says so; a ``tensorrt`` file is then written unchecked.
+    """
     require_export_packages(run=check)
     check_opset(opset)
+    check_msda(msda)
     check_writable(Path(out).parent)
+    note = ""
+    if msda != "gridsample" and (check or msda == "custom"):
+        try:
+            library_path()
+        except BackendUnavailableError as error:
+            if msda == "custom":
+                note = f"the onnxruntime custom-op library cannot be built ({error}): wrote --msda gridsample instead"
+                msda = "gridsample"
+            else:
+                note = (
+                    f"not run by onnxruntime: the custom-op library that runs TensorRT's node cannot be built ({error})"
+                )
+                check = False
     path = resolve_checkpoint(checkpoint)
     loaded = load_for_inference(path, "cpu", trust_checkpoint=trust_checkpoint)
     model = loaded.model
@@ -467,12 +594,13 @@ def export_checkpoint(
     differences: dict[str, float] = {}
 
     def compare(tmp: Path) -> None:
-        differences.update(compare_with_pytorch(OnnxDetector(tmp, name=out), model, CHECK_SIZES))
+        detector = OnnxDetector(tmp, name=out, allow_tensorrt=True)
+        differences.update(compare_with_pytorch(detector, model, CHECK_SIZES))
 
     start = time.perf_counter()
-    written = export_onnx(model, out, keep_ratio, opset, postprocess, metadata, verify=compare if check else None)
+    written = export_onnx(model, out, keep_ratio, opset, postprocess, metadata, compare if check else None, msda)
     seconds = time.perf_counter() - start
     size_mib = written.stat().st_size / 2**20
     return ExportReport(
-        written, model.keep_ratio, opset, postprocess, seconds, size_mib, differences if check else None
+        written, model.keep_ratio, opset, postprocess, seconds, size_mib, differences if check else None, msda, note
     )

@@ -14,10 +14,20 @@ import PIL.Image
 import torch
 from torchvision import tv_tensors
 
-from sparse_detr.checkpoint import Category, load_for_inference
-from sparse_detr.data import eval_transform, load_coco_annotations, load_rgb_image
-from sparse_detr.engine.evaluate import check_image_size, coco_detections, coco_results, require_finite_outputs
+from sparse_detr.checkpoint import Category, category_differences, load_for_inference
+from sparse_detr.data import CocoDetection, eval_transform, load_coco_annotations, load_rgb_image
+from sparse_detr.engine.evaluate import (
+    Metrics,
+    build_eval_loader,
+    check_image_size,
+    coco_detections,
+    coco_results,
+    evaluate,
+    metrics_json,
+    require_finite_outputs,
+)
 from sparse_detr.engine.interrupts import StopSignals
+from sparse_detr.engine.run_config import EvalSettings
 from sparse_detr.errors import InputError, Interrupted, MissingFileError, UsageError
 from sparse_detr.export import OnnxDetector
 from sparse_detr.models import DeformableDETR, pad_images
@@ -205,10 +215,13 @@ def load_predictor(
     return Predictor(runner, loaded.categories, image_size, device, loaded.path)
 
 
-def load_onnx_predictor(path: str | Path, image_size: int | None = None, threads: int | None = None) -> Predictor:
-    """An ONNX file written by ``sdetr export`` run with onnxruntime on the CPU, with the classes and image
-    size (default the trained one) stored in it; see :class:`~sparse_detr.export.OnnxDetector`."""
-    detector = OnnxDetector(path, threads=threads)
+def load_onnx_predictor(
+    path: str | Path, image_size: int | None = None, threads: int | None = None, runtime: str = "onnxruntime"
+) -> Predictor:
+    """An ONNX file written by ``sdetr export`` run on the CPU by ``runtime`` (onnxruntime or openvino), with
+    the classes and image size (default the trained one) stored in it; see
+    :class:`~sparse_detr.export.OnnxDetector`."""
+    detector = OnnxDetector(path, threads=threads, runtime=runtime)
     size = image_size if image_size is not None else detector.image_size
     return Predictor(detector, detector.categories, size, torch.device("cpu"), Path(path))
 
@@ -290,13 +303,17 @@ def _checkpoint_or_onnx(
     keep_ratio: float | None,
     amp: str | None,
     compile: bool,
+    runtime: str | None = None,
 ) -> Predictor:
-    """The predictor of ``sdetr predict``: the exported file ``onnx`` when given, else the checkpoint."""
+    """The predictor of ``sdetr predict``: the exported file ``onnx`` when given (run by ``runtime``,
+    default onnxruntime), else the checkpoint."""
     if onnx is None:
+        if runtime is not None:
+            raise UsageError(f"--runtime {runtime} runs an exported file: add --onnx FILE (from `sdetr export`)")
         return load_predictor(checkpoint, device, image_size, keep_ratio, amp=amp, compile=compile)
     if checkpoint is not None or amp is not None or compile:
         raise UsageError("--onnx runs the exported file: leave out --checkpoint, --amp and --compile")
-    predictor = load_onnx_predictor(onnx, image_size)
+    predictor = load_onnx_predictor(onnx, image_size, runtime=runtime or "onnxruntime")
     if keep_ratio is not None and keep_ratio != predictor.runner.keep_ratio:
         raise UsageError(f"{onnx} encodes with keep ratio {predictor.runner.keep_ratio:g}, fixed at export")
     return predictor
@@ -335,11 +352,12 @@ def predict_files(
     amp: str | None = None,
     compile: bool = False,
     onnx: str | Path | None = None,
+    runtime: str | None = None,
 ) -> tuple[list[dict[str, Any]], dict[Path, str], list[Path]]:
     """``sdetr predict``: detect objects in the image files, folders or glob patterns ``inputs`` with
     ``checkpoint`` (see :func:`load_predictor`; ``amp`` and ``compile`` choose how it runs) or the exported
-    file ``onnx`` (see :func:`load_onnx_predictor`) and write the COCO results JSON ``out`` (what finished,
-    even when some images fail). Image ids come from the instances file ``annotations`` (matched by file
+    file ``onnx`` run by ``runtime`` (see :func:`load_onnx_predictor`) and write the COCO results JSON ``out``
+    (what finished, even when some images fail). Image ids come from the instances file ``annotations`` (matched by file
     name), else 1..N.
 
     Returns:
@@ -355,9 +373,56 @@ def predict_files(
     predictions = Predictions()
     try:
         with StopSignals().installed():  # SIGTERM too raises a KeyboardInterrupt, with its exit code
-            predictor = _checkpoint_or_onnx(checkpoint, onnx, device, image_size, keep_ratio, amp, compile)
+            predictor = _checkpoint_or_onnx(checkpoint, onnx, device, image_size, keep_ratio, amp, compile, runtime)
             predict_images(predictor, paths, threshold, image_ids, track, predictions)
     except KeyboardInterrupt as interrupt:
         raise _interrupted(predictions, paths, out, getattr(interrupt, "exit_code", Interrupted.exit_code)) from None
     atomic_write_text(out, json.dumps(predictions.results, indent=1))
     return predictions.results, predictions.failures, paths
+
+
+def evaluate_onnx(
+    path: str | Path,
+    settings: EvalSettings = EvalSettings(),
+    output_dir: str | Path | None = None,
+    runtime: str = "onnxruntime",
+    threads: int | None = None,
+) -> Metrics:
+    """``sdetr eval --onnx``: COCO AP of an exported file run by ``runtime`` on the validation split of
+    ``settings.data``, at ``settings.image_size`` (default the one stored in the file), as
+    :func:`~sparse_detr.engine.evaluate.evaluate_checkpoint` measures a checkpoint; ``eval_<stem>.json`` and
+    ``detections_<stem>.json`` go to ``output_dir`` (default the file's folder).
+
+    Raises:
+        UsageError: settings the file fixed at export (keep ratio, model fields, amp, compile), a file that
+            ends in post-processing, or a dataset with other categories than the file's (unless
+            ``settings.allow_other_categories``).
+    """
+    path = Path(path)
+    if settings.amp or settings.compile or settings.overrides:
+        raise UsageError("--onnx runs the exported file: leave out --amp, --compile and [model] settings")
+    out = check_writable(output_dir if output_dir is not None else path.parent)
+    detector = OnnxDetector(path, runtime=runtime, threads=threads)
+    if settings.keep_ratio is not None and settings.keep_ratio != detector.keep_ratio:
+        raise UsageError(f"{path} encodes with keep ratio {detector.keep_ratio:g}, fixed at export; "
+                         f"export again with --rho {settings.keep_ratio:g}")  # fmt: skip
+    if detector.takes_original_sizes:
+        raise UsageError(f"{path} ends in post-processing: export it again without --postprocess to evaluate it")
+    val_images, val_ann = settings.data.val_split()
+    image_size = detector.image_size if settings.image_size is None else settings.image_size
+    dataset = CocoDetection(val_images, val_ann, eval_transform(image_size))
+    num_classes = int(detector.metadata.get("num_classes", max(detector.categories) + 1))
+    if dataset.num_classes > num_classes:
+        raise UsageError(f"{val_ann} has class labels up to {dataset.num_classes - 1} but {path} predicts "
+                         f"{num_classes} classes: evaluate it on the dataset it was trained for")  # fmt: skip
+    differences = category_differences(detector.categories, dataset.category_names)
+    if differences and not settings.allow_other_categories:
+        raise UsageError(f"{path} was trained on other categories than {val_ann} ({len(differences)} differ; "
+                         f"{differences[0]}): pass --allow-other-categories to evaluate it anyway")  # fmt: skip
+    loader = build_eval_loader(dataset, settings.batch_size, settings.workers)
+    metrics = evaluate(detector, loader, dataset.coco, dataset.label_to_category_id, "cpu",
+                       out / f"detections_{path.stem}.json", str(path))  # fmt: skip
+    extra = {"onnx": str(path), "runtime": runtime, "msda": detector.msda, "keep_ratio": detector.keep_ratio,
+             "image_size": image_size}  # fmt: skip
+    atomic_write_text(out / f"eval_{path.stem}.json", metrics_json(metrics, **extra))
+    return metrics

@@ -1,14 +1,17 @@
-"""ONNX export: one file with dynamic batch, height and width, standard operators only, onnxruntime equal to
-PyTorch, `sdetr predict --onnx` equal to the PyTorch predictions, and one-line errors."""
+"""ONNX export: one file with dynamic batch, height and width in each --msda form (standard operators, the
+custom node onnxruntime runs with the project's kernel, TensorRT's plugin node), onnxruntime and OpenVINO
+equal to PyTorch, `sdetr predict|eval --onnx` equal to the PyTorch predictions and AP, and one-line errors."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CATEGORIES, tiny_model
+from conftest import TINY_CATEGORIES, one_line, tiny_model
 from typer.testing import CliRunner
 
 from sparse_detr.checkpoint import save_checkpoint
@@ -19,6 +22,7 @@ from sparse_detr.export import OnnxDetector, compare_with_pytorch, export_onnx
 from sparse_detr.models import build_model
 
 onnx = pytest.importorskip("onnx")
+TensorProto = onnx.TensorProto
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
@@ -112,7 +116,7 @@ def test_export_errors_are_one_line(exported, tiny_checkpoint, tmp_path):
     result = runner.invoke(app, ["predict", str(image), "--onnx", str(tmp_path / "missing.onnx")])
     assert result.exit_code == 1 and "missing.onnx" in result.output and "sdetr export" in result.output
     result = runner.invoke(app, ["predict", str(image), "--onnx", str(image)])
-    assert result.exit_code == 1 and "onnxruntime cannot load it" in result.output
+    assert result.exit_code == 1 and "is not an ONNX file" in result.output
 
 
 def test_missing_onnx_packages_say_how_to_install(monkeypatch, exported):
@@ -152,3 +156,209 @@ def test_r50_presets_export_from_one_file(preset, tmp_path, one_thread):
     r50_sizes = ([(256, 320)], [(320, 256), (288, 352)], [(400, 300)])
     differences = compare_with_pytorch(OnnxDetector(path), model, r50_sizes)
     assert differences["pred_logits"] < 1e-4 and differences["pred_boxes"] < 1e-4, differences
+
+
+def _export(checkpoint, out, *options):
+    result = runner.invoke(app, ["export", "--checkpoint", str(checkpoint), "--out", str(out), *options])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def exported_custom(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / "tiny_custom.onnx"
+    output = _export(tiny_checkpoint, out, "--msda", "custom")
+    assert "deformable attention as custom" in " ".join(output.split()) and "largest absolute difference" in output
+    return out
+
+
+def _attention_layers(checkpoint) -> int:
+    from sparse_detr.checkpoint import load_model
+    from sparse_detr.models.deformable_attention import MSDeformAttn
+
+    return sum(isinstance(module, MSDeformAttn) for module in load_model(checkpoint).modules())
+
+
+def test_the_custom_form_is_one_node_per_attention_layer(exported_custom, tiny_checkpoint):
+    from sparse_detr.ops.onnx import CUSTOM_DOMAIN, CUSTOM_OP
+
+    model = onnx.load(str(exported_custom))
+    onnx.checker.check_model(model, full_check=True)
+    custom = [node for node in model.graph.node if node.domain == CUSTOM_DOMAIN]
+    assert {node.op_type for node in custom} == {CUSTOM_OP} and len(custom) == _attention_layers(tiny_checkpoint)
+    assert "GridSample" not in {node.op_type for node in model.graph.node}
+    assert json.loads({p.key: p.value for p in model.metadata_props}["sparse_detr"])["msda"] == "custom"
+
+
+def test_the_custom_form_under_onnxruntime_equals_pytorch(exported_custom, tiny_checkpoint):
+    from sparse_detr.checkpoint import load_model
+
+    detector = OnnxDetector(exported_custom)
+    assert detector.msda == "custom"
+    differences = compare_with_pytorch(detector, load_model(tiny_checkpoint), SIZES)
+    assert differences["pred_logits"] < 1e-4 and differences["pred_boxes"] < 1e-4, differences
+
+
+def test_the_onnxruntime_library_equals_the_torch_op_in_both_layouts(tmp_path):
+    """Both nodes of the library against the torch op's reference, sampling points outside the maps included;
+    a malformed input is one error line naming the node."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from sparse_detr.ops.onnx import CUSTOM_DOMAIN, CUSTOM_OP, TENSORRT_DOMAIN, TENSORRT_OP
+    from sparse_detr.ops.onnxruntime_library import library_path
+    from sparse_detr.ops.reference import ms_deform_attn_pytorch
+
+    shapes = torch.tensor([[12, 16], [6, 8], [3, 4], [1, 2]])
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1]])
+    tokens, generator = int((shapes[:, 0] * shapes[:, 1]).sum()), torch.Generator().manual_seed(0)
+    value = torch.randn(2, tokens, 8, 32, generator=generator)
+    locations = torch.rand(2, 50, 8, 4, 4, 2, generator=generator) * 1.4 - 0.2
+    weights = torch.rand(2, 50, 8, 4, 4, generator=generator)
+    expected = ms_deform_attn_pytorch(value, shapes, starts, locations, weights)
+    for domain, name, level_type in ((CUSTOM_DOMAIN, CUSTOM_OP, TensorProto.INT64),
+                                     (TENSORRT_DOMAIN, TENSORRT_OP, TensorProto.INT32)):  # fmt: skip
+        names = ["value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights"]
+        types = [TensorProto.FLOAT, level_type, level_type, TensorProto.FLOAT, TensorProto.FLOAT]
+        graph = helper.make_graph(
+            [helper.make_node(name, names, ["output"], domain=domain)], "msda",
+            [helper.make_tensor_value_info(n, t, None) for n, t in zip(names, types)],
+            [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
+        )  # fmt: skip
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(domain, 1)])
+        options = ort.SessionOptions()
+        options.register_custom_ops_library(str(library_path()))
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        levels = np.int64 if level_type == TensorProto.INT64 else np.int32
+        feeds = {"value": value.numpy(), "spatial_shapes": shapes.numpy().astype(levels),
+                 "level_start_index": starts.numpy().astype(levels), "sampling_locations": locations.numpy(),
+                 "attention_weights": weights.numpy()}  # fmt: skip
+        (output,) = session.run(None, feeds)
+        assert output.shape == ((2, 50, 8, 32) if domain == TENSORRT_DOMAIN else (2, 50, 256))
+        torch.testing.assert_close(torch.from_numpy(output).reshape(expected.shape), expected, atol=1e-5, rtol=1e-5)
+        with pytest.raises(Exception, match=f"{name}: level 3 does not fit in value's S = 253"):
+            session.run(None, {**feeds, "value": value[:, 1:].numpy()})
+
+
+@pytest.mark.slow
+def test_the_tensorrt_form_is_the_plugins_documented_node(tiny_checkpoint, tmp_path):
+    """TensorRT's MultiscaleDeformableAttnPlugin_TRT (plugin/multiscaleDeformableAttnPlugin/README.md): five
+    inputs value (N, S, M, D), spatial_shapes (L, 2) and level_start_index (L,) in int32, sampling_locations
+    (N, Lq, M, L, P, 2), attention_weights (N, Lq, M, L, P); no fields; output (N, Lq, M, D). The file runs
+    under onnxruntime with the custom-op library (as the export checked) and equals PyTorch."""
+    from sparse_detr.checkpoint import load_model
+    from sparse_detr.ops.onnx import TENSORRT_OP
+
+    out = tmp_path / "tiny_trt.onnx"
+    assert "deformable attention as tensorrt" in " ".join(_export(tiny_checkpoint, out, "--msda", "tensorrt").split())
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(out)))
+    onnx.checker.check_model(model, full_check=True)
+    nodes = [node for node in model.graph.node if node.op_type == TENSORRT_OP]
+    assert len(nodes) == _attention_layers(tiny_checkpoint)
+    assert "GridSample" not in {node.op_type for node in model.graph.node}
+    known = {value.name: value.type.tensor_type for value in [*model.graph.value_info, *model.graph.input]}
+    producers = {output: node for node in model.graph.node for output in node.output}
+    for node in nodes:
+        assert len(node.input) == 5 and len(node.output) == 1
+        assert {a.name: a.s for a in node.attribute} == {"plugin_version": b"1", "plugin_namespace": b""}
+        ranks = [len(known[name].shape.dim) for name in node.input]
+        assert ranks == [4, 2, 1, 6, 5]
+        float32, int32 = TensorProto.FLOAT, TensorProto.INT32
+        assert [known[name].elem_type for name in node.input] == [float32, int32, int32, float32, float32]
+        assert all(producers[name].op_type == "Cast" for name in node.input[1:3])
+    metadata = json.loads({p.key: p.value for p in model.metadata_props}["sparse_detr"])
+    assert metadata["msda"] == "tensorrt"
+    detector = OnnxDetector(out, allow_tensorrt=True)
+    differences = compare_with_pytorch(detector, load_model(tiny_checkpoint), SIZES)
+    assert differences["pred_logits"] < 1e-4 and differences["pred_boxes"] < 1e-4, differences
+    image = tmp_path / "scene.png"
+    render_scene(96, np.random.default_rng(0))[0].save(image)
+    one_line(runner.invoke(app, ["predict", str(image), "--onnx", str(out)]), 1, "TensorRT's plugin node",
+             f"trtexec --onnx={out}")  # fmt: skip
+
+
+def test_openvino_runs_the_gridsample_file_as_pytorch(exported, tiny_checkpoint):
+    pytest.importorskip("openvino")
+    from sparse_detr.checkpoint import load_model
+
+    differences = compare_with_pytorch(OnnxDetector(exported, runtime="openvino"), load_model(tiny_checkpoint), SIZES)
+    assert differences["pred_logits"] < 1e-4 and differences["pred_boxes"] < 1e-4, differences
+
+
+@pytest.mark.slow
+def test_eval_onnx_gives_the_checkpoints_ap(tmp_path):
+    """`sdetr eval --onnx` (onnxruntime, custom and gridsample files, and OpenVINO) against `sdetr eval
+    --checkpoint` on the same split: the same detections, so the same AP."""
+    from sparse_detr.data import make_synthetic_dataset, synthetic_splits
+
+    root = make_synthetic_dataset(tmp_path / "synth", num_train=1, num_val=3, image_size=96)
+    _, _, val_images, val_ann = synthetic_splits(root)
+    names = {c["id"]: c["name"] for c in json.loads(val_ann.read_text())["categories"]}
+    model = _realistic(tiny_model({"model.num_classes": max(names) + 1, "model.num_queries": 20}))
+    categories = {label: {"id": label, "name": name} for label, name in names.items()}
+    checkpoint = save_checkpoint(tmp_path / "model.pth", model, categories=categories, train_config={"image_size": 96})
+    data = ["--val-images", str(val_images), "--val-ann", str(val_ann), "--workers", "0"]
+
+    def evaluate(label, *source):
+        result = runner.invoke(app, ["eval", *source, *data, "--output-dir", str(tmp_path / label)])
+        assert result.exit_code == 0, result.output
+        stored = json.loads(next((tmp_path / label).glob("eval_*.json")).read_text())
+        detections = json.loads(next((tmp_path / label).glob("detections_*.json")).read_text())
+        return stored, sorted(detections, key=lambda d: (d["image_id"], -d["score"]))
+
+    expected, expected_detections = evaluate("pytorch", "--checkpoint", str(checkpoint), "--device", "cpu")
+    assert expected_detections
+    gridsample, custom = (_exported_file(checkpoint, tmp_path, msda) for msda in ("gridsample", "custom"))
+    sources = {"onnxruntime": ["--onnx", str(gridsample)], "custom": ["--onnx", str(custom)]}
+    if importlib.util.find_spec("openvino") is not None:
+        sources["openvino"] = ["--onnx", str(gridsample), "--runtime", "openvino"]
+    for label, source in sources.items():
+        stored, detections = evaluate(label, *source)
+        assert stored["runtime"] == ("openvino" if label == "openvino" else "onnxruntime")
+        assert stored["AP"] == pytest.approx(expected["AP"], abs=0.001), label  # 0.1 AP points
+        scores, expected_scores = ([d["score"] for d in found] for found in (detections, expected_detections))
+        assert scores == pytest.approx(expected_scores, abs=1e-4), label
+
+
+def _exported_file(checkpoint, folder, msda):
+    out = folder / f"{msda}.onnx"
+    _export(checkpoint, out, "--msda", msda, "--no-check")
+    return out
+
+
+def test_runtime_mistakes_get_one_line(exported, exported_custom, tiny_checkpoint, tmp_path, monkeypatch):
+    image = tmp_path / "scene.png"
+    render_scene(96, np.random.default_rng(0))[0].save(image)
+    predict = ["predict", str(image), "--out", str(tmp_path / "d.json")]
+    one_line(runner.invoke(app, [*predict, "--onnx", str(exported_custom), "--runtime", "openvino"]), 1,
+             "OpenVINO does not know", "--msda gridsample")  # fmt: skip
+    one_line(runner.invoke(app, [*predict, "--checkpoint", str(tiny_checkpoint), "--runtime", "openvino"]), 2,
+             "add --onnx FILE")  # fmt: skip
+    one_line(runner.invoke(app, [*predict, "--onnx", str(exported), "--runtime", "tvm"]), 2, "--runtime 'tvm'")
+    export = ["export", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "x.onnx")]
+    one_line(runner.invoke(app, [*export, "--msda", "plugin"]), 2, "--msda 'plugin'", "gridsample, custom, tensorrt")
+    newer = onnx.load(str(exported))
+    next(entry for entry in newer.opset_import if entry.domain == "").version = 20
+    onnx.save(newer, str(tmp_path / "opset20.onnx"))
+    one_line(runner.invoke(app, [*predict, "--onnx", str(tmp_path / "opset20.onnx"), "--runtime", "openvino"]), 1,
+             "opset 20", "--opset 19 or lower")  # fmt: skip
+    monkeypatch.setitem(sys.modules, "openvino", None)  # not installed
+    one_line(runner.invoke(app, [*predict, "--onnx", str(exported), "--runtime", "openvino"]), 1,
+             "pip install 'sparse-detr[openvino]'")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_without_a_compiler_custom_falls_back_to_gridsample(tiny_checkpoint, exported_custom, tmp_path, monkeypatch):
+    from sparse_detr.ops import onnxruntime_library
+
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(onnxruntime_library, "_built", {})
+    image = tmp_path / "scene.png"
+    render_scene(96, np.random.default_rng(0))[0].save(image)
+    one_line(runner.invoke(app, ["predict", str(image), "--onnx", str(exported_custom)]), 1,
+             "needs the onnxruntime custom-op library", "no C++ compiler", "--msda gridsample")  # fmt: skip
+    out = tmp_path / "fallback.onnx"
+    output = " ".join(_export(tiny_checkpoint, out, "--msda", "custom", "--no-check").split())
+    assert "no C++ compiler" in output and "wrote --msda gridsample instead" in output
+    assert "deformable attention as gridsample" in output and OnnxDetector(out).msda == "gridsample"

@@ -163,3 +163,18 @@ def test_compiled_detector_equals_eager(one_thread):
     got = runner(images, mask)
     for key in ("pred_logits", "pred_boxes"):
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("flags", "hardware", "fragment"),
+    [
+        ("avx2 avx512f avx512_bf16 amx_bf16 amx_tile", "AMX", "AMX tiles"),
+        ("avx2 avx512f avx512_bf16", "AVX512-BF16", "Zen 4"),
+        ("avx2 avx512f", None, "emulated and slower than float32"),
+    ],
+)
+def test_bf16_hardware_knows_amx_and_avx512_bf16(monkeypatch, flags, hardware, fragment):
+    from sparse_detr.utils import cpu
+
+    monkeypatch.setattr(cpu, "_cpuinfo", lambda: {"model name": "test CPU", "flags": flags})
+    assert cpu.bf16_hardware() == hardware and fragment in cpu.bf16_note()

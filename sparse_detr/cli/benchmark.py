@@ -42,7 +42,9 @@ def benchmark(
         None, "--iters", "--repeats", min=1, help="Timed passes (default 50 on GPU, 5 on CPU)."
     ),
     warmup: int | None = typer.Option(None, min=0, help="Untimed passes first (default 5 on GPU, 1 on CPU)."),
-    amp: str | None = typer.Option(None, help="Time under autocast: bf16 or fp16."),
+    amp: str | None = typer.Option(
+        None, help="Time under autocast: bf16 (CPUs with AMX or AVX512-BF16, GPUs) or fp16."
+    ),
     compile: bool = typer.Option(False, "--compile", help="Time torch.compile(model) (with freezing)."),
     fast: bool = typer.Option(
         True, "--fast/--plain", help="Fold the frozen BatchNorms and use channels_last (--plain: the model as built)."
@@ -54,14 +56,24 @@ def benchmark(
     threads: int | None = typer.Option(None, min=1, help="CPU threads (default: torch's)."),
     output: Path | None = typer.Option(None, help="Report folder (default reports/<name>)."),
     name: str = typer.Option("benchmark", help="Report name: reports/<name>."),
+    onnx: list[Path] | None = typer.Option(
+        None, "--onnx", help="Time this exported file instead (repeatable), at --input-size and --batch-sizes."
+    ),
+    runtime: str = typer.Option("onnxruntime", help="With --onnx: comma-separated runtimes (onnxruntime, openvino)."),
 ) -> None:
     """Parameters, GFLOPs (fvcore) and FPS of models over presets and keep ratios; --config/--set
-    [model]/[loss] fields change every model.
+    [model]/[loss] fields change every model. With --onnx: seconds per batch of exported files under each
+    --runtime (benchmark_onnx.csv/.md).
 
     Writes benchmark.csv/.md, gflops_by_part.csv/.md, gflops_vs_rho.png and fps_vs_rho.png. GFLOPs follow the
     paper's convention (docs/PERFORMANCE.md) and sit beside the reference implementation's figures where
     they exist (850x1040, 800x1066, 800x1333); FPS is the median over the timed passes.
     """
+    if onnx:
+        sizes = parse_list(batch_sizes, int, "--batch-sizes")
+        return _benchmark_exported(onnx, parse_list(runtime, str, "--runtime"), parse_size(input_size), sizes,
+                                   iters or 5, 1 if warmup is None else warmup, threads,
+                                   output or Path("reports") / name)  # fmt: skip
     from sparse_detr.analysis import benchmark as bench
     from sparse_detr.analysis.latency import Timing
     from sparse_detr.engine.run_config import merged_settings, model_overrides, option_settings
@@ -80,9 +92,27 @@ def benchmark(
     inputs = bench.BenchmarkInputs.from_settings(resolved, parse_size(input_size) if images is None else None, images)
     report = bench.benchmark_models(models, inputs, options, output or Path("reports") / name)
     print_frame(bench.summary(report.result.table), f"benchmark on {report.device}: {report.source}")
+    if amp == "bf16" and str(report.device).startswith("cpu"):
+        from sparse_detr.utils.cpu import bf16_note
+
+        console.print(bf16_note(), highlight=False)
     if flops:
         console.print("fvcore skipped (element-wise) ops: " + ", ".join(sorted(report.result.skipped)), highlight=False)
     console.print(f"wrote {', '.join(str(path) for path in report.paths)}", highlight=False)
+
+
+def _benchmark_exported(paths, runtimes, size, batch_sizes, iters, warmup, threads, folder: Path) -> None:
+    from sparse_detr.analysis.exported import time_exported
+    from sparse_detr.utils.cpu import cpu_description
+    from sparse_detr.utils.io import atomic_write_text
+
+    frame = time_exported(paths, runtimes, size, batch_sizes, iters, warmup, threads)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "benchmark_onnx.csv", frame.to_csv(index=False))
+    atomic_write_text(folder / "benchmark_onnx.md", frame.to_markdown(index=False) + f"\n\n{cpu_description()}\n")
+    print_frame(frame, f"exported files, {size[0]}x{size[1]}: median seconds of {iters} passes")
+    console.print(f"{cpu_description()}\nwrote {folder / 'benchmark_onnx.csv'}, {folder / 'benchmark_onnx.md'}",
+                  highlight=False)  # fmt: skip
 
 
 @command(app, "benchmark-op")

@@ -14,9 +14,12 @@ from sparse_detr.errors import InputError, UsageError
 CHECKPOINT_HELP = "Checkpoint file, run folder or zoo name (default: runs/tiny/checkpoint.pth, from `sdetr train`)."
 
 
+RUNTIME_OPTION = typer.Option(None, help="With --onnx: onnxruntime (default) or openvino (the openvino extra).")
+
+
 @command(app, "eval")
 def evaluate(
-    checkpoint: str = typer.Option(..., help="Checkpoint file, run folder or zoo name (sdetr zoo)."),
+    checkpoint: str | None = typer.Option(None, help="Checkpoint file, run folder or zoo name (sdetr zoo)."),
     config_file: Path | None = CONFIG_OPTION,
     settings: list[str] | None = SET_OPTION,
     root: Path | None = typer.Option(None, "--data", help="Dataset folder (COCO 2017 or synth): its validation split."),
@@ -28,7 +31,9 @@ def evaluate(
     ),
     image_size: int | None = typer.Option(None, help="Shorter side (default: the run's, else 800)."),
     device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
-    amp: str | None = typer.Option(None, help="Run under autocast: bf16 (CPUs with AMX, GPUs) or fp16 (GPUs)."),
+    amp: str | None = typer.Option(
+        None, help="Run under autocast: bf16 (CPUs with AMX or AVX512-BF16, GPUs) or fp16 (GPUs)."
+    ),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (compiles per image size)."),
     workers: int | None = typer.Option(None, min=0, help="Data loading processes (default 2)."),
     allow_other_categories: bool | None = typer.Option(
@@ -37,22 +42,35 @@ def evaluate(
     output_dir: Path | None = typer.Option(
         None, help="Where the metrics and detections JSON go (default: the checkpoint's folder; runs/eval/NAME)."
     ),
+    onnx: Path | None = typer.Option(None, help="Evaluate this file from `sdetr export` instead of a checkpoint."),
+    runtime: str | None = RUNTIME_OPTION,
 ) -> None:
     """Evaluate a checkpoint with COCO AP on a validation split (the built-in one when no data is given).
 
     --config/--set take the same files and keys as `sdetr train` (a run's config.toml included): [data]
     names the split, [model] fields change the loaded model (model.keep_ratio), [train] image_size,
-    eval_batch_size, workers and device apply.
+    eval_batch_size, workers and device apply. --onnx FILE evaluates an exported file on the CPU with
+    onnxruntime or --runtime openvino (its keep ratio and classes are those stored at export).
     """
     fields = dict(locals())  # the options named after configuration fields, taken before anything else
-    for name in ("checkpoint", "config_file", "settings", "output_dir", "compile"):
+    for name in ("checkpoint", "config_file", "settings", "output_dir", "compile", "onnx", "runtime"):
         del fields[name]
     from sparse_detr.engine import distributed, format_metrics
     from sparse_detr.engine.evaluate import evaluate_settings
     from sparse_detr.engine.run_config import EvalSettings, merged_settings, option_settings
 
     resolved = merged_settings(config_file, settings or (), option_settings(fields))
-    metrics = evaluate_settings(checkpoint, EvalSettings.from_settings(resolved, compile=compile), output_dir)
+    eval_settings = EvalSettings.from_settings(resolved, compile=compile)
+    if (checkpoint is None) == (onnx is None):
+        raise UsageError("give --checkpoint (a checkpoint file, run folder or zoo name) or --onnx FILE, not both")
+    if onnx is not None:
+        from sparse_detr.inference import evaluate_onnx
+
+        metrics = evaluate_onnx(onnx, eval_settings, output_dir, runtime or "onnxruntime")
+    elif runtime is not None:
+        raise UsageError(f"--runtime {runtime} runs an exported file: add --onnx FILE (from `sdetr export`)")
+    else:
+        metrics = evaluate_settings(checkpoint, eval_settings, output_dir)
     if distributed.get_rank() == 0:  # under torchrun every process has the metrics; the table prints once
         console.print(format_metrics(metrics))
 
@@ -74,11 +92,14 @@ def predict(
     image_size: int | None = typer.Option(
         None, min=16, help="Shorter side the model sees (default: the run's, else 800)."
     ),
-    amp: str | None = typer.Option(None, help="Run under autocast: bf16 (CPUs with AMX, GPUs) or fp16 (GPUs)."),
+    amp: str | None = typer.Option(
+        None, help="Run under autocast: bf16 (CPUs with AMX or AVX512-BF16, GPUs) or fp16 (GPUs)."
+    ),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (compiles per image size)."),
     onnx: Path | None = typer.Option(
         None, help="Run this file from `sdetr export` with onnxruntime instead of a checkpoint."
     ),
+    runtime: str | None = RUNTIME_OPTION,
 ) -> None:
     """Detect objects in images: COCO results JSON (image_id, category_id, bbox [x, y, w, h] in pixels, score,
     plus category_name and file_name) and a table on screen. One image that fails costs that image only."""
@@ -91,6 +112,7 @@ def predict(
     results, failures, paths = predict_files(
         images, checkpoint, out, threshold, ann, rho, device, image_size,
         track=lambda items: track(items, "detecting", console=console), amp=amp, compile=compile, onnx=onnx,
+        runtime=runtime,
     )  # fmt: skip
     shown = 50
     table = Table(title=f"detections scoring at least {threshold:g}")

@@ -23,21 +23,32 @@ def export(
     ),
     check: bool = typer.Option(True, "--check/--no-check", help="Compare onnxruntime with PyTorch after export."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --out file."),
+    msda: str = typer.Option(
+        "gridsample",
+        help="Deformable attention as: gridsample (standard ONNX, any runtime), custom (one node onnxruntime runs "
+        "with this project's kernel: fastest) or tensorrt (TensorRT's MultiscaleDeformableAttnPlugin_TRT node).",
+    ),
 ) -> None:
     """Export a detector to one ONNX file with dynamic batch, height and width (needs onnx, onnxscript and
-    onnxruntime: the package's "onnx" extra). The deformable attention op becomes standard ONNX (GridSample), so any
-    runtime runs the file; `sdetr predict --onnx FILE` runs it with onnxruntime."""
-    from sparse_detr.export import check_opset, export_checkpoint, require_export_packages
+    onnxruntime: the package's "onnx" extra). `sdetr predict --onnx FILE` runs it with onnxruntime (or
+    --runtime openvino, for a gridsample file); a custom file needs the custom-op library that sdetr builds
+    and registers itself (`sdetr doctor` prints its path for plain onnxruntime); a tensorrt file goes to
+    `trtexec --onnx=FILE`."""
+    from sparse_detr.export import check_msda, check_opset, export_checkpoint, require_export_packages
 
     if out.exists() and not force:
         raise UsageError(f"{out} exists: pass --force to overwrite it or choose another --out")
     require_export_packages(run=check)
     check_opset(opset)
+    check_msda(msda)
     console.print(f"exporting {checkpoint} (tracing with torch.export; a minute for R50)", highlight=False)
-    report = export_checkpoint(checkpoint, out, rho, opset, postprocess, check)
+    report = export_checkpoint(checkpoint, out, rho, opset, postprocess, check, msda=msda)
+    if report.note:
+        log_line(f"note: {report.note}")
     log_line(
-        f"wrote {report.path} ({report.size_mib:.1f} MiB, opset {report.opset}, keep ratio {report.keep_ratio:g}"
-        f"{', post-processing' if report.postprocess else ''}) in {report.seconds:.0f} s; onnx.checker passed"
+        f"wrote {report.path} ({report.size_mib:.1f} MiB, opset {report.opset}, keep ratio {report.keep_ratio:g}, "
+        f"deformable attention as {report.msda}{', post-processing' if report.postprocess else ''}) in "
+        f"{report.seconds:.0f} s; onnx.checker passed"
     )
     if report.max_abs_diff is not None:
         differences = ", ".join(f"{name} {value:.1e}" for name, value in report.max_abs_diff.items())

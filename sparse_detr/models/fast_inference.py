@@ -11,6 +11,8 @@ keeps freed host memory in the process for the next pass (:mod:`sparse_detr.util
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -19,6 +21,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from sparse_detr.models.backbone import ResNetBackbone
 from sparse_detr.models.detector import DeformableDETR
 from sparse_detr.models.outputs import DetectorOutputs
+from sparse_detr.utils.cpu import bf16_hardware, bf16_note
 from sparse_detr.utils.memory import keep_freed_memory
 from sparse_detr.utils.precision import AMP_DTYPES, autocast
 
@@ -101,7 +104,10 @@ def prepare_for_inference(
         fast: fold the frozen BatchNorms, use channels_last and, with ``amp``, store the convolution and
             linear weights in its dtype (:func:`cast_matmul_weights`); False: the model as it is, in eval mode.
     """
-    autocast(next(model.parameters()).device, amp)  # checks amp before the model changes
+    device = next(model.parameters()).device
+    autocast(device, amp)  # checks amp before the model changes
+    if amp == "bf16" and device.type == "cpu" and bf16_hardware() is None:
+        warnings.warn(bf16_note(), RuntimeWarning, stacklevel=2)
     keep_freed_memory()
     model.eval()
     backbone = model.backbone[0]

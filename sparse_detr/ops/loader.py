@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
 COMPILED_BACKENDS = ("cpu", "cuda")
 _SOURCES = {"cpu": ("ms_deform_attn_cpu.cpp",), "cuda": ("ms_deform_attn_cuda.cu",)}
-_HEADERS = ("ms_deform_attn_checks.h",)
+_HEADERS = ("ms_deform_attn_checks.h", "ms_deform_attn_cpu_kernel.h")
 _CPU_FLAGS = ("-O3", "-march=native", "-fopenmp")
 _CPU_LDFLAGS = ("-fopenmp",)
 _CUDA_FLAGS = ("-O3", "-lineinfo")
@@ -87,7 +87,7 @@ def _cuda_arch_list() -> str:
     return ""
 
 
-def _cpu_identity() -> str:
+def cpu_identity() -> str:
     """What ``-march=native`` compiles for: the CPU model and its feature flags."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -108,7 +108,7 @@ def build_directory(kind: str) -> Path:
         platform.machine(),
         os.environ.get("CXX", ""),
         " ".join(_CPU_FLAGS + _CPU_LDFLAGS if kind == "cpu" else _CUDA_FLAGS),
-        _cpu_identity() if kind == "cpu" else _cuda_arch_list(),
+        cpu_identity() if kind == "cpu" else _cuda_arch_list(),
     ):
         digest.update(part.encode())
     for source in _SOURCES[kind] + _HEADERS:

@@ -39,18 +39,8 @@ inline Geometry check_geometry(const at::Tensor& value, const at::Tensor& spatia
   if (spatial_shapes.is_cpu() && level_start_index.is_cpu()) {
     const auto shapes = spatial_shapes.to(at::kLong).contiguous();
     const auto starts = level_start_index.to(at::kLong).contiguous();
-    const int64_t* hw = shapes.data_ptr<int64_t>();
-    const int64_t* start = starts.data_ptr<int64_t>();
-    int64_t tokens = 0;
-    for (int64_t l = 0; l < L; ++l) {
-      TORCH_CHECK(hw[2 * l] >= 0 && hw[2 * l + 1] >= 0 && start[l] >= 0 &&
-                      start[l] + hw[2 * l] * hw[2 * l + 1] <= g.S,
-                  "ms_deform_attn: level ", l, " of shape (", hw[2 * l], ", ", hw[2 * l + 1],
-                  ") starting at ", start[l], " does not fit in value's S = ", g.S);
-      tokens += hw[2 * l] * hw[2 * l + 1];
-    }
-    TORCH_CHECK(tokens == g.S, "ms_deform_attn: spatial_shapes cover ", tokens,
-                " tokens but value has S = ", g.S);
+    const std::string error = level_error(g, shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>());
+    TORCH_CHECK(error.empty(), "ms_deform_attn: ", error);
   }
   return g;
 }

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace sparse_detr {
@@ -51,6 +52,22 @@ inline bool bilinear_corners(const scalar_t* level_value, int64_t level_start, i
     c.row[k] = inside ? level_value + (ys[k] * W + xs[k]) * token_stride : zero_row;
   }
   return true;
+}
+
+// Why the L levels (H, W) = hw[2l], hw[2l+1] starting at start[l] do not tile value's S tokens, or "" when
+// they do. Shared by the torch op's checks and the onnxruntime op, which word their errors alike.
+inline std::string level_error(const Geometry& g, const int64_t* hw, const int64_t* start) {
+  int64_t tokens = 0;
+  for (int64_t l = 0; l < g.L; ++l) {
+    if (hw[2 * l] < 0 || hw[2 * l + 1] < 0 || start[l] < 0 || start[l] + hw[2 * l] * hw[2 * l + 1] > g.S)
+      return "level " + std::to_string(l) + " of shape (" + std::to_string(hw[2 * l]) + ", " +
+             std::to_string(hw[2 * l + 1]) + ") starting at " + std::to_string(start[l]) +
+             " does not fit in value's S = " + std::to_string(g.S);
+    tokens += hw[2 * l] * hw[2 * l + 1];
+  }
+  if (tokens != g.S)
+    return "spatial_shapes cover " + std::to_string(tokens) + " tokens but value has S = " + std::to_string(g.S);
+  return "";
 }
 
 // Output rows (n, q, m) are independent: a caller splits [0, rows) among its threads.

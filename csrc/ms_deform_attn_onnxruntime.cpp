@@ -136,15 +136,8 @@ Geometry check_inputs(const Layout& layout, const Tensor& value, const Tensor& s
       hw[2 * i + k] = wide ? static_cast<const int64_t*>(shapes.data)[2 * i + k]
                            : static_cast<const int32_t*>(shapes.data)[2 * i + k];
   }
-  int64_t tokens = 0;
-  for (int64_t l = 0; l < L; ++l) {
-    if (hw[2 * l] < 0 || hw[2 * l + 1] < 0 || start[l] < 0 || start[l] + hw[2 * l] * hw[2 * l + 1] > g.S)
-      fail(layout, "level " + std::to_string(l) + " does not fit in value's S = " + std::to_string(g.S));
-    tokens += hw[2 * l] * hw[2 * l + 1];
-  }
-  if (tokens != g.S)
-    fail(layout, "spatial_shapes cover " + std::to_string(tokens) + " tokens but value has S = " +
-                     std::to_string(g.S));
+  const std::string error = sparse_detr::level_error(g, hw.data(), start.data());
+  if (!error.empty()) fail(layout, error);
   return g;
 }
 

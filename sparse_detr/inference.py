@@ -14,12 +14,13 @@ import PIL.Image
 import torch
 from torchvision import tv_tensors
 
-from sparse_detr.checkpoint import Category, category_differences, load_for_inference
+from sparse_detr.checkpoint import Category, load_for_inference
 from sparse_detr.data import CocoDetection, eval_transform, load_coco_annotations, load_rgb_image
 from sparse_detr.engine.evaluate import (
     Metrics,
     build_eval_loader,
     check_image_size,
+    check_split_classes,
     coco_detections,
     coco_results,
     evaluate,
@@ -412,13 +413,7 @@ def evaluate_onnx(
     image_size = detector.image_size if settings.image_size is None else settings.image_size
     dataset = CocoDetection(val_images, val_ann, eval_transform(image_size))
     num_classes = int(detector.metadata.get("num_classes", max(detector.categories) + 1))
-    if dataset.num_classes > num_classes:
-        raise UsageError(f"{val_ann} has class labels up to {dataset.num_classes - 1} but {path} predicts "
-                         f"{num_classes} classes: evaluate it on the dataset it was trained for")  # fmt: skip
-    differences = category_differences(detector.categories, dataset.category_names)
-    if differences and not settings.allow_other_categories:
-        raise UsageError(f"{path} was trained on other categories than {val_ann} ({len(differences)} differ; "
-                         f"{differences[0]}): pass --allow-other-categories to evaluate it anyway")  # fmt: skip
+    check_split_classes(dataset, val_ann, num_classes, detector.categories, path, settings.allow_other_categories)
     loader = build_eval_loader(dataset, settings.batch_size, settings.workers)
     metrics = evaluate(detector, loader, dataset.coco, dataset.label_to_category_id, "cpu",
                        out / f"detections_{path.stem}.json", str(path))  # fmt: skip

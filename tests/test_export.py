@@ -236,7 +236,9 @@ def test_the_onnxruntime_library_equals_the_torch_op_in_both_layouts(tmp_path):
         (output,) = session.run(None, feeds)
         assert output.shape == ((2, 50, 8, 32) if domain == TENSORRT_DOMAIN else (2, 50, 256))
         torch.testing.assert_close(torch.from_numpy(output).reshape(expected.shape), expected, atol=1e-5, rtol=1e-5)
-        with pytest.raises(Exception, match=f"{name}: level 3 does not fit in value's S = 253"):
+        with pytest.raises(
+            Exception, match=rf"{name}: level 3 of shape \(1, 2\) starting at 252 does not fit in value's S = 253"
+        ):
             session.run(None, {**feeds, "value": value[:, 1:].numpy()})
 
 
@@ -337,6 +339,10 @@ def test_runtime_mistakes_get_one_line(exported, exported_custom, tiny_checkpoin
     one_line(runner.invoke(app, [*predict, "--onnx", str(exported), "--runtime", "tvm"]), 2, "--runtime 'tvm'")
     export = ["export", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "x.onnx")]
     one_line(runner.invoke(app, [*export, "--msda", "plugin"]), 2, "--msda 'plugin'", "gridsample, custom, tensorrt")
+    benchmark = ["benchmark", "--onnx", str(exported), "--input-size", "96x128", "--output", str(tmp_path / "bench")]
+    one_line(runner.invoke(app, [*benchmark, "--preset", "tiny"]), 2, "--onnx times the exported file", "--preset")
+    one_line(runner.invoke(app, [*benchmark, "--batch-sizes", "0"]), 2, "--batch-sizes needs positive integers")
+    one_line(runner.invoke(app, ["benchmark", "--runtime", "openvino"]), 2, "add --onnx FILE")
     newer = onnx.load(str(exported))
     next(entry for entry in newer.opset_import if entry.domain == "").version = 20
     onnx.save(newer, str(tmp_path / "opset20.onnx"))
@@ -362,3 +368,23 @@ def test_without_a_compiler_custom_falls_back_to_gridsample(tiny_checkpoint, exp
     output = " ".join(_export(tiny_checkpoint, out, "--msda", "custom", "--no-check").split())
     assert "no C++ compiler" in output and "wrote --msda gridsample instead" in output
     assert "deformable attention as gridsample" in output and OnnxDetector(out).msda == "gridsample"
+
+
+def test_benchmark_times_exported_files_under_each_runtime(exported, exported_custom, tmp_path):
+    import pandas as pd
+
+    runtimes = "onnxruntime,openvino" if importlib.util.find_spec("openvino") is not None else "onnxruntime"
+    for path, runtime in ((exported, runtimes), (exported_custom, "onnxruntime")):
+        folder = tmp_path / path.stem
+        result = runner.invoke(app, ["benchmark", "--onnx", str(path), "--runtime", runtime, "--input-size", "96x128",
+                                     "--batch-sizes", "1,2", "--iters", "2", "--output", str(folder)])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        table = pd.read_csv(folder / "benchmark_onnx.csv")
+        assert list(table["runtime"]) == [name for name in runtime.split(",") for _ in (1, 2)]
+        assert list(table["batch"]) == [1, 2] * len(runtime.split(","))
+        assert set(table["msda"]) == {"custom" if path == exported_custom else "gridsample"}
+        assert (table["seconds"] > 0).all() and (table["fps"] - table["batch"] / table["seconds"]).abs().max() < 1e-9
+        assert (
+            "AVX" in (folder / "benchmark_onnx.md").read_text()
+            or "no AVX2" in (folder / "benchmark_onnx.md").read_text()
+        )

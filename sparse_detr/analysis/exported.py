@@ -4,8 +4,6 @@ of ``iters`` passes over one random image per batch element after ``warmup`` pas
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -14,20 +12,9 @@ import pandas as pd
 import torch
 
 from sparse_detr.export import OnnxDetector
+from sparse_detr.utils.timer import median_seconds
 
 EXPORTED_COLUMNS = ("file", "runtime", "msda", "batch", "seconds", "fps")
-
-
-def median_seconds(run, iters: int, warmup: int = 1) -> float:
-    """The median wall time of ``iters`` calls of ``run`` after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        run()
-    seconds = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        run()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
 
 
 def time_exported(

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import statistics
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import pandas as pd
@@ -12,7 +10,7 @@ import torch
 
 from sparse_detr.errors import UsageError
 from sparse_detr.ops import load_backend, ms_deform_attn
-from sparse_detr.utils.timer import Timer
+from sparse_detr.utils.timer import median_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -75,16 +73,6 @@ def op_inputs(shape: OpShape, device: torch.device, dtype: torch.dtype, seed: in
     )
 
 
-def _median_ms(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        with Timer(device) as timer:
-            fn()
-        times.append(timer.seconds * 1e3)
-    return statistics.median(times)
-
-
 def time_backend(
     shape: OpShape, backend: str, device: torch.device, dtype: torch.dtype, repeats: int
 ) -> tuple[float, float]:
@@ -104,7 +92,7 @@ def time_backend(
         for t in grad_inputs:
             t.grad = None
 
-    return _median_ms(forward, device, repeats), _median_ms(forward_backward, device, repeats)
+    return tuple(median_seconds(fn, repeats, device=device) * 1e3 for fn in (forward, forward_backward))
 
 
 def run_op_benchmark(

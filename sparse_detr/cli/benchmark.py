@@ -59,7 +59,9 @@ def benchmark(
     onnx: list[Path] | None = typer.Option(
         None, "--onnx", help="Time this exported file instead (repeatable), at --input-size and --batch-sizes."
     ),
-    runtime: str = typer.Option("onnxruntime", help="With --onnx: comma-separated runtimes (onnxruntime, openvino)."),
+    runtime: str | None = typer.Option(
+        None, help="With --onnx: comma-separated runtimes (onnxruntime, the default, and openvino)."
+    ),
 ) -> None:
     """Parameters, GFLOPs (fvcore) and FPS of models over presets and keep ratios; --config/--set
     [model]/[loss] fields change every model. With --onnx: seconds per batch of exported files under each
@@ -69,20 +71,26 @@ def benchmark(
     paper's convention (docs/PERFORMANCE.md) and sit beside the reference implementation's figures where
     they exist (850x1040, 800x1066, 800x1333); FPS is the median over the timed passes.
     """
+    sizes = parse_list(batch_sizes, int, "--batch-sizes")
+    if not sizes or min(sizes) < 1:
+        raise UsageError(f"--batch-sizes needs positive integers, got {batch_sizes!r}")
     if onnx:
-        sizes = parse_list(batch_sizes, int, "--batch-sizes")
-        return _benchmark_exported(onnx, parse_list(runtime, str, "--runtime"), parse_size(input_size), sizes,
-                                   iters or 5, 1 if warmup is None else warmup, threads,
-                                   output or Path("reports") / name)  # fmt: skip
+        model_options = {"--preset": preset, "--checkpoint": checkpoint, "--rho": keep_ratios, "--amp": amp,
+                         "--compile": compile or None, "--images": images}  # fmt: skip
+        given = [option for option, value in model_options.items() if value is not None]
+        if given:
+            raise UsageError(f"--onnx times the exported file as it is: leave out {', '.join(given)}")
+        return _benchmark_exported(onnx, parse_list(runtime or "onnxruntime", str, "--runtime"),
+                                   parse_size(input_size), sizes, iters or 5, 1 if warmup is None else warmup,
+                                   threads, output or Path("reports") / name)  # fmt: skip
+    if runtime is not None:
+        raise UsageError(f"--runtime {runtime} times an exported file: add --onnx FILE (from `sdetr export`)")
     from sparse_detr.analysis import benchmark as bench
     from sparse_detr.analysis.latency import Timing
     from sparse_detr.engine.run_config import merged_settings, model_overrides, option_settings
 
     resolved = merged_settings(config_file, settings or (), option_settings(
         {"root": root, "val_images": val_images, "val_ann": val_ann, "image_size": image_size}))  # fmt: skip
-    sizes = parse_list(batch_sizes, int, "--batch-sizes")
-    if not sizes or min(sizes) < 1:
-        raise UsageError(f"--batch-sizes needs positive integers, got {batch_sizes!r}")
     timing = Timing(tuple(sorted(set(sizes))), warmup, iters, amp, compile, device, threads, fast)
     options = bench.BenchmarkOptions(flops, fps, timing, isolate)
     presets = parse_list(preset, str, "--preset") or ([] if checkpoint else parse_list(DEFAULT_PRESETS))

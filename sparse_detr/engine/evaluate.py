@@ -18,7 +18,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 
-from sparse_detr.checkpoint import category_differences, load_for_inference
+from sparse_detr.checkpoint import Category, category_differences, load_for_inference
 from sparse_detr.data import CocoDetection, collate, eval_transform
 from sparse_detr.engine import distributed
 from sparse_detr.engine.run_config import EvalSettings
@@ -292,6 +292,34 @@ def check_image_size(model: nn.Module, image_size: int, source: str | Path) -> N
     )
 
 
+def check_split_classes(
+    dataset: CocoDetection,
+    val_ann: str | Path,
+    num_classes: int,
+    categories: Mapping[int, Category] | None,
+    source: str | Path,
+    allow_other_categories: bool = False,
+) -> None:
+    """Refuse to evaluate a model of ``num_classes`` classes named ``categories`` (None: unnamed) from
+    ``source`` on a split whose labels it cannot predict, or whose categories are others than its own.
+
+    Raises:
+        UsageError: naming the split, the model and what to do instead.
+    """
+    if dataset.num_classes > num_classes:
+        raise UsageError(
+            f"{val_ann} has class labels up to {dataset.num_classes - 1} but {source} predicts "
+            f"{num_classes} classes: evaluate it on the dataset it was trained for"
+        )
+    differences = category_differences(categories, dataset.category_names)
+    if differences and not allow_other_categories:
+        raise UsageError(
+            f"{source} was trained on other categories than {val_ann} ({len(differences)} differ; "
+            f"{differences[0]}): its AP here would mean nothing; evaluate it on its own data, fine-tune it "
+            "(sdetr train --init), or pass --allow-other-categories"
+        )
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path, settings: EvalSettings = EvalSettings(), output_dir: str | Path | None = None
 ) -> Metrics:
@@ -321,19 +349,8 @@ def evaluate_checkpoint(
     transform = eval_transform(image_size)
     check_image_size(model, image_size, checkpoint)
     dataset = CocoDetection(val_images, val_ann, transform)
-    num_classes = model.config.model.num_classes
-    if dataset.num_classes > num_classes:
-        raise UsageError(
-            f"{val_ann} has class labels up to {dataset.num_classes - 1} but {checkpoint} predicts "
-            f"{num_classes} classes: evaluate it on the dataset it was trained for"
-        )
-    differences = category_differences(loaded.stored_categories, dataset.category_names)
-    if differences and not settings.allow_other_categories:
-        raise UsageError(
-            f"{checkpoint} was trained on other categories than {val_ann} ({len(differences)} differ; "
-            f"{differences[0]}): its AP here would mean nothing; evaluate it on its own data, fine-tune it "
-            "(sdetr train --init), or pass --allow-other-categories"
-        )
+    check_split_classes(dataset, val_ann, model.config.model.num_classes, loaded.stored_categories, checkpoint,
+                        settings.allow_other_categories)  # fmt: skip
     if keep_ratio == model.keep_ratio:
         keep_ratio = None  # the trained keep ratio: the plain file names
     if keep_ratio is not None:

@@ -41,7 +41,7 @@ _HEADERS = ("ms_deform_attn_checks.h", "ms_deform_attn_cpu_kernel.h")
 _CPU_FLAGS = ("-O3", "-march=native", "-fopenmp")
 _CPU_LDFLAGS = ("-fopenmp",)
 _CUDA_FLAGS = ("-O3", "-lineinfo")
-_STAGING_PREFIX = ".build-"  # each build links in a private folder of the build directory, then moves the library in
+STAGING_PREFIX = ".build-"  # each build links in a private folder of the build directory, then moves the library in
 _ABANDONED_AFTER_S = 24 * 3600  # no build takes a day: an older private folder is one a killed build left
 _KERNEL_OP = f"{library_ops.NAMESPACE}::ms_deform_attn"
 # run in a child process: load library argv[1], exit 0 only if op argv[2] then has a kernel for dispatch key argv[3]
@@ -144,11 +144,15 @@ def _cannot_run(kind: str) -> str | None:
     return None
 
 
-def _cannot_build(kind: str, build_dir: Path) -> str | None:
+def compiler() -> str:
+    """The C++ compiler builds run: ``$CXX``, else ``c++``."""
+    return os.environ.get("CXX", "c++")
+
+
+def cannot_build(kind: str, build_dir: Path) -> str | None:
     """Why ``kind`` cannot be compiled into ``build_dir``: no compiler, or a cache folder that takes no files."""
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        return f"no C++ compiler: '{compiler}' is not on PATH (install g++ or set CXX)"
+    if shutil.which(compiler()) is None:
+        return f"no C++ compiler: '{compiler()}' is not on PATH (install g++ or set CXX)"
     if kind == "cuda":
         cuda_home = _cpp_extension().CUDA_HOME
         if cuda_home is None or not (Path(cuda_home) / "bin" / "nvcc").is_file():
@@ -169,12 +173,12 @@ def _record_path(library: Path) -> Path:
     return library.with_suffix(".json")
 
 
-def _write_record(library: Path, sha256: str) -> None:
+def write_build_record(library: Path, sha256: str) -> None:
     record = {"library": library.name, "bytes": library.stat().st_size, "sha256": sha256, "torch": torch.__version__}
     atomic_write_text(_record_path(library), json.dumps(record, indent=1) + "\n")
 
 
-def _recorded_sha256(library: Path) -> str | None:
+def recorded_sha256(library: Path) -> str | None:
     """The sha256 recorded for ``library`` at build time; None without a readable record."""
     try:
         record = json.loads(_record_path(library).read_text())
@@ -207,19 +211,19 @@ def cached_library_damage(kind: str, library: Path) -> str | None:
         sha256 = file_sha256(library)
     except OSError as error:
         return f"unreadable ({error.strerror or error})"
-    recorded = _recorded_sha256(library)
+    recorded = recorded_sha256(library)
     if recorded is not None:
         return None if recorded == sha256 else "damaged (hash mismatch)"
     if not _loads_in_child(kind, library):
         return "damaged (it fails to load)"
     with contextlib.suppress(OSError):  # a read-only cache: trusted now, checked again by the next process
-        _write_record(library, sha256)
+        write_build_record(library, sha256)
     return None
 
 
-def _remove_abandoned_builds(build_dir: Path) -> None:
+def remove_abandoned_builds(build_dir: Path) -> None:
     """Delete the private build folders that killed builds left behind."""
-    for staging in build_dir.glob(f"{_STAGING_PREFIX}*"):
+    for staging in build_dir.glob(f"{STAGING_PREFIX}*"):
         with contextlib.suppress(OSError):
             if time.time() - staging.stat().st_mtime > _ABANDONED_AFTER_S:
                 shutil.rmtree(staging)
@@ -255,14 +259,14 @@ def compile_extension(kind: str, build_dir: Path) -> Path:
     start = time.perf_counter()
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
-        _remove_abandoned_builds(build_dir)
-        staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=build_dir))
+        remove_abandoned_builds(build_dir)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=build_dir))
     except OSError as error:
         raise BackendUnavailableError(f"cannot build in {build_dir} ({error.strerror or error})") from None
     try:
         built = _compile(kind, sources, staging)
         os.replace(built, library)
-        _write_record(library, file_sha256(library))
+        write_build_record(library, file_sha256(library))
     except Exception as error:  # the compiler's output is in the message: keep it in the log
         atomic_write_text(log_path, f"{type(error).__name__}: {error}\n")
         raise BackendUnavailableError(f"building the '{kind}' kernels failed; see the build log {log_path}") from error
@@ -296,7 +300,7 @@ def _load_or_build(kind: str) -> BackendStatus:
     if library.exists() and damage is None:
         return _load(kind, library)
     found = f"the cached library {library} is {damage}" if damage else ""
-    reason = _cannot_build(kind, build_dir)
+    reason = cannot_build(kind, build_dir)
     if reason is not None:
         return BackendStatus(kind, False, f"{found} and cannot be rebuilt: {reason}" if damage else reason)
     if damage:

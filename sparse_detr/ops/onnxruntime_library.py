@@ -14,14 +14,24 @@ onnxruntime::
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
-from sparse_detr.ops.loader import CSRC_DIR, BackendUnavailableError, cache_root, cpu_identity
+from sparse_detr.ops.loader import (
+    CSRC_DIR,
+    STAGING_PREFIX,
+    BackendUnavailableError,
+    cache_root,
+    cannot_build,
+    compiler,
+    cpu_identity,
+    recorded_sha256,
+    remove_abandoned_builds,
+    write_build_record,
+)
 from sparse_detr.utils.io import atomic_write_text, file_sha256
 
 SOURCE = "ms_deform_attn_onnxruntime.cpp"
@@ -31,53 +41,34 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "
 _built: dict[Path, Path] = {}
 
 
-def _compiler() -> str:
-    return os.environ.get("CXX", "c++")
-
-
 def build_directory() -> Path:
     """The cache folder of the library, unique to its sources, flags, compiler and CPU."""
     digest = hashlib.sha256()
-    for part in ("onnxruntime", _compiler(), " ".join(FLAGS), cpu_identity()):
+    for part in ("onnxruntime", compiler(), " ".join(FLAGS), cpu_identity()):
         digest.update(part.encode())
     for name in (SOURCE, *HEADERS):
         digest.update((CSRC_DIR / name).read_bytes())
     return cache_root() / f"onnxruntime-{digest.hexdigest()[:16]}"
 
 
-def _recorded(library: Path) -> str | None:
-    try:
-        record = json.loads(library.with_suffix(".json").read_text())
-    except (OSError, ValueError):
-        return None
-    return record.get("sha256") if isinstance(record, dict) else None
-
-
 def _compile(build_dir: Path, library: Path) -> None:
-    """Compile into a private folder of ``build_dir`` and move the library in with one rename, then record
-    its sha256 (a reader never sees a half-written library)."""
-    compiler = _compiler()
-    if shutil.which(compiler) is None:
-        raise BackendUnavailableError(f"no C++ compiler: '{compiler}' is not on PATH (install g++ or set CXX)")
-    try:
-        build_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".build-", dir=build_dir))
-    except OSError as error:
-        raise BackendUnavailableError(
-            f"the kernel cache {cache_root()} cannot be written ({error.strerror or error}); "
-            "set TORCH_EXTENSIONS_DIR to a writable folder"
-        ) from None
+    """Compile in a private folder of ``build_dir`` and move the library in with one rename, then record its
+    sha256, as the torch extensions are built (:func:`sparse_detr.ops.loader.compile_extension`)."""
+    reason = cannot_build("cpu", build_dir)
+    if reason is not None:
+        raise BackendUnavailableError(reason)
+    remove_abandoned_builds(build_dir)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=build_dir))
     log = build_dir / "build.log"
     try:
         built = staging / LIBRARY_NAME
-        command = [compiler, *FLAGS, str(CSRC_DIR / SOURCE), "-o", str(built)]
+        command = [compiler(), *FLAGS, str(CSRC_DIR / SOURCE), "-o", str(built)]
         result = subprocess.run(command, capture_output=True, text=True)
         atomic_write_text(log, f"{' '.join(command)}\n{result.stdout}{result.stderr}")
         if result.returncode != 0:
             raise BackendUnavailableError(f"building the onnxruntime custom-op library failed; see the build log {log}")
         os.replace(built, library)
-        record = {"library": library.name, "sha256": file_sha256(library)}
-        atomic_write_text(library.with_suffix(".json"), json.dumps(record, indent=1) + "\n")
+        write_build_record(library, file_sha256(library))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -96,7 +87,7 @@ def library_path() -> Path:
             f"kernel sources not found in {CSRC_DIR} (install sparse-detr from a source checkout)"
         )
     library = build_dir / LIBRARY_NAME
-    if not (library.is_file() and _recorded(library) == file_sha256(library)):
+    if not (library.is_file() and recorded_sha256(library) == file_sha256(library)):
         _compile(build_dir, library)
     _built[build_dir] = library
     return library

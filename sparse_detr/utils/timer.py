@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -30,3 +32,19 @@ class Timer:
             self.seconds = self.start.elapsed_time(self.end) / 1000
         else:
             self.seconds = time.perf_counter() - self.begin
+
+
+def median_seconds(
+    run: Callable[[], object], repeats: int, warmup: int = 1, device: torch.device | None = None
+) -> float:
+    """The median of ``repeats`` timed calls of ``run`` (:class:`Timer` on ``device``, default the CPU) after
+    ``warmup`` untimed ones."""
+    device = device or torch.device("cpu")
+    for _ in range(warmup):
+        run()
+    seconds = []
+    for _ in range(repeats):
+        with Timer(device) as timer:
+            run()
+        seconds.append(timer.seconds)
+    return statistics.median(seconds)

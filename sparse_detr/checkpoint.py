@@ -3,16 +3,18 @@
 This module owns the format. This project's file is a dict: ``format`` (``"sparse_detr"``), ``version``
 (:data:`VERSION`; a newer one is refused), ``config`` (the model and loss, :func:`config_to_dict`), ``model``
 (the state dict), and, when given, ``categories`` (class label -> ``{"id", "name"}``) and ``train_config``
-(whose ``image_size`` is the size the model trained at). A training run's file adds its
-:class:`TrainingCheckpoint` entries (optimizer, schedule, scaler, position, generator states, sampler seed,
-initial weights). Files of older versions of this project load: renamed config fields are read under their new
-names (:mod:`sparse_detr.config.files`), and training entries they lacked take their defaults. Only plain
-containers and tensors are stored, so a file loads with ``weights_only``.
+(whose ``image_size`` is the size the model trained at). A run folder holds two: ``checkpoint.pth``, the
+last, which adds the run's :class:`TrainingCheckpoint` entries (optimizer, schedule, scaler, position,
+generator states, sampler seed, initial weights), and ``checkpoint_best.pth``, the weights of the best
+validation AP so far, with ``best`` (their epoch and AP). Files of older versions of this project load:
+renamed config fields are read under their new names (:mod:`sparse_detr.config.files`), and training
+entries they lacked take their defaults. Only plain containers and tensors are stored, so a file loads
+with ``weights_only``.
 
 An official file is ``{"model": state_dict, "args": argparse.Namespace, ...}`` whose state dict repeats
 every head under a second name (``transformer.decoder.class_embed.*``, …, and in the plain preset the
-shared head once per decoder layer) and keeps Swin-T in the Microsoft layout. :func:`load_model` checks
-those aliases against their canonical tensors, drops them, converts Swin and loads strictly.
+shared head once per decoder layer) and keeps Swin-T in the Microsoft layout. :func:`model_from_checkpoint`
+checks those aliases against their canonical tensors, drops them, converts Swin and loads strictly.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ from sparse_detr.utils.device import resolve_device
 from sparse_detr.utils.io import atomic_write
 from sparse_detr.utils.state_dict import format_keys, load_state_dict_strict
 
-CHECKPOINT_NAME = "checkpoint.pth"  # a run folder's checkpoint
+CHECKPOINT_NAME = "checkpoint.pth"  # a run folder's last checkpoint: what --resume continues
+BEST_CHECKPOINT_NAME = "checkpoint_best.pth"  # its weights at the best validation AP so far
 FORMAT = "sparse_detr"
 VERSION = 1
 BODY_PREFIX = "backbone.0.body."
@@ -64,14 +67,18 @@ OFFICIAL_ARGS = (
 )
 
 
-def checkpoint_file(path: str | Path, what: str = "checkpoint") -> Path:
-    """``path`` when it is a file, the ``checkpoint.pth`` of a run folder otherwise.
+def checkpoint_file(path: str | Path, what: str = "checkpoint", last: bool = False) -> Path:
+    """``path`` when it is a file; for a run folder its ``checkpoint_best.pth`` (the weights of its best
+    validation AP), or its ``checkpoint.pth`` (the last) when ``last`` or when it has no best one yet.
 
     Raises:
         MissingFileError: neither is there; the message starts with ``what``.
     """
     path = Path(path)
-    found = path / CHECKPOINT_NAME if path.is_dir() else path
+    found = path
+    if path.is_dir():
+        best = path / BEST_CHECKPOINT_NAME
+        found = best if best.is_file() and not last else path / CHECKPOINT_NAME
     if not found.is_file():
         raise MissingFileError(f"{what}: no checkpoint file or run folder with {CHECKPOINT_NAME} at {path}")
     return found
@@ -119,10 +126,11 @@ def save_checkpoint(
     training: TrainingCheckpoint | None = None,
     categories: Mapping[int, Mapping[str, Any]] | None = None,
     train_config: Mapping[str, Any] | None = None,
+    best: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` (config and state dict), the ``categories`` it predicts, the ``train_config`` it trained
-    with and, for a training run, its ``training`` state, atomically: on a full disk the previous file stays
-    and the error says so."""
+    with and, for a training run, its ``training`` state, or, for a run's best weights, ``best`` (the epoch
+    and validation AP they had), atomically: on a full disk the previous file stays and the error says so."""
     content = {"format": FORMAT, "version": VERSION, "config": config_to_dict(model.config)}
     content["model"] = model.state_dict()
     if training is not None:  # not dataclasses.asdict: it would deep-copy every optimizer tensor
@@ -131,6 +139,8 @@ def save_checkpoint(
         content["categories"] = dict(categories)
     if train_config is not None:
         content["train_config"] = dict(train_config)
+    if best is not None:
+        content["best"] = dict(best)
 
     def write(tmp: Path) -> None:
         # through a Python file: a failed write raises OSError with its errno (ENOSPC), where torch's own
@@ -141,25 +151,6 @@ def save_checkpoint(
     return atomic_write(path, write)
 
 
-def load_model(
-    path: str | Path,
-    preset: str | None = None,
-    map_location: str | torch.device = "cpu",
-    overrides: Mapping[str, Any] | None = None,
-    trust_checkpoint: bool = False,
-) -> DeformableDETR:
-    """The detector stored in ``path`` (this project's format or a released official file), in eval mode.
-
-    Args:
-        preset: architecture to build (a name of ``PRESETS``) instead of the one the file describes;
-            the backbone and the number of classes still come from the file.
-        overrides: dotted config overrides applied before building (e.g. ``{"model.keep_ratio": 0.3}``).
-        trust_checkpoint: unpickle the file fully. Without it only tensors, containers and the official
-            ``argparse.Namespace`` are unpickled, and a file holding anything else is refused.
-    """
-    return model_from_checkpoint(read_checkpoint(path, trust_checkpoint), path, preset, map_location, overrides)
-
-
 def model_from_checkpoint(
     checkpoint: Mapping[str, Any],
     path: str | Path,
@@ -167,8 +158,10 @@ def model_from_checkpoint(
     map_location: str | torch.device = "cpu",
     overrides: Mapping[str, Any] | None = None,
 ) -> DeformableDETR:
-    """:func:`load_model` of a checkpoint already read with :func:`read_checkpoint` (``path`` names it in
-    messages)."""
+    """The detector stored in ``checkpoint`` (the dict :func:`read_checkpoint` read from ``path``, which names
+    it in messages), in eval mode, on ``map_location``. ``preset``: another architecture for its weights
+    (the backbone and the number of classes still come from the file); ``overrides``: dotted config
+    fields applied before building (``{"model.keep_ratio": 0.3}``)."""
     config = checkpoint_config(checkpoint, path, preset)
     if overrides:
         config = apply_overrides(config, dict(overrides))
@@ -294,7 +287,7 @@ def load_for_inference(
 ) -> InferenceCheckpoint:
     """Read the checkpoint file ``path`` (see :func:`read_checkpoint`), build its model (``overrides``: dotted
     config fields over the stored configuration; ``preset``: another architecture for its weights, see
-    :func:`load_model`) on ``map_location``, and tell its
+    :func:`model_from_checkpoint`) on ``map_location``, and tell its
     trained image size and categories: what every command that runs a checkpoint needs, in one place."""
     content = read_checkpoint(path, trust_checkpoint=trust_checkpoint)
     model = model_from_checkpoint(content, path, preset, map_location, overrides)

@@ -43,14 +43,22 @@ def onnxruntime_library_status() -> BackendStatus:
         path = library_path()
     except BackendUnavailableError as error:
         return BackendStatus("onnxruntime", False, str(error))
-    note = f"register_custom_ops_library('{path}')"
-    return BackendStatus("onnxruntime", True, build_log=path.parent / "build.log", note=note)
+    note = "register_custom_ops_library(its library, below) in plain onnxruntime"
+    return BackendStatus("onnxruntime", True, build_log=path.parent / "build.log", note=note, library=path)
 
 
 def backend_detail(status: BackendStatus) -> str:
-    """One line on a backend: why it cannot run, else what happened to its cached library and its build log."""
+    """A short line on a backend: why it cannot run, else what happened to its cached library (its files are
+    :func:`backend_files`)."""
     if not status.available:
         return status.reason
     if status.build_log is None:
         return "always available"
-    return "; ".join(filter(None, (status.note, f"build log: {status.build_log}")))
+    return status.note or "compiled once, cached"
+
+
+def backend_files(status: BackendStatus) -> list[str]:
+    """``"<backend> <what>: <path>"`` for a backend's library and build log, each a line of its own so that a
+    path is shown whole and copies in one piece."""
+    files = {"library": status.library, "build log": status.build_log} if status.available else {}
+    return [f"{status.name} {what}: {path}" for what, path in files.items() if path is not None]

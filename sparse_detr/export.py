@@ -560,8 +560,10 @@ def export_checkpoint(
     check: bool = True,
     trust_checkpoint: bool = False,
     msda: str = "gridsample",
+    last: bool = False,
 ) -> ExportReport:
-    """``sdetr export``: a checkpoint file, run folder or zoo name as one ONNX file (see
+    """``sdetr export``: a checkpoint file, run folder (its best checkpoint, or its last with ``last``) or zoo
+    name as one ONNX file (see
     :func:`export_onnx`), checked by ``onnx.checker`` and, with ``check``, run by onnxruntime against
     PyTorch on a batch of one and a padded batch of two at other sizes than the export's example (a
     ``tensorrt`` file through the custom-op library, which also runs TensorRT's node). The file takes its
@@ -587,7 +589,7 @@ def export_checkpoint(
                     f"not run by onnxruntime: the custom-op library that runs TensorRT's node cannot be built ({error})"
                 )
                 check = False
-    path = resolve_checkpoint(checkpoint)
+    path = resolve_checkpoint(checkpoint, last=last)
     loaded = load_for_inference(path, "cpu", trust_checkpoint=trust_checkpoint)
     model = loaded.model
     metadata = {"checkpoint": str(path), **file_metadata(model, loaded.categories, loaded.image_size)}

@@ -113,6 +113,25 @@ class Predictor:
     def __post_init__(self) -> None:
         self.transform = eval_transform(self.image_size)
 
+    @classmethod
+    def load(cls, checkpoint: str | Path | None = None, **options: Any) -> Predictor:
+        """The predictor of a checkpoint file, run folder or zoo name (``options``: those of
+        :func:`load_predictor`) or of an exported ``.onnx`` file (those of :func:`load_onnx_predictor`)."""
+        if checkpoint is not None and Path(checkpoint).suffix == ".onnx":
+            return load_onnx_predictor(checkpoint, **options)
+        return load_predictor(checkpoint, **options)
+
+    def __call__(self, path: str | Path, threshold: float = 0.3, image_id: int = 1) -> list[dict[str, Any]]:
+        """The COCO results of the image file ``path`` scoring at least ``threshold`` (see
+        :meth:`detections`), under ``image_id``: one forward pass.
+
+        Raises:
+            ImageLoadError: the file cannot be read. InputError: the image is too small for the model.
+        """
+        image = self.read_image(path)
+        outputs, _ = self.run([image])
+        return self.detections(outputs, [image], [image_id], threshold)
+
     @property
     def model(self) -> DeformableDETR:
         """The PyTorch detector (its config, keep ratio and scoring network).
@@ -196,9 +215,11 @@ def load_predictor(
     amp: str | None = None,
     compile: bool = False,
     fast: bool = True,
+    last: bool = False,
 ) -> Predictor:
-    """The model of ``checkpoint`` (see :func:`resolve_checkpoint`) on ``device`` (default cuda when
-    available), prepared for inference, with its class names.
+    """The model of ``checkpoint`` (a file, run folder: its best checkpoint, or its last with ``last``, or
+    zoo name; see :func:`resolve_checkpoint`) on ``device`` (default cuda when available), prepared for
+    inference, with its class names.
 
     Args:
         image_size: shorter side of the model input; default the run's ``train_config.image_size``,
@@ -207,7 +228,7 @@ def load_predictor(
         amp, compile, fast: how the model runs, see :func:`~sparse_detr.models.prepare_for_inference`.
     """
     device = resolve_device(device)
-    loaded = load_for_inference(resolve_checkpoint(checkpoint), device, trust_checkpoint=trust_checkpoint)
+    loaded = load_for_inference(resolve_checkpoint(checkpoint, last=last), device, trust_checkpoint=trust_checkpoint)
     image_size = loaded.image_size if image_size is None else image_size
     check_image_size(loaded.model, image_size, loaded.path)
     if keep_ratio is not None:
@@ -273,13 +294,16 @@ def predict_images(
     image_ids: Sequence[int] | None = None,
     track: Callable[[Iterable], Iterable] = iter,
     predictions: Predictions | None = None,
+    on_image: Callable[[Path, list[dict[str, Any]]], Any] | None = None,
 ) -> Predictions:
     """COCO results (see :meth:`Predictor.detections`) of every image, one forward pass each, and the images
     that failed (unreadable, or too small for the model) with a one-line reason each: one bad image costs
     that image only. They go into ``predictions`` (a new one by default) as each image finishes, so what
     finished is kept there when an interrupt stops the loop.
 
-    ``image_ids`` default to 1..N in the order of ``paths``; ``track`` wraps the loop (a progress bar).
+    ``image_ids`` default to 1..N in the order of ``paths``; ``track`` wraps the loop (a progress bar);
+    ``on_image(path, results)`` runs before an image is recorded (drawing it), and its InputError fails that
+    image.
     """
     image_ids = list(image_ids) if image_ids is not None else list(range(1, len(paths) + 1))
     if len(image_ids) != len(paths):
@@ -287,12 +311,13 @@ def predict_images(
     predictions = predictions if predictions is not None else Predictions()
     for path, image_id in track(list(zip(paths, image_ids))):
         try:
-            image = predictor.read_image(path)
-            outputs, _ = predictor.run([image])
+            detections = predictor(path, threshold, image_id)
+            if on_image is not None:
+                on_image(path, detections)
         except InputError as error:
             predictions.failures[path] = str(error) if str(path) in str(error) else f"{path}: {error}"
             continue
-        predictions.detections[path] = predictor.detections(outputs, [image], [image_id], threshold)
+        predictions.detections[path] = detections
     return predictions
 
 
@@ -305,13 +330,14 @@ def _checkpoint_or_onnx(
     amp: str | None,
     compile: bool,
     runtime: str | None = None,
+    last: bool = False,
 ) -> Predictor:
     """The predictor of ``sdetr predict``: the exported file ``onnx`` when given (run by ``runtime``,
     default onnxruntime), else the checkpoint."""
     if onnx is None:
         if runtime is not None:
             raise UsageError(f"--runtime {runtime} runs an exported file: add --onnx FILE (from `sdetr export`)")
-        return load_predictor(checkpoint, device, image_size, keep_ratio, amp=amp, compile=compile)
+        return load_predictor(checkpoint, device, image_size, keep_ratio, amp=amp, compile=compile, last=last)
     if checkpoint is not None or amp is not None or compile:
         raise UsageError("--onnx runs the exported file: leave out --checkpoint, --amp and --compile")
     predictor = load_onnx_predictor(onnx, image_size, runtime=runtime or "onnxruntime")
@@ -341,7 +367,7 @@ def _interrupted(predictions: Predictions, paths: Sequence[Path], out: str | Pat
 
 
 def predict_files(
-    inputs: Sequence[str],
+    inputs: Sequence[str | Path],
     checkpoint: str | Path | None,
     out: str | Path,
     threshold: float = 0.3,
@@ -354,12 +380,14 @@ def predict_files(
     compile: bool = False,
     onnx: str | Path | None = None,
     runtime: str | None = None,
+    on_image: Callable[[Path, list[dict[str, Any]]], Any] | None = None,
+    last: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[Path, str], list[Path]]:
     """``sdetr predict``: detect objects in the image files, folders or glob patterns ``inputs`` with
     ``checkpoint`` (see :func:`load_predictor`; ``amp`` and ``compile`` choose how it runs) or the exported
     file ``onnx`` run by ``runtime`` (see :func:`load_onnx_predictor`) and write the COCO results JSON ``out``
     (what finished, even when some images fail). Image ids come from the instances file ``annotations`` (matched by file
-    name), else 1..N.
+    name), else 1..N. ``on_image(path, results)`` runs as each image finishes (see :func:`predict_images`).
 
     Returns:
         the results, the images that failed with their reason, and the image paths.
@@ -374,8 +402,10 @@ def predict_files(
     predictions = Predictions()
     try:
         with StopSignals().installed():  # SIGTERM too raises a KeyboardInterrupt, with its exit code
-            predictor = _checkpoint_or_onnx(checkpoint, onnx, device, image_size, keep_ratio, amp, compile, runtime)
-            predict_images(predictor, paths, threshold, image_ids, track, predictions)
+            predictor = _checkpoint_or_onnx(
+                checkpoint, onnx, device, image_size, keep_ratio, amp, compile, runtime, last
+            )
+            predict_images(predictor, paths, threshold, image_ids, track, predictions, on_image)
     except KeyboardInterrupt as interrupt:
         raise _interrupted(predictions, paths, out, getattr(interrupt, "exit_code", Interrupted.exit_code)) from None
     atomic_write_text(out, json.dumps(predictions.results, indent=1))
@@ -416,7 +446,7 @@ def evaluate_onnx(
     check_split_classes(dataset, val_ann, num_classes, detector.categories, path, settings.allow_other_categories)
     loader = build_eval_loader(dataset, settings.batch_size, settings.workers)
     metrics = evaluate(detector, loader, dataset.coco, dataset.label_to_category_id, "cpu",
-                       out / f"detections_{path.stem}.json", str(path))  # fmt: skip
+                       out / f"detections_{path.stem}.json", str(path), progress="evaluating")  # fmt: skip
     extra = {"onnx": str(path), "runtime": runtime, "msda": detector.msda, "keep_ratio": detector.keep_ratio,
              "image_size": image_size}  # fmt: skip
     atomic_write_text(out / f"eval_{path.stem}.json", metrics_json(metrics, **extra))

@@ -1,5 +1,6 @@
 """The released Sparse DETR checkpoints by name: the registry, their download into the user cache, and
-the resolution of a ``--checkpoint`` value (a file, a run folder or a zoo name).
+the resolution of a ``--checkpoint`` value (a file, a run folder or a zoo name), with :func:`load_model`,
+which loads the detector any of them names.
 
 The 15 files of the kakaobrain/sparse-detr README are 50-epoch COCO 2017 models (91 class slots) with
 top-k queries and box refinement: an R50 (ImageNet backbone), a Swin-T and an R50 whose backbone started
@@ -20,15 +21,19 @@ import os
 import re
 import time
 import urllib.error
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas
+import torch
 import torch.hub
 
-from sparse_detr.checkpoint import CHECKPOINT_NAME, checkpoint_file, load_model
+from sparse_detr.checkpoint import CHECKPOINT_NAME, checkpoint_file, model_from_checkpoint, read_checkpoint
 from sparse_detr.config import DEFAULT_PRESET, KEEP_RATIOS, train_recipe
 from sparse_detr.errors import CheckpointError, MissingFileError, OutputError, UnavailableError
+from sparse_detr.models import DeformableDETR
 from sparse_detr.utils.cache import user_cache_dir, writable_cache_folder
 from sparse_detr.utils.io import atomic_write, atomic_write_text, file_sha256
 
@@ -221,7 +226,7 @@ def _check_release(entry: ZooEntry, source: str, path: Path, called: str = "the 
     the reason calls the file ``called``."""
     refused = f"{source} is not the released checkpoint {entry.name}"
     try:
-        config = load_model(path).config.model
+        config = model_from_checkpoint(read_checkpoint(path), path).config.model
     except (ValueError, RuntimeError) as error:  # not a checkpoint, or one that does not build or fit
         # the temp file's name means nothing to the reader: it is deleted
         raise CheckpointError(f"{refused}: {str(error).replace(str(path), called)}") from None
@@ -249,10 +254,12 @@ def default_checkpoint() -> Path:
     return Path(train_recipe(DEFAULT_PRESET).output_dir) / CHECKPOINT_NAME
 
 
-def resolve_checkpoint(spec: str | Path | None, progress: bool = True) -> Path:
-    """The checkpoint file that a ``--checkpoint`` value names: an existing file, a run folder holding
-    ``checkpoint.pth``, else a zoo name (fetched, see :func:`fetch_checkpoint`); None: what a bare
-    ``sdetr train`` wrote (:func:`default_checkpoint`). A local file wins over a zoo entry of the same name.
+def resolve_checkpoint(spec: str | Path | None, progress: bool = True, last: bool = False) -> Path:
+    """The checkpoint file that a ``--checkpoint`` value names: an existing file; a run folder's best
+    checkpoint (``checkpoint_best.pth``), or its last (``checkpoint.pth``) when ``last`` or when it has no
+    best one; else a zoo name (fetched, see :func:`fetch_checkpoint`); None: what a bare ``sdetr train``
+    wrote (:func:`default_checkpoint`'s folder, the same way). A local file wins over a zoo entry of the
+    same name.
 
     Raises:
         MissingFileError: one line, when ``spec`` is none of these (never falls back to random weights).
@@ -261,14 +268,14 @@ def resolve_checkpoint(spec: str | Path | None, progress: bool = True) -> Path:
     if spec is None:
         default = default_checkpoint()
         if default.is_file():
-            return default
+            return checkpoint_file(default.parent, last=last)
         raise MissingFileError(
             f"no --checkpoint given and no {default} (what `sdetr train` writes) in this folder: "
             "run `sdetr train` first or pass --checkpoint PATH"
         )
     path = Path(spec)
     if path.is_file() or (path / CHECKPOINT_NAME).is_file():
-        return checkpoint_file(path)
+        return checkpoint_file(path, last=last)
     if str(spec) in ZOO:
         return fetch_checkpoint(str(spec), progress=progress)
     close = _close_names(str(spec))
@@ -276,6 +283,28 @@ def resolve_checkpoint(spec: str | Path | None, progress: bool = True) -> Path:
     raise MissingFileError(
         f"checkpoint not found: {spec} (not a file, a run folder or a zoo name; {guess}`sdetr zoo` lists the names)"
     )
+
+
+def load_model(
+    checkpoint: str | Path,
+    preset: str | None = None,
+    map_location: str | torch.device = "cpu",
+    overrides: Mapping[str, Any] | None = None,
+    trust_checkpoint: bool = False,
+    last: bool = False,
+) -> DeformableDETR:
+    """The detector that ``checkpoint`` names (a file of this project or a released official one, a run
+    folder: its best checkpoint unless ``last``, or a zoo name, see :func:`resolve_checkpoint`), in eval mode.
+
+    Args:
+        preset: architecture to build (a name of ``PRESETS``) instead of the one the file describes;
+            the backbone and the number of classes still come from the file.
+        overrides: dotted config overrides applied before building (e.g. ``{"model.keep_ratio": 0.3}``).
+        trust_checkpoint: unpickle the file fully. Without it only tensors, containers and the official
+            ``argparse.Namespace`` are unpickled, and a file holding anything else is refused.
+    """
+    path = resolve_checkpoint(checkpoint, last=last)
+    return model_from_checkpoint(read_checkpoint(path, trust_checkpoint), path, preset, map_location, overrides)
 
 
 def _close_names(spec: str) -> list[str]:

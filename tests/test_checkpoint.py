@@ -11,9 +11,10 @@ import pytest
 import torch
 from test_backbone import OFFICIAL, swin_to_official
 
-from sparse_detr.checkpoint import TrainingCheckpoint, load_model, read_checkpoint, save_checkpoint
+from sparse_detr.checkpoint import TrainingCheckpoint, read_checkpoint, save_checkpoint
 from sparse_detr.config import config_to_dict, get_preset
 from sparse_detr.models.detector import build_model, pad_images
+from sparse_detr.zoo import load_model
 
 BODY = "backbone.0.body."
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from sparse_detr.checkpoint import load_model, read_checkpoint
+from sparse_detr.checkpoint import read_checkpoint
 from sparse_detr.config import apply_overrides, get_preset
 from sparse_detr.data import make_synthetic_dataset, synthetic_splits
 from sparse_detr.engine import (
@@ -40,6 +40,7 @@ from sparse_detr.engine.run_config import read_config_file, resolve_run_config
 from sparse_detr.engine.sampling import BlockBatchSampler, EpochBatchSampler, SeededSamples
 from sparse_detr.engine.state import find_resume_path, rng_state, set_rng_state
 from sparse_detr.models import build_criterion, build_model
+from sparse_detr.zoo import load_model, resolve_checkpoint
 
 IMAGE_SIZE = 96  # the smallest training scale still gives the tiny preset more tokens than queries
 
@@ -177,7 +178,8 @@ def test_tiny_end_to_end(datasets, tmp_path):
     assert all(math.isnan(v) or 0 <= v <= 1 for v in metrics.values())
     out = tmp_path / "run"
     final = json.loads((out / "metrics_final.json").read_text())
-    assert list(final) == [*METRIC_KEYS, "images_skipped", "skipped_image_ids"]
+    assert list(final) == [*METRIC_KEYS, "images_skipped", "skipped_image_ids", "per_class"]
+    assert [entry["name"] for entry in final["per_class"]] == list(val_set.category_names.values())
     assert final["images_skipped"] == 0 and final["skipped_image_ids"] == []
     assert json.loads((out / "eval_epoch1.json").read_text())["epoch"] == 1
     detections = json.loads((out / "detections_epoch1.json").read_text())
@@ -203,6 +205,35 @@ def test_tiny_end_to_end(datasets, tmp_path):
 
     # a finished run is not trained again
     assert train(get_preset("tiny"), config, train_set, val_set) == pytest.approx(metrics, nan_ok=True)
+
+
+@pytest.mark.slow
+def test_best_checkpoint_keeps_the_weights_of_the_best_validation_ap(datasets, tmp_path, monkeypatch):
+    """checkpoint_best.pth holds the weights of the epoch with the highest AP (a tie keeps the earlier, NaN
+    never wins); a run folder means it, --last means checkpoint.pth."""
+    from sparse_detr.engine import trainer
+    from sparse_detr.engine.evaluate import Metrics
+
+    train_set, val_set = datasets
+    aps, weights = iter([0.2, 0.5, 0.5, math.nan]), []
+
+    def scripted_evaluate(model, *args, **kwargs):
+        weights.append({key: value.clone() for key, value in model.state_dict().items()})
+        return Metrics(dict.fromkeys(METRIC_KEYS, 0.0) | {"AP": next(aps)})
+
+    monkeypatch.setattr(trainer, "evaluate", scripted_evaluate)
+    config = tiny_train_config(tmp_path / "run", epochs=4, iters_per_epoch=1, eval_every_epochs=1)
+    train(get_preset("tiny"), config, train_set, val_set)
+
+    out = tmp_path / "run"
+    best = read_checkpoint(out / "checkpoint_best.pth")
+    assert best["best"] == {"epoch": 2, "AP": 0.5}
+    assert "optimizer" not in best and best["train_config"]["image_size"] == IMAGE_SIZE  # weights only
+    assert all(torch.equal(best["model"][key], value) for key, value in weights[1].items())
+    assert not all(torch.equal(best["model"][key], value) for key, value in weights[3].items())
+    assert resolve_checkpoint(out) == out / "checkpoint_best.pth"
+    assert resolve_checkpoint(out, last=True) == out / "checkpoint.pth"
+    assert find_resume_path(out, str(out), auto_resume=False) == out / "checkpoint.pth"  # --resume: the last
 
 
 class _Crash(Exception):

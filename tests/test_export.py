@@ -75,7 +75,7 @@ def test_the_file_is_standard_onnx_with_dynamic_batch_and_size(exported):
 
 
 def test_onnxruntime_equals_pytorch_at_every_size_and_batch(exported, tiny_checkpoint):
-    from sparse_detr.checkpoint import load_model
+    from sparse_detr.zoo import load_model
 
     differences = compare_with_pytorch(OnnxDetector(exported), load_model(tiny_checkpoint), SIZES)
     assert differences["pred_logits"] < 1e-4 and differences["pred_boxes"] < 1e-4, differences
@@ -137,7 +137,7 @@ def test_missing_onnx_packages_say_how_to_install(monkeypatch, exported):
 
 @pytest.mark.slow
 def test_postprocessing_graph_equals_postprocess(tiny_checkpoint, tmp_path):
-    from sparse_detr.checkpoint import load_model
+    from sparse_detr.zoo import load_model
 
     model = load_model(tiny_checkpoint)
     path = export_onnx(model, tmp_path / "post.onnx", postprocess=True, metadata=METADATA)
@@ -173,8 +173,8 @@ def exported_custom(tiny_checkpoint, tmp_path_factory):
 
 
 def _attention_layers(checkpoint) -> int:
-    from sparse_detr.checkpoint import load_model
     from sparse_detr.models.deformable_attention import MSDeformAttn
+    from sparse_detr.zoo import load_model
 
     return sum(isinstance(module, MSDeformAttn) for module in load_model(checkpoint).modules())
 
@@ -191,7 +191,7 @@ def test_the_custom_form_is_one_node_per_attention_layer(exported_custom, tiny_c
 
 
 def test_the_custom_form_under_onnxruntime_equals_pytorch(exported_custom, tiny_checkpoint):
-    from sparse_detr.checkpoint import load_model
+    from sparse_detr.zoo import load_model
 
     detector = OnnxDetector(exported_custom)
     assert detector.msda == "custom"
@@ -248,8 +248,8 @@ def test_the_tensorrt_form_is_the_plugins_documented_node(tiny_checkpoint, tmp_p
     inputs value (N, S, M, D), spatial_shapes (L, 2) and level_start_index (L,) in int32, sampling_locations
     (N, Lq, M, L, P, 2), attention_weights (N, Lq, M, L, P); no fields; output (N, Lq, M, D). The file runs
     under onnxruntime with the custom-op library (as the export checked) and equals PyTorch."""
-    from sparse_detr.checkpoint import load_model
     from sparse_detr.ops.onnx import TENSORRT_OP
+    from sparse_detr.zoo import load_model
 
     out = tmp_path / "tiny_trt.onnx"
     assert "deformable attention as tensorrt" in " ".join(_export(tiny_checkpoint, out, "--msda", "tensorrt").split())
@@ -281,7 +281,7 @@ def test_the_tensorrt_form_is_the_plugins_documented_node(tiny_checkpoint, tmp_p
 
 def test_openvino_runs_the_gridsample_file_as_pytorch(exported, tiny_checkpoint):
     pytest.importorskip("openvino")
-    from sparse_detr.checkpoint import load_model
+    from sparse_detr.zoo import load_model
 
     differences = compare_with_pytorch(OnnxDetector(exported, runtime="openvino"), load_model(tiny_checkpoint), SIZES)
     assert differences["pred_logits"] < 1e-4 and differences["pred_boxes"] < 1e-4, differences

@@ -86,7 +86,7 @@ def test_nothing_imports_upward(path):
 # what a library module may import inside a function, and why: packages a base install may lack, and imports
 # that cost seconds or change global state, paid only by the code that needs them
 LATE_IMPORTS = {
-    "importlib": "imports the optional packages by name",
+    "importlib": "imports the optional packages by name, and the package's public names on first use",
     "onnx": "optional (the onnx extra)",
     "onnxruntime": "optional (the onnx extra)",
     "onnxscript": "optional (the onnx extra)",

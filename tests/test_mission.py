@@ -102,6 +102,8 @@ def test_sdetr_train(trained):
     assert result.stdout.count("AP50") >= 1
     assert "Average Precision  (AP) @[" not in result.stdout
     assert "run folder: runs/tiny" in result.stdout
+    assert "AP per class" in result.stdout and "circle" in result.stdout  # the categories' own APs
+    assert (run / "checkpoint_best.pth").is_file()
 
 
 def test_sdetr_visualize(trained):

@@ -11,13 +11,15 @@ import urllib.error
 
 import pytest
 import torch
+from conftest import save_tiny_checkpoint
 from test_checkpoint import official_args, official_state_dict, perturbed
 
 from sparse_detr import zoo
-from sparse_detr.checkpoint import CHECKPOINT_NAME, OFFICIAL_ARGS, load_model
+from sparse_detr.checkpoint import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, OFFICIAL_ARGS
 from sparse_detr.config import Config, ModelConfig, get_preset, list_presets
 from sparse_detr.models.detector import build_model
 from sparse_detr.utils.cache import user_cache_dir
+from sparse_detr.zoo import load_model
 
 # a released-like entry of a small architecture, so that fetching and checking it takes a moment
 SMALL = zoo.ZooEntry("small-rho0.2", "small_20.pth", "tiny", "resnet10t", "imagenet", 0.2, 0.0, 0.0, 0.0, 0.0)
@@ -219,6 +221,23 @@ def test_resolve_checkpoint_files_run_folders_and_zoo_names(mirror, downloads, t
 
     (tmp_path / SMALL.name).write_bytes(b"a local file")  # a local file wins over the zoo
     assert zoo.resolve_checkpoint(SMALL.name).resolve() == tmp_path / SMALL.name and len(downloads) == 1
+
+
+def test_load_model_takes_a_file_a_run_folder_or_a_zoo_name(mirror, downloads, tmp_path, monkeypatch):
+    """One load_model for what every --checkpoint takes: a run folder gives its best checkpoint (its last
+    with last=True, or when it has no best one yet), a zoo name its cached download."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_tiny_checkpoint(run / CHECKPOINT_NAME, keep_ratio=0.3)
+    assert zoo.load_model(run).keep_ratio == pytest.approx(0.3)  # no best one yet: the last
+    save_tiny_checkpoint(run / BEST_CHECKPOINT_NAME, keep_ratio=0.2)
+    assert zoo.load_model(run).keep_ratio == pytest.approx(0.2)
+    assert zoo.load_model("run", last=True).keep_ratio == pytest.approx(0.3)
+    assert zoo.load_model(run / CHECKPOINT_NAME).keep_ratio == pytest.approx(0.3)
+    model = zoo.load_model(SMALL.name)
+    assert not model.training and downloads == [SMALL.url]
+    assert model.config.model.keep_ratio == pytest.approx(SMALL.keep_ratio)
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,7 @@ from sparse_detr.ablation.tables import FPS_KEYS, GFLOP_KEYS, RESULT_NAME, perce
 from sparse_detr.analysis.coverage import dam_coverage
 from sparse_detr.analysis.flops import count_flops
 from sparse_detr.analysis.fps import device_name, measure_fps
-from sparse_detr.checkpoint import CHECKPOINT_NAME, load_model
+from sparse_detr.checkpoint import CHECKPOINT_NAME
 from sparse_detr.config import Config, apply_overrides, config_to_dict, get_preset, load_toml
 from sparse_detr.data.source import DataSource, DataSplits
 from sparse_detr.engine import distributed
@@ -49,6 +49,8 @@ from sparse_detr.errors import ConfigError, Interrupted
 from sparse_detr.utils.device import resolve_device
 from sparse_detr.utils.io import atomic_write_text, check_writable
 from sparse_detr.utils.lock import FolderInUseError, folder_lock
+from sparse_detr.utils.progress import timed_step
+from sparse_detr.zoo import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -194,15 +196,23 @@ def benchmark_images(val_set, count: int, device: torch.device) -> list[torch.Te
 
 
 def measure_model(
-    model, images: list[torch.Tensor], val_set, sweep: Sweep, device: torch.device, batch_size: int
+    model,
+    images: list[torch.Tensor],
+    val_set,
+    sweep: Sweep,
+    device: torch.device,
+    batch_size: int,
+    name: str = "the model",
 ) -> dict[str, Any]:
     """GFLOPs (total and by part) and FPS on ``images`` (each (3, H, W)) and the DAM coverage on ``val_set``
     in batches of ``batch_size``, at the model's current keep ratio. The random token ranking draws from a
     fixed seed. FPS is timed first, after a garbage collection, so that every model is timed in the same
-    process state."""
+    process state. Status lines (``name``: what the run is) frame the measurement, which takes minutes."""
     settings = sweep.benchmark
     devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    rho = f" at rho {model.keep_ratio:g}" if model.keep_ratio > 0 else ""
+    measuring = f"  {name}: measuring GFLOPs, FPS and DAM coverage{rho}…"
+    with timed_step(measuring, f"  {name}: measured", logger), torch.random.fork_rng(devices=devices):
         torch.manual_seed(0)
         model.eval()
         gc.collect()
@@ -238,9 +248,11 @@ def execute_run(
     data: _SweepData,
     stored: dict[str, Any] | None,
     on_first_epoch: Callable[[float], None] | None = None,
+    step: str | None = None,
 ) -> dict[str, Any] | None:
     """Train (or resume) ``run``, measure it, and evaluate it at the keep ratios ``stored`` lacks;
-    ``on_first_epoch`` gets the seconds of the first epoch trained here (its evaluation included).
+    ``on_first_epoch`` gets the seconds of the first epoch trained here (its evaluation included), ``step``
+    names the run in status lines (``[3/8] dam-rho0.1 (seed 1)``; default its label).
 
     Under ``torchrun`` or in a cluster job's tasks (``WORLD_SIZE`` processes) the processes train the run
     together, sharing its batch (:func:`~sparse_detr.engine.distributed.share_batch`); rank 0 then measures
@@ -261,8 +273,8 @@ def execute_run(
         if rank != 0:
             return None
     device = resolve_device(train_config.device)
+    step = step or run.label
     if result is None:
-        logger.info("  measuring GFLOPs, FPS and DAM coverage")
         model = load_model(checkpoint, map_location=device)
         images = benchmark_images(val_set, sweep.benchmark.images, device)
         result = {
@@ -273,7 +285,7 @@ def execute_run(
             "enc_aux_loss": run.enc_aux_loss,
             "metrics": metrics,
             "ap_by_epoch": ap_by_epoch(run_dir),
-            **measure_model(model, images, val_set, sweep, device, train_config.batch_size_eval),
+            **measure_model(model, images, val_set, sweep, device, train_config.batch_size_eval, step),
             "evaluations": [],
             "settings": run_settings(sweep, run),
             "measured_on": {
@@ -303,7 +315,7 @@ def execute_run(
             )  # fmt: skip
             metrics = engine.evaluate_checkpoint(checkpoint, settings, run_dir)
             model.set_keep_ratio(keep_ratio)
-            measured = measure_model(model, images, val_set, sweep, device, train_config.batch_size_eval)
+            measured = measure_model(model, images, val_set, sweep, device, train_config.batch_size_eval, step)
             entry = {"metrics": metrics, **measured}
         done[keep_ratio] = {"keep_ratio": keep_ratio, **entry}
     result["evaluations"] = [done[keep_ratio] for keep_ratio in sorted(done)]
@@ -449,7 +461,7 @@ def run_ablation(
                 logger.info(step)
                 estimate.start_run()
                 result = execute_run(
-                    sweep, run, data, stored[run], None if estimate.run_seconds else _say_first_epoch(estimate)
+                    sweep, run, data, stored[run], None if estimate.run_seconds else _say_first_epoch(estimate), step
                 )
                 write_result(result_path(sweep, run), result)
         except FolderInUseError as error:

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import math
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from sparse_detr.errors import MissingFileError, UsageError
 from sparse_detr.utils.cpu import cpu_isa, cpu_model
 from sparse_detr.utils.device import resolve_device
 from sparse_detr.utils.io import check_writable
+from sparse_detr.utils.progress import format_seconds
 from sparse_detr.utils.report import write_table
 from sparse_detr.zoo import resolve_checkpoint
 
@@ -219,14 +221,16 @@ def run_benchmark(
     if options.timing.threads:
         torch.set_num_threads(options.timing.threads)
     rows, parts, skipped = [], [], {}
-    for spec in specs:
+    for number, spec in enumerate(specs, 1):
+        began = time.perf_counter()
         model = spec.build(options.timing.device)
         config = model.config.model
         keep_ratio = model.keep_ratio if model.keep_ratio > 0 else math.nan  # NaN: a dense model
         preset = reference_preset(config, model.keep_ratio)
         label = spec.preset or model.config.name
         sparsity = f", rho {keep_ratio:g})" if model.keep_ratio > 0 else ")"
-        logger.info(f"measuring {label} ({config.backbone}{sparsity}")
+        name = f"model {number}/{len(specs)}: {label} ({config.backbone}{sparsity}"
+        logger.info(f"measuring {name}: {_measured_text(options)}…")
         row = {"preset": label, "backbone": config.backbone, "rho": keep_ratio}
         if spec.checkpoint:
             row["checkpoint"] = spec.checkpoint
@@ -261,11 +265,20 @@ def run_benchmark(
             row.update(cpu=cpu_model(), cpu_isa=" ".join(cpu_isa()))
         rows.append(row)
         del model
+        logger.info(f"measured {name} in {format_seconds(time.perf_counter() - began)}")
     parts_table = pd.DataFrame(parts)
     if parts:  # the parts' order, whichever model came first
         order = ["preset", "backbone", "rho", *(f"gflops_{part}" for part in PARTS), *STAGE_SHARES]
         parts_table = parts_table[[column for column in order if column in parts_table]]
     return BenchmarkResult(pd.DataFrame(rows), parts_table, skipped)
+
+
+def _measured_text(options: BenchmarkOptions) -> str:
+    """What is measured of each model: ``parameters, GFLOPs, FPS at batch 1, 4``."""
+    measured = ["parameters", "GFLOPs"] if options.flops else ["parameters"]
+    if options.fps:
+        measured.append(f"FPS at batch {', '.join(str(size) for size in options.timing.batch_sizes)}")
+    return ", ".join(measured)
 
 
 def summary(frame: pd.DataFrame) -> pd.DataFrame:

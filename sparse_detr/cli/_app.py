@@ -12,15 +12,15 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
+from sparse_detr.cli._tables import Column, layout
 from sparse_detr.errors import Interrupted, SparseDetrError, UsageError
 
 T = TypeVar("T")
@@ -44,6 +44,9 @@ SET_OPTION = typer.Option(
     "--set",
     metavar="KEY=VALUE",
     help="A setting over the config, repeatable: model.keep_ratio=0.2, train.lr=1e-4.",
+)
+LAST_OPTION = typer.Option(
+    False, "--last", help="With a run folder: its last checkpoint, not the best (checkpoint_best.pth, by val AP)."
 )
 
 
@@ -151,15 +154,33 @@ def plain(options: dict[str, Any]) -> dict[str, Any]:
             if value is not None}  # fmt: skip
 
 
-def print_frame(frame, title: str) -> None:
-    """A pandas frame as a rich table (NaN: "-", floats with three decimals)."""
-    table = Table(title=title)
-    for column in frame.columns:
-        table.add_column(str(column), justify="right" if frame[column].dtype.kind in "fi" else "left")
-    for row in frame.itertuples(index=False):
-        table.add_row(*("-" if value != value else f"{value:.3f}" if isinstance(value, float) else str(value)
-                        for value in row))  # fmt: skip
-    console.print(table)
+def terminal_width() -> int:
+    """The width to print tables at: COLUMNS as it is now (rich reads it once, when the console is made at
+    import), else the console's (the terminal's)."""
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else console.width
+
+
+def print_table(title: str, columns: Sequence[Column], rows: Sequence[Sequence]) -> None:
+    """Print ``rows`` (one cell per column) as a table that reads at the terminal's width (see
+    :func:`~sparse_detr.cli._tables.layout`: a narrow terminal gets short headers or one block per row)."""
+    width = terminal_width()
+    for renderable in layout(title, columns, rows, width):
+        console.print(renderable, width=width, highlight=False)
+
+
+def print_frame(frame, title: str, short: dict[str, tuple[str, str]] | None = None, wrap: Sequence[str] = ()) -> None:
+    """A pandas frame as a table (NaN: "-", floats with three decimals) that reads at the terminal's width.
+
+    ``short``: column -> (short header, what it means) for narrow terminals; ``wrap``: columns of long text
+    (paths, descriptions) that may wrap rather than widen the table.
+    """
+    short = short or {}
+    columns = [Column(str(name), *short.get(name, (None, "")), numeric=frame[name].dtype.kind in "fi",
+                      wrap=name in wrap) for name in frame.columns]  # fmt: skip
+    rows = [["-" if value != value else f"{value:.3f}" if isinstance(value, float) else str(value) for value in row]
+            for row in frame.itertuples(index=False)]  # fmt: skip
+    print_table(title, columns, rows)
 
 
 def log_line(text: str) -> None:

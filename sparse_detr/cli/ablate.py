@@ -11,8 +11,17 @@ from sparse_detr.cli._app import app, command, console, log_line, parse_list, pl
 from sparse_detr.config import TOKEN_RANKINGS
 from sparse_detr.errors import ConfigError
 
+# short headers of the tables below for narrow terminals: column -> (header, what it means)
+STATUS_HEADERS = {"iteration": ("iter", "iteration")}
+RESULT_HEADERS = {
+    "dam_coverage": ("DAM", "DAM coverage"),
+    "gflops_encoder": ("enc", "encoder GFLOPs"),
+    "eval_rho": ("ρ", "inference-time keep ratio"),
+}
+COMPARISON_HEADERS = {"difference": ("diff", "difference"), "excludes_zero": ("≠ 0", "the interval excludes zero")}
 
-@command(app)
+
+@command(app, short_help="Train and compare token-sparsity variants.")
 def ablate(
     experiment: Path | None = typer.Argument(None, help="Sweep file (experiments/*.toml); default: the built-in one."),
     rankings: str | None = typer.Option(
@@ -125,14 +134,7 @@ def ablate(
         from sparse_detr.cluster.submit import read_jobs
 
         sweep = place_sweep(sweep, chosen=chosen, force=force)
-        table = cluster_sweep_status(sweep) if read_jobs(sweep)["runs"] else sweep_status(sweep)
-        if not table["job"].any():
-            table = table.drop(columns="job")
-        for column in ("epoch", "iteration", "step"):  # whole numbers, "-" where the run has none yet
-            table[column] = [str(int(value)) if value == value else "-" for value in table[column]]
-        done = (table["state"] == "done").sum()
-        print_frame(table.drop(columns="folder"), f"ablation {sweep.name}: {done} of {len(table)} runs done")
-        console.print(f"run folders: {sweep.run_root}/<run>/seed<N>", highlight=False, soft_wrap=True)
+        print_status(sweep, cluster_sweep_status(sweep) if read_jobs(sweep)["runs"] else sweep_status(sweep))
         return
     if report_only:
         report = write_sweep_report(sweep)
@@ -152,22 +154,40 @@ def ablate(
         sweep = claim_report_folder(sweep, chosen=chosen, force=force)
         source = str(experiment) if experiment else "the default (sparse_detr/ablation/default.toml)"
         report = run_ablation(sweep, parse_shard(shard) if shard else (0, 1), source=source, asked=asked)
-    if report is not None:  # the columns that fit a terminal; the report files have them all
-        from sparse_detr.ablation.tables import readable, readable_comparisons
+    if report is not None:
+        print_report(sweep, report)
 
-        columns = ["AP", "AP50", "AP75", "dam_coverage", "gflops", "gflops_encoder", "fps"]
-        table = readable(report.table)[["run", "seeds", *columns]]
-        print_frame(table, f"ablation {sweep.name} (AP and DAM coverage in %, ± 95 % interval over seeds)")
-        compared = report.comparisons[report.comparisons["metric"] == "AP"]
-        if len(compared):
-            shown = readable_comparisons(compared)[
-                ["comparison", "seeds", "difference", "ci_low", "ci_high", "excludes_zero"]
-            ]
-            print_frame(shown, f"ablation {sweep.name}: AP differences paired by seed")
-        if len(report.inference):
-            inference = readable(report.inference)[["run", "eval_rho", "seeds", *columns]]
-            print_frame(inference, f"ablation {sweep.name}: inference-time ρ")
-        console.print(f"report: {sweep.report_dir}")
+
+def print_status(sweep, table) -> None:
+    """Where each run of ``sweep`` stands (the table of ``sweep_status`` or ``cluster_sweep_status``)."""
+    if not table["job"].any():
+        table = table.drop(columns="job")
+    for column in ("epoch", "iteration", "step"):  # whole numbers, "-" where the run has none yet
+        table[column] = [str(int(value)) if value == value else "-" for value in table[column]]
+    done = (table["state"] == "done").sum()
+    title = f"ablation {sweep.name}: {done} of {len(table)} runs done"
+    print_frame(table.drop(columns="folder"), title, STATUS_HEADERS, wrap=["detail"])
+    console.print(f"run folders: {sweep.run_root}/<run>/seed<N>", highlight=False, soft_wrap=True)
+
+
+def print_report(sweep, report) -> None:
+    """The columns of ``report``'s tables that a terminal shows (the report files have them all)."""
+    from sparse_detr.ablation.tables import readable, readable_comparisons
+
+    columns = ["AP", "AP50", "AP75", "dam_coverage", "gflops", "gflops_encoder", "fps"]
+    table = readable(report.table)[["run", "seeds", *columns]]
+    print_frame(table, f"ablation {sweep.name} (AP and DAM coverage in %, ± 95 % interval over seeds)", RESULT_HEADERS)
+    compared = report.comparisons[report.comparisons["metric"] == "AP"]
+    if len(compared):
+        shown = readable_comparisons(compared)[
+            ["comparison", "seeds", "difference", "ci_low", "ci_high", "excludes_zero"]
+        ]
+        print_frame(shown, f"ablation {sweep.name}: AP differences paired by seed", COMPARISON_HEADERS,
+                    wrap=["comparison"])  # fmt: skip
+    if len(report.inference):
+        inference = readable(report.inference)[["run", "eval_rho", "seeds", *columns]]
+        print_frame(inference, f"ablation {sweep.name}: inference-time ρ", RESULT_HEADERS)
+    console.print(f"report: {sweep.report_dir}", highlight=False, soft_wrap=True)
 
 
 def _per_node(nodes: int, nodes_per_run: int | None, gpus: int | None, processes: int | None) -> dict[str, int]:

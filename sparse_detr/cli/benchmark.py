@@ -11,9 +11,29 @@ from sparse_detr.cli._app import CONFIG_OPTION, SET_OPTION, app, command, consol
 from sparse_detr.errors import UsageError
 
 DEFAULT_PRESETS = "deformable-topk-bbr,sparse-rho0.1"  # the paper's comparison
+# short headers of the tables below for narrow terminals: column -> (header, what it means)
+SUMMARY_HEADERS = {
+    "kept_tokens": ("kept", "encoder tokens kept"),
+    "params_published": ("params", "parameters as published (no encoder aux heads)"),
+    "gflops_reference": ("ref", "the reference implementation's GFLOPs"),
+    "gflops_diff_pct": ("diff %", "gflops against ref"),
+    "peak_memory_mib": ("MiB", "peak memory"),
+}
+OP_HEADERS = {
+    "forward_ms": ("fwd", "forward ms"),
+    "forward_backward_ms": ("fwd+bwd", "forward and backward ms"),
+    "forward_speedup": ("fwd ×", "forward speed-up"),
+    "forward_backward_speedup": ("fwd+bwd ×", "forward and backward speed-up"),
+}
+TRAIN_STEP_HEADERS = {
+    "batch_size": ("batch", "batch size"),
+    "s_per_iter": ("s/iter", "seconds per iteration"),
+    "images_per_s": ("img/s", "images per second"),
+    "speedup_vs_first": ("×", "speed-up over the first preset at the same batch size"),
+}
 
 
-@command(app)
+@command(app, short_help="Parameters, GFLOPs and FPS of models or exported files.")
 def benchmark(
     preset: str | None = typer.Option(
         None, help=f"Comma-separated presets (default {DEFAULT_PRESETS}; with --checkpoint: one)."
@@ -57,7 +77,9 @@ def benchmark(
     output: Path | None = typer.Option(None, help="Report folder (default reports/<name>)."),
     name: str = typer.Option("benchmark", help="Report name: reports/<name>."),
     onnx: list[Path] | None = typer.Option(
-        None, "--onnx", help="Time this exported file instead (repeatable), at --input-size and --batch-sizes."
+        None,
+        "--onnx",
+        help="Time this exported file (repeatable) at --input-size and --batch-sizes, instead of models.",
     ),
     runtime: str | None = typer.Option(
         None, help="With --onnx: comma-separated runtimes (onnxruntime, the default, and openvino)."
@@ -99,7 +121,7 @@ def benchmark(
                                    model_overrides(resolved))  # fmt: skip
     inputs = bench.BenchmarkInputs.from_settings(resolved, parse_size(input_size) if images is None else None, images)
     report = bench.benchmark_models(models, inputs, options, output or Path("reports") / name)
-    print_frame(bench.summary(report.result.table), f"benchmark on {report.device}: {report.source}")
+    print_frame(bench.summary(report.result.table), f"benchmark on {report.device}: {report.source}", SUMMARY_HEADERS)
     if amp == "bf16" and str(report.device).startswith("cpu"):
         from sparse_detr.utils.cpu import bf16_note
 
@@ -118,12 +140,12 @@ def _benchmark_exported(paths, runtimes, size, batch_sizes, iters, warmup, threa
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "benchmark_onnx.csv", frame.to_csv(index=False))
     atomic_write_text(folder / "benchmark_onnx.md", frame.to_markdown(index=False) + f"\n\n{cpu_description()}\n")
-    print_frame(frame, f"exported files, {size[0]}x{size[1]}: median seconds of {iters} passes")
+    print_frame(frame, f"exported files, {size[0]}x{size[1]}: median seconds of {iters} passes", wrap=["file"])
     console.print(f"{cpu_description()}\nwrote {folder / 'benchmark_onnx.csv'}, {folder / 'benchmark_onnx.md'}",
                   highlight=False)  # fmt: skip
 
 
-@command(app, "benchmark-op")
+@command(app, "benchmark-op", short_help="Time the deformable attention op's backends.")
 def benchmark_op(
     backends: str = typer.Option("pytorch,cpu,cuda", help="Op backends to time."),
     dtype: str = typer.Option("float32", help="float32, float64, float16 or bfloat16."),
@@ -135,7 +157,8 @@ def benchmark_op(
     from sparse_detr.analysis.op_benchmark import DEFAULT_SHAPES, run_op_benchmark
 
     frame = run_op_benchmark(parse_list(backends, str, "--backends"), repeats=repeats, dtype=dtype)
-    print_frame(frame, f"ms_deform_attn, {dtype}: median ms of {repeats} (speed-up vs pytorch)")
+    title = f"ms_deform_attn, {dtype}: median ms of {repeats} (speed-up vs pytorch)"
+    print_frame(frame.drop(columns="dtype"), title, OP_HEADERS)  # the title names the one dtype
     for shape in DEFAULT_SHAPES:
         console.print(f"  {shape.name}: {shape.description}")
     if output is not None:
@@ -145,7 +168,7 @@ def benchmark_op(
         console.print(f"wrote {output}")
 
 
-@command(app, "benchmark-train")
+@command(app, "benchmark-train", short_help="Seconds per training iteration of presets.")
 def benchmark_train(
     preset: str = typer.Option(DEFAULT_PRESETS, help="Comma-separated presets."),
     backbone: str | None = typer.Option(None, help="Backbone for every preset (r50, swin-t, a timm ResNet)."),
@@ -167,5 +190,5 @@ def benchmark_train(
         parse_list(preset, str, "--preset"), height, width, tuple(parse_list(batch_sizes, int, "--batch-sizes")),
         backbone, iters, warmup, device, threads, output or Path("reports") / name,
     )  # fmt: skip
-    print_frame(frame[list(TRAIN_STEP_COLUMNS)], f"seconds per training iteration, {input_size}")
+    print_frame(frame[list(TRAIN_STEP_COLUMNS)], f"seconds per training iteration, {input_size}", TRAIN_STEP_HEADERS)
     console.print(f"wrote {', '.join(str(path) for path in paths)}", highlight=False)

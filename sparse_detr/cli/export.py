@@ -6,13 +6,13 @@ from pathlib import Path
 
 import typer
 
-from sparse_detr.cli._app import app, command, console, log_line
+from sparse_detr.cli._app import LAST_OPTION, app, command, console, log_line
 from sparse_detr.errors import UsageError
 
 
-@command(app)
+@command(app, short_help="Export a detector to one ONNX file.")
 def export(
-    checkpoint: str = typer.Option(..., help="Checkpoint file, run folder or zoo name (sdetr zoo)."),
+    checkpoint: str = typer.Option(..., help="Checkpoint file, run folder (its best checkpoint) or zoo name."),
     out: Path = typer.Option(Path("model.onnx"), help="ONNX file to write."),
     rho: float | None = typer.Option(None, help="Keep ratio the graph encodes with (default: the trained one)."),
     opset: int = typer.Option(18, help="ONNX opset (18 up to the newest one torch's exporter writes)."),
@@ -28,6 +28,7 @@ def export(
         help="Deformable attention as: gridsample (standard ONNX, any runtime), custom (one node onnxruntime runs "
         "with this project's kernel: fastest) or tensorrt (TensorRT's MultiscaleDeformableAttnPlugin_TRT node).",
     ),
+    last: bool = LAST_OPTION,
 ) -> None:
     """Export a detector to one ONNX file with dynamic batch, height and width (needs onnx, onnxscript and
     onnxruntime: the package's "onnx" extra). `sdetr predict --onnx FILE` runs it with onnxruntime (or
@@ -42,7 +43,7 @@ def export(
     check_opset(opset)
     check_msda(msda)
     console.print(f"exporting {checkpoint} (tracing with torch.export; a minute for R50)", highlight=False)
-    report = export_checkpoint(checkpoint, out, rho, opset, postprocess, check, msda=msda)
+    report = export_checkpoint(checkpoint, out, rho, opset, postprocess, check, msda=msda, last=last)
     if report.note:
         log_line(f"note: {report.note}")
     log_line(

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
-from sparse_detr.cli._app import app, command, console, data_app, parse_list
+from sparse_detr.cli._app import app, command, console, data_app, log_line, parse_list, print_table
+from sparse_detr.cli._tables import Column
 
 
-@command(data_app, "synth")
+@command(data_app, "synth", short_help="Write the built-in synthetic detection dataset.")
 def data_synth(
     out: Path = typer.Option(..., help="Folder to write the dataset to (COCO format: PNG + instances JSON)."),
     num_train: int = typer.Option(500, min=1, help="Training images."),
@@ -45,61 +47,57 @@ def data_synth(
         console.print(f"wrote the synthetic dataset to {root}")
 
 
-@command(app)
+@command(app, short_help="The model presets (for --preset).")
 def presets() -> None:
     """The model presets (for --preset): each a model, its loss and its training recipe."""
     from sparse_detr.config import create_preset, list_presets, preset_description
 
-    table = Table(title="presets (sdetr train --preset NAME; --backbone swin-t for the Swin-T variants)")
-    for column in ("name", "model", "ρ", "backbone", "recipe"):
-        table.add_column(column, no_wrap=column != "model")
+    rows = []
     for name in list_presets():
         preset = create_preset(name)
         train = preset.train
         recipe = f"{train.epochs} ep, batch {train.batch_size}, {train.image_size} px"
         model = preset.config.model
-        table.add_row(name, preset_description(name), f"{model.keep_ratio:g}", model.backbone, recipe)
-    console.print(table)
+        rows.append([name, preset_description(name), f"{model.keep_ratio:g}", model.backbone, recipe])
+    columns = [Column("name"), Column("model", wrap=True), Column("ρ"), Column("backbone"), Column("recipe")]
+    print_table("presets (sdetr train --preset NAME; --backbone swin-t for the Swin-T variants)", columns, rows)
 
 
-@command(app)
+@command(app, short_help="The released checkpoints (for --checkpoint, --init).")
 def zoo() -> None:
     """The released checkpoints: names for --checkpoint (eval, predict, visualize, benchmark) and --init."""
     from sparse_detr.zoo import ZOO_NOTE, zoo_dir, zoo_table
 
-    table = Table(title="released Sparse DETR checkpoints (COCO 2017 val)")
-    table.add_column("name", no_wrap=True)
-    for column in ("AP", "params", "GFLOPs", "FPS b4", "cached"):
-        table.add_column(column, justify="right")
-    for row in zoo_table().itertuples(index=False):
-        table.add_row(row.name, f"{row.AP:.1f}", f"{row.params_M:.1f}M", f"{row.GFLOPs:.1f}", f"{row.FPS_b4:.1f}",
-                      "yes" if row.cached else "")  # fmt: skip
-    console.print(table)
-    console.print(f"{ZOO_NOTE}.\ncache: {zoo_dir()} (SDETR_ZOO_DIR); links: SDETR_ZOO_URL or the authors' release",
+    columns = [Column("name"), *(Column(header, numeric=True) for header in ("AP", "params", "GFLOPs", "FPS b4")),
+               Column("cached")]  # fmt: skip
+    rows = [[row.name, f"{row.AP:.1f}", f"{row.params_M:.1f}M", f"{row.GFLOPs:.1f}", f"{row.FPS_b4:.1f}",
+             "yes" if row.cached else ""] for row in zoo_table().itertuples(index=False)]  # fmt: skip
+    print_table("released Sparse DETR checkpoints (COCO 2017 val)", columns, rows)
+    console.print(f"{ZOO_NOTE}.", highlight=False)  # prose: wrapped at words
+    console.print(f"cache: {zoo_dir()} (SDETR_ZOO_DIR); links: SDETR_ZOO_URL or the authors' release",
                   highlight=False, soft_wrap=True)  # fmt: skip
 
 
-@command(app)
+@command(app, short_help="Versions, devices and the op backends that run here.")
 def doctor() -> None:
     """Print versions, devices and which deformable-attention backends run here (and why not).
 
     A damaged kernel library in the cache is rebuilt, or its backend is reported unavailable, and the table
     says which.
     """
-    from rich.markup import escape
-
-    from sparse_detr.doctor import backend_detail, environment, op_backends
+    from sparse_detr.doctor import backend_detail, backend_files, environment, op_backends
 
     table = Table(title="environment", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # a long value wraps rather than lose its end
     for key, value in environment().items():
-        table.add_row(key, value)
+        table.add_row(key, Text(value))
     console.print(table)
     with console.status("checking op backends (the first run compiles the kernels)..."):
         statuses = op_backends()
-    backends = Table(title="deformable attention backends")
-    for column in ("backend", "available", "detail"):
-        backends.add_column(column, overflow="fold")  # long paths wrap rather than lose their end
-    for status in statuses:
-        available = "[green]yes[/green]" if status.available else "[red]no[/red]"
-        backends.add_row(status.name, available, escape(backend_detail(status)))
-    console.print(backends)
+    rows = [[status.name, Text("yes", "green") if status.available else Text("no", "red"), backend_detail(status)]
+            for status in statuses]  # fmt: skip
+    columns = [Column("backend"), Column("available"), Column("detail", wrap=True)]
+    print_table("deformable attention backends", columns, rows)
+    for line in (line for status in statuses for line in backend_files(status)):
+        log_line(line)

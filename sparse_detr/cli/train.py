@@ -9,9 +9,10 @@ import typer
 
 from sparse_detr.cli import _launcher as launching
 from sparse_detr.cli._app import CONFIG_OPTION, SET_OPTION, app, command, console, log_line
+from sparse_detr.cli.evaluate import print_metrics
 
 
-@command(app)
+@command(app, short_help="Train a model (no data: tiny on the synthetic dataset).")
 def train(
     preset: str | None = typer.Option(
         None, help="Model preset (sdetr presets); default: tiny on the built-in dataset, or --init's."
@@ -104,7 +105,7 @@ def train(
     for name in ("config_file", "settings", "print_config", "force", *resources, *launching.LAUNCHER_PARAMETERS):
         del fields[name]
     launching.refuse_without_slurm(launch.get("launcher", "local"), {**launch, **({"wait": True} if wait else {})})
-    from sparse_detr.engine import distributed, format_metrics, train_run
+    from sparse_detr.engine import distributed, train_run
     from sparse_detr.engine.initialization import init_model_config
     from sparse_detr.engine.run_config import merged_settings, option_settings, resolve_run_config
     from sparse_detr.engine.run_folder import choose_run_folder, with_data_classes
@@ -127,7 +128,7 @@ def train(
         return
     metrics = train_run(run_config, replace=force)
     if distributed.get_rank() == 0:  # under torchrun every process has the metrics; the table prints once
-        console.print(format_metrics(metrics))
+        print_metrics(metrics)
     console.print(f"run folder: {run_config.train.output_dir}")
 
 
@@ -137,7 +138,6 @@ def _submit(run_config, launch: dict, force: bool, wait: bool) -> None:
     from sparse_detr.cluster.submit import SUBMITIT_FOLDER
     from sparse_detr.cluster.submit import wait as wait_for
     from sparse_detr.config.launcher import LauncherSettings
-    from sparse_detr.engine import format_metrics
     from sparse_detr.engine.evaluate import read_metrics
     from sparse_detr.engine.trainer import FINAL_METRICS_FILE
 
@@ -152,5 +152,5 @@ def _submit(run_config, launch: dict, force: bool, wait: bool) -> None:
         wait_for([job])
         final = Path(folder) / FINAL_METRICS_FILE
         if final.is_file():
-            console.print(format_metrics(read_metrics(final)))
+            print_metrics(read_metrics(final))
         log_line(f"job {job.job_id} ended" + ("" if final.is_file() else " before the training finished: see job.log"))

@@ -7,12 +7,12 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from sparse_detr.cli._app import app, command, console, parse_list
+from sparse_detr.cli._app import LAST_OPTION, app, command, console, parse_list
 from sparse_detr.cli.evaluate import CHECKPOINT_HELP
 from sparse_detr.errors import InputError
 
 
-@command(app)
+@command(app, short_help="Draw what the sparse encoder keeps, image by image.")
 def visualize(
     images: list[str] = typer.Argument(..., help="Image files, folders or glob patterns (quote the globs)."),
     checkpoint: str | None = typer.Option(None, help=CHECKPOINT_HELP),
@@ -30,6 +30,7 @@ def visualize(
     image_size: int | None = typer.Option(
         None, min=16, help="Shorter side the model sees (default: the run's, else 800)."
     ),
+    last: bool = LAST_OPTION,
 ) -> None:
     """Draw what the sparse encoder keeps: for each image a figure with the detections, the scoring network's
     saliency per level, the selected tokens per level and combined, the decoder attention map (DAM) and the
@@ -41,7 +42,7 @@ def visualize(
     ratios = [value for text in keep_ratios or [] for value in parse_list(text, float, "--rho")] or [None]
     _, failures = visualize_files(
         images, checkpoint, out, ratios, threshold, parse_list(formats, str, "--format"), device, image_size,
-        force, track=lambda items: track(items, description="drawing", console=console),
+        force, track=lambda items: track(items, description="drawing", console=console), last=last,
     )  # fmt: skip
     for reason in failures.values():
         console.print(f"[red]{escape(reason)}[/red]", soft_wrap=True)

@@ -30,6 +30,7 @@ from sparse_detr.config import MAX_IMAGE_SIZE
 from sparse_detr.data.shapes import SHAPE_KINDS, SHAPES, background, fill, random_color, shape_mask
 from sparse_detr.errors import ConfigError, OutputError, SparseDetrError, UsageError
 from sparse_detr.utils.cache import os_error_reason, unwritable_cache, user_cache_dir
+from sparse_detr.utils.progress import track
 
 logger = logging.getLogger(__name__)
 GENERATOR_VERSION = 1
@@ -139,7 +140,7 @@ def render_scene(
 def _write_split(root: Path, split: str, count: int, image_size: int, seed: int, classes: tuple[str, ...]) -> None:
     (root / split).mkdir(parents=True)
     images, annotations = [], []
-    for index in range(count):
+    for index in track(range(count), f"writing the {split} images", unit="images"):
         rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
         image, objects = render_scene(image_size, rng, classes)
         file_name = f"{index:06d}.png"
@@ -230,7 +231,7 @@ def make_synthetic_dataset(
     if read_manifest(out) == wanted:
         return out
     _check_replaceable(out, replace)
-    logger.info(f"writing the synthetic dataset ({num_train} + {num_val} images) to {out}, once")
+    logger.info(f"writing the synthetic dataset ({num_train} + {num_val} images) to {out}, once…")
     try:
         _write_dataset(out, wanted, classes)
     except OSError as error:

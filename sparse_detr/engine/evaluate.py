@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import itertools
 import json
+import logging
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -28,8 +32,10 @@ from sparse_detr.models import postprocess
 from sparse_detr.models.fast_inference import InferenceModel, prepare_for_inference
 from sparse_detr.models.postprocess import MAX_DETECTIONS
 from sparse_detr.utils.io import atomic_write_text, check_writable
+from sparse_detr.utils.progress import track
 from sparse_detr.zoo import ZOO, resolve_checkpoint
 
+logger = logging.getLogger(__name__)
 SCORED_OUTPUTS = ("pred_logits", "pred_boxes", "scores", "boxes")  # the outputs detections are made of
 # COCOeval.stats, in order
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -57,13 +63,15 @@ def predict(
     device: torch.device | str,
     top_k: int = MAX_DETECTIONS,
     source: str = "the model",
+    progress: str | None = None,
 ) -> tuple[list[dict[str, Any]], list[int]]:
     """This process's detections in COCO results format (``bbox`` xywh in original-image pixels) and
     the ids of the images it saw. Labels without a category (unused slots) are left out.
 
     Batches the data set could not fill (None: unreadable images) are passed over, and so are batches the
     model cannot take (images too small for its queries), with a warning. ``model``: the detector (put in
-    eval mode) or one prepared by :func:`~sparse_detr.models.prepare_for_inference`.
+    eval mode) or one prepared by :func:`~sparse_detr.models.prepare_for_inference`. ``progress``: the
+    description of a progress bar (or lines) over the batches, shown by rank 0 alone (None: none).
 
     Raises:
         NonFiniteError: the model's outputs hold NaN or infinite values (``source`` names the model).
@@ -71,6 +79,8 @@ def predict(
     if isinstance(model, nn.Module):
         model.eval()
     detections, image_ids = [], []
+    if progress is not None and distributed.get_rank() == 0:
+        data_loader = track(data_loader, progress, unit="batches")
     for batch in data_loader:
         outputs = None if batch is None else _forward(model, *batch, device)
         if outputs is None:
@@ -149,11 +159,10 @@ def coco_detections(
     return detections
 
 
-def coco_metrics(
-    coco_gt: COCO, detections: list[dict[str, Any]], image_ids: Iterable[int]
-) -> tuple[dict[str, float], str]:
+def coco_metrics(coco_gt: COCO, detections: list[dict[str, Any]], image_ids: Iterable[int]) -> tuple[Metrics, str]:
     """The 12 COCOeval bbox numbers on ``image_ids`` (fractions; NaN where the split has no ground-truth
-    box of that size) and pycocotools' summary text."""
+    box of that size) with each category's AP and AP50 (:attr:`Metrics.per_class`), and pycocotools'
+    summary text."""
     image_ids = sorted(set(image_ids))
     if not image_ids:
         raise InputError(
@@ -168,7 +177,26 @@ def coco_metrics(
         evaluator.accumulate()
         evaluator.summarize()
     metrics = {key: float(value) if value >= 0 else math.nan for key, value in zip(METRIC_KEYS, evaluator.stats)}
-    return metrics, text.getvalue()
+    return Metrics(metrics, per_class=_per_class(evaluator, coco_gt, image_ids)), text.getvalue()
+
+
+def _per_class(evaluator: COCOeval, coco_gt: COCO, image_ids: Sequence[int]) -> list[ClassAP]:
+    """Each category's AP (IoU 0.50:0.95) and AP50 from the precision COCOeval accumulated, as its summary
+    computes the all-category numbers (area all, 100 detections), over the categories' own precisions."""
+    # precision: (IoU thresholds T, recall points R, categories K, area ranges A, max detections M); -1: no data
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]  # (T, R, K)
+    per_class = []
+    for k, category_id in enumerate(evaluator.params.catIds):
+        boxes = len(coco_gt.getAnnIds(imgIds=image_ids, catIds=[category_id], iscrowd=False))
+        name = coco_gt.cats[category_id]["name"]
+        per_class.append(ClassAP(int(category_id), name, boxes, _mean_valid(precision[:, :, k]),
+                                 _mean_valid(precision[0, :, k])))  # fmt: skip
+    return per_class
+
+
+def _mean_valid(values) -> float:
+    valid = values[values > -1]
+    return float(valid.mean()) if valid.size else math.nan
 
 
 def _empty_results(coco_gt: COCO) -> COCO:
@@ -183,14 +211,29 @@ def _empty_results(coco_gt: COCO) -> COCO:
     return results
 
 
+@dataclass(frozen=True)
+class ClassAP:
+    """One category's AP (IoU 0.50:0.95) and AP50 on the images evaluated, and its ground-truth boxes there
+    (NaN APs: no box of it and no detection)."""
+
+    category_id: int
+    name: str
+    boxes: int
+    AP: float
+    AP50: float
+
+
 class Metrics(dict):
     """The 12 COCOeval numbers by key (:data:`METRIC_KEYS`), with ``skipped_image_ids``: the images of the
-    ground truth left out of them (missing, unreadable, or too small for the model), which
-    :func:`metrics_json` records beside the numbers."""
+    ground truth left out of them (missing, unreadable, or too small for the model), and ``per_class``: each
+    category's :class:`ClassAP`; :func:`metrics_json` records both beside the numbers."""
 
-    def __init__(self, values: Mapping[str, float], skipped_image_ids: Iterable[int] = ()):
+    def __init__(
+        self, values: Mapping[str, float], skipped_image_ids: Iterable[int] = (), per_class: Sequence[ClassAP] = ()
+    ):
         super().__init__(values)
         self.skipped_image_ids = sorted(skipped_image_ids)
+        self.per_class = list(per_class)
 
 
 def evaluate(
@@ -201,6 +244,7 @@ def evaluate(
     device: torch.device | str,
     detections_file: str | Path | None = None,
     source: str = "the model",
+    progress: str | None = None,
 ) -> Metrics:
     """COCO box metrics of ``model`` (see :func:`predict`; ``source`` names it in errors) on ``data_loader``
     (batches of ``collate``: images, mask, targets with ``image_id`` and ``orig_size``).
@@ -209,9 +253,10 @@ def evaluate(
     them: the metrics are those of the images evaluated, and :attr:`Metrics.skipped_image_ids` lists the
     others. Distributed: each process predicts its block of batches (:func:`build_eval_loader`), rank 0
     merges them, scores them and writes ``detections_file`` (COCO results JSON); every process returns the
-    same metrics.
+    same metrics. ``progress``: the description of the progress over the batches (see :func:`predict`), which
+    also brings a status line before the scoring.
     """
-    detections, image_ids = predict(model, data_loader, label_to_category_id, device, source=source)
+    detections, image_ids = predict(model, data_loader, label_to_category_id, device, source=source, progress=progress)
     gathered = distributed.gather_to_main((detections, image_ids))
     metrics = None
     if gathered is not None:
@@ -227,7 +272,10 @@ def evaluate(
             )
         if detections_file is not None:
             atomic_write_text(detections_file, json.dumps(merged))
-        metrics = Metrics(coco_metrics(coco_gt, merged, seen)[0], skipped)
+        if progress is not None:  # COCOeval takes a minute on COCO's 5000 images
+            logger.info(f"scoring {len(merged)} detections of {len(seen)} images with COCOeval…")
+        scored = coco_metrics(coco_gt, merged, seen)[0]
+        metrics = Metrics(scored, skipped, scored.per_class)
     return distributed.broadcast_from_main(metrics)
 
 
@@ -242,18 +290,36 @@ def format_metrics(metrics: Mapping[str, float]) -> str:
 
 def metrics_json(metrics: Mapping[str, float], **extra: Any) -> str:
     """``metrics`` (NaN written as null), the images left out of them (``images_skipped``, their count, and
-    ``skipped_image_ids``, when ``metrics`` are :class:`Metrics`) and ``extra`` entries as indented JSON."""
-    clean = {key: None if isinstance(v, float) and math.isnan(v) else v for key, v in metrics.items()}
+    ``skipped_image_ids``) and each category's AP (``per_class``) when ``metrics`` are :class:`Metrics`,
+    and ``extra`` entries, as indented JSON."""
+    clean = {key: _json_number(value) for key, value in metrics.items()}
     if isinstance(metrics, Metrics):
         clean.update(images_skipped=len(metrics.skipped_image_ids), skipped_image_ids=metrics.skipped_image_ids)
+        clean["per_class"] = [{key: _json_number(value) for key, value in dataclasses.asdict(entry).items()}
+                              for entry in metrics.per_class]  # fmt: skip
     return json.dumps({**clean, **extra}, indent=2)
 
 
+def _json_number(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 def read_metrics(path: str | Path) -> Metrics:
-    """The metrics a file of :func:`metrics_json` holds (null read as NaN), with the images left out."""
+    """The metrics a file of :func:`metrics_json` holds (null read as NaN), with the images left out and the
+    categories' APs (files written before they were recorded have none)."""
     stored = json.loads(Path(path).read_text())
     values = {key: math.nan if stored.get(key) is None else stored[key] for key in METRIC_KEYS}
-    return Metrics(values, stored.get("skipped_image_ids", ()))
+    per_class = [ClassAP(**{key: math.nan if value is None else value for key, value in entry.items()})
+                 for entry in stored.get("per_class", ())]  # fmt: skip
+    return Metrics(values, stored.get("skipped_image_ids", ()), per_class)
+
+
+def per_class_frame(metrics: Metrics) -> pandas.DataFrame:
+    """One row per category (name, id, ground-truth boxes, AP and AP50), by category id, for the table
+    ``sdetr eval`` and ``sdetr train`` print."""
+    rows = [{"class": entry.name, "id": entry.category_id, "boxes": entry.boxes, "AP": entry.AP,
+             "AP50": entry.AP50} for entry in metrics.per_class]  # fmt: skip
+    return pandas.DataFrame(rows, columns=["class", "id", "boxes", "AP", "AP50"])
 
 
 def build_eval_loader(dataset, batch_size: int, workers: int) -> torch.utils.data.DataLoader:
@@ -356,25 +422,44 @@ def evaluate_checkpoint(
     if keep_ratio is not None:
         model.set_keep_ratio(keep_ratio)
     name = checkpoint.stem + (f"_rho{keep_ratio:g}" if keep_ratio is not None else "")
+    if info.is_main:
+        logger.info(_eval_header(checkpoint, dataset, model.keep_ratio, image_size, settings.batch_size, info.device))
     loader = build_eval_loader(dataset, settings.batch_size, settings.workers)
     runner = prepare_for_inference(model, settings.amp, settings.compile, settings.fast)
     detections_file = out / f"detections_{name}.json"
     metrics = evaluate(
-        runner, loader, dataset.coco, dataset.label_to_category_id, info.device, detections_file, str(checkpoint)
-    )
+        runner, loader, dataset.coco, dataset.label_to_category_id, info.device, detections_file, str(checkpoint),
+        progress="evaluating",
+    )  # fmt: skip
     if info.is_main:
         inference = runner.dtype + (", compiled" if settings.compile else "") + ("" if settings.fast else ", plain")
         extra = {"checkpoint": str(checkpoint), "keep_ratio": model.keep_ratio, "image_size": image_size,
                  "inference": inference}  # fmt: skip
         atomic_write_text(out / f"eval_{name}.json", metrics_json(metrics, **extra))
+        logger.info(f"wrote the metrics to {out / f'eval_{name}.json'}")
+        logger.info(f"wrote the detections (COCO results) to {detections_file}")
     return metrics
 
 
-def evaluate_settings(checkpoint: str | Path, settings: EvalSettings, output_dir: str | Path | None = None) -> Metrics:
-    """``sdetr eval``: :func:`evaluate_checkpoint` of a checkpoint file, run folder or zoo name; results go to
+def _eval_header(
+    checkpoint: Path, dataset: CocoDetection, keep_ratio: float, image_size: int, batch_size: int, device: torch.device
+) -> str:
+    """The line before an evaluation: what is evaluated on which images, and how."""
+    sparsity = f"rho {keep_ratio:g}" if keep_ratio > 0 else "dense (no token sparsity)"
+    return (
+        f"evaluating {checkpoint} on {dataset.images_dir} ({dataset.annotations_file}): {len(dataset)} images, "
+        f"{sparsity}, image size {image_size}, batch {batch_size}, {device}"
+    )
+
+
+def evaluate_settings(
+    checkpoint: str | Path | None, settings: EvalSettings, output_dir: str | Path | None = None, last: bool = False
+) -> Metrics:
+    """``sdetr eval``: :func:`evaluate_checkpoint` of a checkpoint file, run folder (its best checkpoint, or
+    its last with ``last``) or zoo name (see :func:`~sparse_detr.zoo.resolve_checkpoint`); results go to
     ``output_dir``, by default the checkpoint's folder, or ``runs/eval/<name>`` for a zoo name (not into the
     download cache)."""
-    path = resolve_checkpoint(checkpoint)
+    path = resolve_checkpoint(checkpoint, last=last)
     if output_dir is None and str(checkpoint) in ZOO and not Path(checkpoint).exists():
         output_dir = Path("runs") / "eval" / str(checkpoint)
     return evaluate_checkpoint(path, settings, output_dir)

@@ -14,12 +14,11 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-from rich.progress import Progress as RichProgress
+from rich.progress import TextColumn
 
 from sparse_detr.errors import ConfigError
 from sparse_detr.utils.io import atomic_write_text
+from sparse_detr.utils.progress import Clock, RecentRate, format_duration, progress_bar, shows_progress
 
 logger = logging.getLogger(__name__)
 
@@ -96,47 +95,45 @@ def _row_step(line: str) -> float:
 
 
 class Progress:
-    """Per-epoch progress: a rich bar (loss, it/s, ETA) on a terminal, otherwise a line on the logger every
-    ``log_every`` iterations (for CI and cluster logs); nothing when the logger hides INFO (``--quiet``).
-    :meth:`message` is a status line on the logger."""
+    """Per-epoch progress: a rich bar (loss, it/s, ETA) on a terminal (stderr), otherwise a line on the logger
+    every ``log_every`` iterations (for CI and cluster logs); nothing when the logger hides INFO
+    (``--quiet``). Speed and ETA are those of the recent iterations (:class:`~sparse_detr.utils.progress.RecentRate`:
+    the slow first ones of an epoch are left out); ``clock`` gives the seconds. :meth:`message` is a status
+    line on the logger."""
 
-    def __init__(self, active: bool = True, log_every: int = 20, stream: TextIO | None = None):
+    def __init__(
+        self, active: bool = True, log_every: int = 20, stream: TextIO | None = None, clock: Clock = time.perf_counter
+    ):
         self.active = active
         self.log_every = log_every
-        self.stream = stream or sys.stdout
-        self.shown = active and logger.isEnabledFor(logging.INFO)
-        self.rich = self.shown and self.stream.isatty()
+        self.stream = stream or sys.stderr
+        shown, rich = shows_progress(self.stream)
+        self.shown, self.rich = active and shown, active and rich
+        self.rate = RecentRate(clock)
         self._bar = None
 
     def start_epoch(self, epoch: int, epochs: int, total: int, done: int = 0) -> None:
         self.epoch, self.epochs, self.total, self.done = epoch, epochs, total, done
-        self._start, self._start_done = time.perf_counter(), done
+        self.rate.start(done)
         if not self.rich:
             return
-
-        self._bar = RichProgress(
-            TextColumn(f"epoch {epoch + 1}/{epochs}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"),
-            TimeRemainingColumn(),
-            console=Console(file=self.stream),
-            transient=False,
-        )
+        self._bar = progress_bar(f"epoch {epoch + 1}/{epochs}", self.stream, TextColumn("{task.fields[status]}"))
         self._bar.start()
-        self._task = self._bar.add_task("train", total=total, completed=done, status="")
+        self._task = self._bar.add_task("train", total=total, completed=done, status="", eta="?")
 
     def update(self, done: int, loss: float, lr: float) -> None:
         self.done = done
         if not self.shown:
             return
-        speed = (done - self._start_done) / max(time.perf_counter() - self._start, 1e-9)
+        self.rate.update(done)
+        seconds = self.rate.seconds_per_item()
+        speed = 1 / seconds if seconds > 0 else math.nan
+        eta = format_duration(self.rate.eta(self.total - done))
         status = f"loss {loss:.4f}  lr {lr:.2e}  {speed:.2f} it/s"
         if self._bar is not None:
-            self._bar.update(self._task, completed=done, status=status)
+            self._bar.update(self._task, completed=done, status=status, eta=eta)
         elif done % self.log_every == 0 or done == self.total:
-            eta = (self.total - done) / speed if speed > 0 else math.inf
-            logger.info(f"epoch {self.epoch + 1}/{self.epochs} [{done}/{self.total}] {status}  eta {_duration(eta)}")
+            logger.info(f"epoch {self.epoch + 1}/{self.epochs} [{done}/{self.total}] {status}  eta {eta}")
 
     def end_epoch(self) -> None:
         if self._bar is not None:
@@ -146,11 +143,3 @@ class Progress:
     def message(self, text: str) -> None:
         if self.active:
             logger.info(text)
-
-
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    minutes, seconds = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{seconds:02d}"

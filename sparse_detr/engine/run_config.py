@@ -142,9 +142,13 @@ def option_settings(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def merged_settings(
-    config_file: str | Path | None = None, sets: Iterable[str] = (), options: Mapping[str, Any] | None = None
+    config_file: str | Path | None = None,
+    sets: Iterable[str] = (),
+    options: Mapping[str, Any] | None = None,
+    run: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Config file < ``--set`` items < ``options`` (dotted keys; None values are left out), checked.
+    """``run`` (what a run folder says, see :func:`run_folder_settings`) < config file < ``--set`` items <
+    ``options`` (dotted keys; None values are left out), checked.
 
     A layer that names a dataset folder (``data.root``) replaces the explicit paths of the layers below,
     and explicit paths replace a folder below: ``--data`` over a run's config.toml evaluates that folder.
@@ -153,13 +157,35 @@ def merged_settings(
     set_layer = dict(parse_set(item) for item in sets)
     option_layer = {key: check_setting(key, value) for key, value in (options or {}).items() if value is not None}
     settings: dict[str, Any] = {}
-    for layer in (file_layer, set_layer, option_layer):
+    for layer in (run or {}, file_layer, set_layer, option_layer):
         if "data.root" in layer:
             settings = {key: value for key, value in settings.items() if not key.startswith("data.")}
         elif any(key.startswith("data.") for key in layer):
             settings.pop("data.root", None)
         settings.update(layer)
     return settings
+
+
+def run_folder_of(checkpoint: str | Path | None) -> Path | None:
+    """The run folder a ``--checkpoint`` value names (the folder itself, or the folder of a checkpoint file
+    in it): one that holds the run's ``config.toml``; None for anything else (a zoo name, a lone file).
+    None names what a bare ``sdetr train`` writes."""
+    path = Path(checkpoint) if checkpoint is not None else Path(train_recipe(DEFAULT_PRESET).output_dir)
+    folder = path if path.is_dir() else path.parent
+    return folder if (folder / CONFIG_FILE_NAME).is_file() else None
+
+
+def run_folder_settings(checkpoint: str | Path | None) -> dict[str, Any]:
+    """What the run folder of ``checkpoint`` (see :func:`run_folder_of`) says about evaluating its model, from
+    its ``config.toml``: its data (``data.*``), image size and evaluation batch (padding differs with the
+    batch, so the run's own batch gives back the AP the run measured); empty for no run folder."""
+    folder = run_folder_of(checkpoint)
+    if folder is None:
+        return {}
+    settings = read_config_file(folder / CONFIG_FILE_NAME)
+    taken = {key: value for key, value in settings.items() if key.startswith("data.") or key == "train.image_size"}
+    batch = settings.get("train.eval_batch_size") or settings.get("train.batch_size")
+    return taken | ({"train.eval_batch_size": batch} if batch else {})
 
 
 def section(settings: Mapping[str, Any], name: str) -> dict[str, Any]:

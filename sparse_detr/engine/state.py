@@ -98,9 +98,9 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 
 def find_resume_path(output_dir: str | Path, resume: str | None, auto_resume: bool) -> Path | None:
-    """``resume`` if given (a checkpoint file or run folder that must exist), else the output folder's
+    """``resume`` if given (a checkpoint file, or a run folder whose last checkpoint it takes), else the output folder's
     checkpoint when ``auto_resume`` and there is one."""
     if resume is not None:
-        return checkpoint_file(resume, f"--resume {resume}")
+        return checkpoint_file(resume, f"--resume {resume}", last=True)
     latest = Path(output_dir) / CHECKPOINT_NAME
     return latest if auto_resume and latest.is_file() else None

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from sparse_detr.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from sparse_detr.checkpoint import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, save_checkpoint
 from sparse_detr.config import Config, TrainConfig, train_config_to_dict
 from sparse_detr.engine import distributed
 from sparse_detr.engine.evaluate import evaluate, metrics_json, read_metrics
@@ -105,7 +106,7 @@ def train(
     if info.is_main:
         check_writable(train_config.output_dir)
     if model_config.model.num_classes != train_set.num_classes:
-        progress.message(f"num_classes: {train_set.num_classes} (from the training set's categories)")
+        progress.message(_num_classes_note(train_set.num_classes, len(train_set.category_names)))
         model_config = dataclasses.replace(
             model_config, model=dataclasses.replace(model_config.model, num_classes=train_set.num_classes)
         )
@@ -122,6 +123,16 @@ def train(
         raise _interrupted(session, stop) from None
     finally:
         session.log.close()
+
+
+def _num_classes_note(num_classes: int, categories: int) -> str:
+    """Why the model gets ``num_classes`` class slots for the training set's ``categories``."""
+    if num_classes == categories:
+        return f"num_classes: {num_classes} (one per category of the training set)"
+    return (
+        f"num_classes: {num_classes} for {categories} categories: their ids are the class labels, as in the "
+        f"reference (largest id + 1; labels without a category are never predicted)"
+    )
 
 
 def fit(session: TrainingSession, on_first_epoch: Callable[[float], None] | None = None) -> dict[str, float]:
@@ -371,14 +382,28 @@ def evaluate_epoch(session: TrainingSession, epochs_done: int, skip_if_done: boo
     with torch.random.fork_rng(devices=devices):
         metrics = evaluate(
             session.model, session.val_loader, session.val_set.coco, session.label_to_category_id, session.device,
-            session.output_dir / f"detections_epoch{epochs_done}.json",
+            session.output_dir / f"detections_epoch{epochs_done}.json", progress=f"evaluating epoch {epochs_done}",
         )  # fmt: skip
     if session.info.is_main:
+        _keep_if_best(session, metrics, epochs_done)  # before its result: a resumed run re-decides
         atomic_write_text(result, metrics_json(metrics, epoch=epochs_done))
         session.log.write({"epoch": epochs_done, **{f"eval_{key}": value for key, value in metrics.items()}},
                       session.state.position.step, "eval")  # fmt: skip
         session.progress.message(f"epoch {epochs_done}: AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}")
     return metrics
+
+
+def _keep_if_best(session: TrainingSession, metrics: Mapping[str, float], epochs_done: int) -> None:
+    """Write the model as the run's ``checkpoint_best.pth`` (weights only, with its epoch and AP) when its
+    validation AP beats every earlier evaluation of the run (ties keep the earlier one)."""
+    earlier = [read_metrics(path)["AP"] for path in session.output_dir.glob("eval_epoch*.json")
+               if path.name != f"eval_epoch{epochs_done}.json"]  # fmt: skip
+    if math.isnan(metrics["AP"]) or any(metrics["AP"] <= ap for ap in earlier if not math.isnan(ap)):
+        return
+    best = {"epoch": epochs_done, "AP": metrics["AP"]}
+    train_config = train_config_to_dict(session.config)
+    save_checkpoint(session.output_dir / BEST_CHECKPOINT_NAME, session.model, None, session.categories, train_config,
+                    best)  # fmt: skip
 
 
 def _step_batches(batches: Iterable[tuple[int, Any]], size: int) -> Iterator[tuple[int, list[Any]]]:

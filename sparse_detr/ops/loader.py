@@ -32,6 +32,7 @@ import torch
 from sparse_detr.ops import library as library_ops  # defines the op schema the kernels register into
 from sparse_detr.utils.cache import user_cache_dir
 from sparse_detr.utils.io import atomic_write_text, file_sha256
+from sparse_detr.utils.progress import timed_step
 
 logger = logging.getLogger(__name__)
 CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
@@ -44,6 +45,8 @@ _CUDA_FLAGS = ("-O3", "-lineinfo")
 STAGING_PREFIX = ".build-"  # each build links in a private folder of the build directory, then moves the library in
 _ABANDONED_AFTER_S = 24 * 3600  # no build takes a day: an older private folder is one a killed build left
 _KERNEL_OP = f"{library_ops.NAMESPACE}::ms_deform_attn"
+_KERNEL_NAMES = {"cpu": "C++ deformable-attention kernel", "cuda": "CUDA deformable-attention kernel"}
+_BUILD_TIMES = {"cpu": "30 s", "cuda": "a minute or two"}  # on a few cores
 # run in a child process: load library argv[1], exit 0 only if op argv[2] then has a kernel for dispatch key argv[3]
 _CHILD_LOAD_CHECK = (
     "import sys, torch; torch.ops.load_library(sys.argv[1]); "
@@ -64,6 +67,7 @@ class BackendStatus:
     reason: str = ""
     build_log: Path | None = None
     note: str = ""  # what happened to an available backend's cache, e.g. a damaged library that was rebuilt
+    library: Path | None = None  # the compiled library, where users load it themselves (onnxruntime)
 
 
 _loaded: dict[str, BackendStatus] = {}
@@ -130,9 +134,19 @@ def _cpp_extension():
     default = Path("/usr/local/cuda")
     if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and (default / "bin" / "nvcc").is_file():
         os.environ["CUDA_HOME"] = str(default)
-    import torch.utils.cpp_extension
-
+    torch_logger = logging.getLogger("torch.utils.cpp_extension")
+    torch_logger.addFilter(_no_cuda_runtime_warning)
+    try:
+        import torch.utils.cpp_extension
+    finally:
+        torch_logger.removeFilter(_no_cuda_runtime_warning)
     return torch.utils.cpp_extension
+
+
+def _no_cuda_runtime_warning(record: logging.LogRecord) -> bool:
+    """Drop torch's import-time "No CUDA runtime is found": it reads as an error while the CPU kernel builds,
+    and a CUDA build never starts without a GPU (:func:`_cannot_run` says so instead)."""
+    return not record.getMessage().startswith("No CUDA runtime is found")
 
 
 def _cannot_run(kind: str) -> str | None:
@@ -305,13 +319,21 @@ def _load_or_build(kind: str) -> BackendStatus:
         return BackendStatus(kind, False, f"{found} and cannot be rebuilt: {reason}" if damage else reason)
     if damage:
         warnings.warn(f"sparse_detr: {found}; rebuilding it", RuntimeWarning, stacklevel=3)
-    logger.info(f"building the {kind.upper()} kernel of deformable attention once (about a minute): {build_dir}")
     try:
-        compile_extension(kind, build_dir)
+        with timed_step(_build_line(kind, build_dir), f"built the {_KERNEL_NAMES[kind]}", logger):
+            compile_extension(kind, build_dir)
     except (BackendUnavailableError, OSError) as error:  # OSError: the build log cannot be written
         return BackendStatus(kind, False, f"{found} and {error}" if damage else str(error), build_dir / "build.log")
     note = f"cached library {damage}: rebuilt" if damage else ""
     return BackendStatus(kind, True, build_log=build_dir / "build.log", note=note)
+
+
+def _build_line(kind: str, build_dir: Path) -> str:
+    """The status line before a kernel build: what is built, that it happens once, where it goes, how long."""
+    return (
+        f"building the {_KERNEL_NAMES[kind]} (once per machine and torch version; cached in {build_dir}; "
+        f"about {_BUILD_TIMES[kind]})…"
+    )
 
 
 def load_backend(kind: str) -> BackendStatus:

@@ -14,6 +14,7 @@ onnxruntime::
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -33,7 +34,9 @@ from sparse_detr.ops.loader import (
     write_build_record,
 )
 from sparse_detr.utils.io import atomic_write_text, file_sha256
+from sparse_detr.utils.progress import timed_step
 
+logger = logging.getLogger(__name__)
 SOURCE = "ms_deform_attn_onnxruntime.cpp"
 HEADERS = ("ms_deform_attn_cpu_kernel.h", "onnxruntime_abi.h")
 LIBRARY_NAME = "libsparse_detr_onnxruntime.so"
@@ -88,6 +91,10 @@ def library_path() -> Path:
         )
     library = build_dir / LIBRARY_NAME
     if not (library.is_file() and recorded_sha256(library) == file_sha256(library)):
-        _compile(build_dir, library)
+        building = (
+            f"building the onnxruntime custom-op library (once per machine; cached in {build_dir}; a few seconds)…"
+        )
+        with timed_step(building, "built the onnxruntime custom-op library", logger):
+            _compile(build_dir, library)
     _built[build_dir] = library
     return library

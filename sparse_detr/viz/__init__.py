@@ -1,5 +1,7 @@
-"""What the sparse encoder keeps: saliency, selected tokens and decoder attention drawn over an image."""
+"""What the sparse encoder keeps: saliency, selected tokens and decoder attention drawn over an image; and
+detections drawn for people to look at."""
 
+from sparse_detr.viz.detections import draw_detections, drawing_files, drawing_writer, save_drawing
 from sparse_detr.viz.figures import FIGURE_FORMATS, PANEL_TITLES, display_size, draw_explanation, save_explanation
 from sparse_detr.viz.saliency import (
     TokenView,
@@ -18,12 +20,16 @@ __all__ = [
     "TokenView",
     "crop_to_image",
     "display_size",
+    "draw_detections",
     "draw_explanation",
+    "drawing_files",
+    "drawing_writer",
     "existing_outputs",
     "explain_image",
     "figure_stems",
     "level_strides",
     "require_saliency",
+    "save_drawing",
     "save_explanation",
     "token_view",
     "upsample_to_image",

@@ -77,10 +77,12 @@ def visualize_files(
     image_size: int | None = None,
     force: bool = False,
     track: Callable[[Iterable], Iterable] = iter,
+    last: bool = False,
 ) -> tuple[list[Path], dict[Path, str]]:
     """``sdetr visualize``: a figure per image file, folder entry or glob match of ``inputs`` (see
     :func:`visualize_file`) in ``out``, with the checkpoint's predictor (see
-    :func:`~sparse_detr.inference.load_predictor`). Everything is checked before the first figure: the
+    :func:`~sparse_detr.inference.load_predictor`; ``last``: a run folder's last checkpoint, not its best).
+    Everything is checked before the first figure: the
     formats, existing figures (refused without ``force``), the folder, a scoring network for every ratio.
     One image that fails costs that image only.
 
@@ -98,7 +100,7 @@ def visualize_files(
             "pass --force to overwrite or choose another --out"
         )
     check_writable(out)
-    predictor = load_predictor(checkpoint, device, image_size)
+    predictor = load_predictor(checkpoint, device, image_size, last=last)
     for keep_ratio in keep_ratios:
         require_saliency(predictor, keep_ratio)
     written, failures = [], {}

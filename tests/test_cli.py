@@ -128,17 +128,18 @@ def test_fine_tune_a_run_on_other_classes_and_read_its_config_back(tmp_path, mon
     assert result.exit_code == 0, result.output
     assert "rows carried over by name: triangle, star" in " ".join(result.output.split())
     started = json.loads((tmp_path / "b" / "initial_weights.json").read_text())
-    assert started["init"]["file"] == str(Path("a") / "checkpoint.pth") and len(started["init"]["sha256"]) == 64
+    # a run folder starts the new run from its best checkpoint
+    assert started["init"]["file"] == str(Path("a") / "checkpoint_best.pth") and len(started["init"]["sha256"]) == 64
 
     result = runner.invoke(app, ["train", "--config", "b/config.toml", "--print-config"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "b" / "config.toml").read_text().strip() == result.output.strip()
 
-    result = runner.invoke(app, ["eval", "--checkpoint", "b", "--config", "b/config.toml", "--workers", "0",
-                                 "--output-dir", "eval"])  # fmt: skip
+    result = runner.invoke(app, ["eval", "--checkpoint", "b", "--workers", "0", "--output-dir", "eval"])
     assert result.exit_code == 0, result.output
-    evaluated = json.loads((tmp_path / "eval" / "eval_checkpoint.json").read_text())
+    evaluated = json.loads((tmp_path / "eval" / "eval_checkpoint_best.json").read_text())
     assert evaluated["image_size"] == 96  # from the run's config
+    assert evaluated["AP"] == json.loads((tmp_path / "b" / "metrics_final.json").read_text())["AP"]  # as it measured
 
 
 @pytest.fixture

@@ -109,16 +109,19 @@ def test_sweep_file_errors_name_the_file_and_key(tmp_path, text, message):
 
 def test_shipped_experiments_load_and_the_default_is_built_in():
     names = {path.stem: load_sweep(path) for path in [*EXPERIMENTS.glob("*.toml"), DEFAULT_SWEEP_FILE]}
-    assert {"default", "rho_sweep", "oam_vs_dam", "enc_aux_loss", "inference_rho"} <= set(names)
+    assert {"default", "rho_sweep", "oam_vs_dam", "enc_aux_loss", "inference_rho", "selection_rules"} <= set(names)
     assert names["default"] == default_sweep() == resolve_sweep()
     assert names["default"].data_source.is_builtin and names["default"].preset == "tiny-ablation"
     assert len(names["default"].run_seeds) >= 2
-    for name in ("rho_sweep", "oam_vs_dam", "enc_aux_loss", "inference_rho"):
+    for name in ("rho_sweep", "oam_vs_dam", "enc_aux_loss", "inference_rho", "selection_rules"):
         assert names[name].data is not None and names[name].backbone is None and names[name].preset != "tiny"
         assert len(names[name].seeds) >= 2
     assert "oam-rho0.3" in [run.name for run in names["oam_vs_dam"].runs()]
     assert "dam-rho0.5-noaux" in [run.name for run in names["enc_aux_loss"].runs()]
     assert names["inference_rho"].runs()[0].eval_keep_ratios == (0.1, 0.2, 0.3, 0.4, 0.5, 1.0)
+    rules = {run.name for run in names["selection_rules"].runs() if run.seed == 42}
+    assert rules == {"baseline", *(f"{ranking}-rho{rho}" for rho in (0.1, 0.3)
+                                   for ranking in ("dam", "oam", "foreground", "salience", "random"))}  # fmt: skip
 
 
 def test_options_override_the_file():

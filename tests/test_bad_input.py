@@ -1859,7 +1859,7 @@ def test_empty_seed_list_is_refused(tmp_path):
 
 def test_unknown_criterion_names_the_known_ones():
     result = runner.invoke(app, ["ablate", "--criterion", "dam,saliency"])
-    one_line(result, 2, "unknown ranking 'saliency'", "dam, oam, random")
+    one_line(result, 2, "unknown ranking 'saliency'", "dam, oam, foreground, salience, random")
 
 
 def test_another_sweep_never_writes_over_a_report(tmp_path, monkeypatch, library_lines):

@@ -226,3 +226,74 @@ def test_generation_is_quick(tmp_path):
     start = time.perf_counter()
     make_synthetic_dataset(tmp_path / "quick", 100, 20, 160, seed=0)
     assert time.perf_counter() - start < 10  # about 2 s on a laptop core
+
+
+def _box_statistics(root):
+    """Objects per image, the mean share of an image covered by boxes, and the median box side."""
+    data = json.loads((root / "annotations" / "instances_train.json").read_text())
+    pixels = {image["id"]: image["width"] * image["height"] for image in data["images"]}
+    covered = dict.fromkeys(pixels, 0.0)
+    for ann in data["annotations"]:
+        covered[ann["image_id"]] += ann["bbox"][2] * ann["bbox"][3] / pixels[ann["image_id"]]
+    sides = [(ann["bbox"][2] * ann["bbox"][3]) ** 0.5 for ann in data["annotations"]]
+    return len(data["annotations"]) / len(pixels), float(np.mean(list(covered.values()))), float(np.median(sides))
+
+
+def test_the_hard_style_has_more_smaller_objects_and_its_foreground_share(tmp_path):
+    easy = _box_statistics(make_synthetic_dataset(tmp_path / "easy", 40, 2, 160, seed=5))
+    hard = _box_statistics(make_synthetic_dataset(tmp_path / "hard", 40, 2, 160, seed=5, style="hard"))
+    sparse = _box_statistics(
+        make_synthetic_dataset(tmp_path / "f08", 40, 2, 160, seed=5, style="hard", foreground=0.08)
+    )
+    assert hard[0] > 2 * easy[0] and hard[2] < 0.6 * easy[2]  # more objects, and smaller
+    assert 0.1 < hard[1] < 0.2 and 0.05 < sparse[1] < 0.11 and easy[1] > 0.25  # the share asked for, about
+    manifest = json.loads((tmp_path / "hard" / "synthetic.json").read_text())
+    assert (manifest["style"], manifest["foreground"]) == ("hard", 0.15)
+    assert "style" not in json.loads((tmp_path / "easy" / "synthetic.json").read_text())  # as it always was
+    again = make_synthetic_dataset(tmp_path / "hard-again", 40, 2, 160, seed=5, style="hard")
+    assert _files(again) == _files(tmp_path / "hard")  # the seed decides everything
+
+
+def test_hard_scenes_draw_unlabelled_distractors_of_the_other_kinds(monkeypatch):
+    """Distractors are shapes of the kinds that are not classes, drawn before the objects and never
+    annotated."""
+    style = synthetic_module.scene_style("hard")
+    drawn = []
+    real_mask = synthetic_module.shape_mask
+
+    def recording_mask(kind, *args):
+        drawn.append(kind)
+        return real_mask(kind, *args)
+
+    monkeypatch.setattr(synthetic_module, "shape_mask", recording_mask)
+    image = np.zeros((96, 128, 3))
+    synthetic_module._draw_distractors(image, style, SHAPES, np.random.default_rng(0))
+    assert style.distractors[0] <= len(drawn) <= style.distractors[1] and set(drawn) <= set(NEW_KINDS)
+    assert (image != 0).any(axis=-1).mean() > 0.01  # they cover part of the background
+    drawn.clear()
+    _, objects = render_scene(128, np.random.default_rng(1), SHAPES, style)
+    distractors = [kind for kind in drawn if kind in NEW_KINDS]
+    assert distractors and drawn[: len(distractors)] == distractors  # first, under the objects
+    assert 0 < len(objects) <= len(drawn) - len(distractors)  # annotated: objects only (a placement may retry)
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        (["--foreground", "0.2"], "--foreground sets the hard style's share of the image in boxes: add --style hard"),
+        (
+            ["--style", "hard", "--foreground", "0.7"],
+            "--foreground is the share of an image covered by boxes, in (0, 0.5]",
+        ),
+        (["--style", "harder"], "unknown synthetic style 'harder'; styles: easy, hard"),
+    ],
+)
+def test_bad_style_options_are_one_line(tmp_path, options, fragment):
+    from conftest import one_line
+    from typer.testing import CliRunner
+
+    from sparse_detr.cli import app
+
+    result = CliRunner().invoke(app, ["data", "synth", "--out", str(tmp_path / "d"), "--num-train", "1", *options])
+    one_line(result, 2, fragment)
+    assert not (tmp_path / "d").exists()

@@ -60,7 +60,8 @@ def report_notes(results: list[dict[str, Any]], table: pd.DataFrame, run_root: P
         "baseline: the preset with every encoder token encoded (shown as ρ = 1), no scoring network and no "
         "encoder aux loss; the other runs encode the top ρ share of the tokens by their ranking "
         "(DAM: scoring network trained on the decoder attention map; OAM: objectness of a detection head; "
-        "random: a random choice).",
+        "foreground: the scoring network trained on Focus-DETR's scale-aware foreground targets; salience: on "
+        "Salience-DETR's scale-independent salience targets; random: a random choice).",
         "gflops: fvcore count (one multiply-add = one FLOP) per image on the first validation images at the "
         "evaluation size, split into gflops_backbone, gflops_encoder (with the scoring network) and "
         "gflops_rest (input projections, two-stage proposals, decoder, heads).",

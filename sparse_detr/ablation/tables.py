@@ -46,7 +46,7 @@ INFERENCE_COLUMNS = [
     *FPS_KEYS,
     "run",
 ]
-_RANKING_ORDER = {"baseline": 0, "dam": 1, "oam": 2, "random": 3}
+_RANKING_ORDER = {"baseline": 0, "dam": 1, "oam": 2, "foreground": 3, "salience": 4, "random": 5}
 BASELINE_RHO = 1.0  # the baseline encodes every token
 
 

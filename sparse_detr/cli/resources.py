@@ -26,12 +26,20 @@ def data_synth(
     force: bool = typer.Option(
         False, "--force", help="Replace a synthetic dataset of other arguments in --out (other files never)."
     ),
+    style: str = typer.Option("easy", help="easy (1-5 large objects) or hard (many small ones, distractors)."),
+    foreground: float | None = typer.Option(
+        None, help="With --style hard: the share of each image covered by boxes (default 0.15; COCO's ~0.3)."
+    ),
 ) -> None:
     """Write the built-in synthetic detection dataset (train and val splits).
 
     Classes: circle, square, triangle, star, ring, cross (the default set) and hexagon, diamond, crescent,
     arrow; another class set (e.g. --classes triangle,star,hexagon,arrow --seed 1) makes a second dataset
     to fine-tune on.
+
+    --style hard writes a dataset closer to COCO for token selection: 4 to 12 objects of widely varied,
+    mostly small size covering --foreground of each image (default 0.15), over 2 to 6 unlabelled
+    distractor shapes of the kinds that are not classes.
 
     A folder that already holds this dataset is left as is; one that holds another synthetic dataset is
     replaced only with --force; a folder that holds anything else is refused, --force or not.
@@ -40,7 +48,8 @@ def data_synth(
     from sparse_detr.data.synthetic import read_manifest
 
     before = read_manifest(out)
-    root = make_synthetic_dataset(out, num_train, num_val, image_size, seed, classes=parse_list(classes), replace=force)
+    root = make_synthetic_dataset(out, num_train, num_val, image_size, seed, parse_list(classes), force, style,
+                                  foreground)  # fmt: skip
     if before is not None and before == read_manifest(root):
         console.print(f"{root} already holds this synthetic dataset: left as is")
     else:

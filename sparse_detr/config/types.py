@@ -21,7 +21,7 @@ from sparse_detr.config.fields import (
 from sparse_detr.errors import ConfigError
 
 BACKBONES = ("r50", "swin-t")
-TOKEN_RANKINGS = ("dam", "oam", "random")
+TOKEN_RANKINGS = ("dam", "oam", "foreground", "salience", "random")
 KEEP_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
 BACKBONE_NORMS = ("frozen_bn", "batch_norm")
 MAX_IMAGE_SIZE = 8192  # the largest image size (shorter side) a run may ask for, 10x COCO's: beyond, no memory holds it
@@ -41,7 +41,10 @@ class ModelConfig:
     ``keep_ratio`` is the share ρ of encoder tokens that are encoded (0 = every token, no scoring:
     :attr:`is_sparse` is False).
     ``token_ranking`` picks how tokens are ranked when ρ > 0: ``"dam"`` (scoring network trained on
-    the decoder attention map), ``"oam"`` (objectness of a detection head) or ``"random"``.
+    the decoder attention map), ``"oam"`` (objectness of a detection head), ``"foreground"`` (the scoring
+    network trained on Focus-DETR's foreground labels from the boxes, its loss weighted 1.5 x
+    ``mask_prediction_coef``), ``"salience"`` (on Salience-DETR's scale-independent salience, 2 x) or
+    ``"random"``.
     ``backbone_norm`` (ResNets only) is ``"frozen_bn"`` as in the reference, which needs pretrained
     statistics, or ``"batch_norm"`` (trained, for backbones learned from scratch); the first
     ``backbone_frozen_stages`` stages do not train (ResNet 1: the stem, 2: the stem and layer1; Swin-T 1: the

@@ -13,15 +13,23 @@ from sparse_detr.models.attention_map import attention_coverage, decoder_attenti
 from sparse_detr.models.matcher import HungarianMatcher
 from sparse_detr.models.outputs import Detections, DetectorOutputs
 from sparse_detr.models.token_layout import TokenSelection
+from sparse_detr.models.token_targets import foreground_loss, foreground_targets, salience_loss, salience_targets
+from sparse_detr.models.transformer import SCORING_NETWORK_RANKINGS
 
 DETECTION_LOSSES = ("loss_ce", "loss_bbox", "loss_giou")
 
 Targets = list[dict[str, torch.Tensor]]
 Indices = list[tuple[torch.Tensor, torch.Tensor]]
 
+# loss_mask_prediction's weight per ranking, times loss.mask_prediction_coef (1, Sparse DETR's): each reference's
+# own, Focus-DETR's 1.5 and Salience-DETR's 2. The three losses are normalized differently (BCE mean over all
+# tokens; focal sums over positives), so one shared weight would favour whichever is largest; with each method's
+# own weight the rankings differ only in what their authors trained, while every other loss stays the same.
+SCORING_LOSS_SCALES = {"dam": 1.0, "foreground": 1.5, "salience": 2.0}
+
 
 class SetCriterion(nn.Module):
-    """Hungarian detection losses on every output set, plus the scoring network's DAM loss.
+    """Hungarian detection losses on every output set, plus the scoring network's loss.
 
     ``forward`` returns the unweighted losses and log-only metrics; ``weight_dict`` names the
     losses that are trained and their weights. Detection losses on the model's output sets:
@@ -32,10 +40,12 @@ class SetCriterion(nn.Module):
     - ``enc_aux_outputs`` (sparse encoder aux heads): suffix ``_enc_0``, ``_enc_1``, ...;
     - ``backbone_outputs`` (OAM objectness head): suffix ``_backbone``.
 
-    All of them are matched with the real class labels. With ``token_ranking="dam"`` and
-    ``token_scores`` in the outputs, ``loss_mask_prediction`` trains the scoring network to predict
-    the tokens the decoder attends to most. Metrics: ``class_error`` (last layer, in %) and, when
-    tokens were selected (``selection``), ``dam_coverage`` and ``dam_coverage_level{l}``.
+    All of them are matched with the real class labels. With ``token_scores`` in the outputs,
+    ``loss_mask_prediction`` trains the scoring network of the rankings that have one: ``"dam"`` to predict
+    the tokens the decoder attends to most, ``"foreground"`` and ``"salience"`` the targets their
+    papers' code makes from the boxes (:mod:`sparse_detr.models.token_targets`). Metrics: ``class_error``
+    (last layer, in %) and, when tokens were selected (``selection``), ``dam_coverage`` and
+    ``dam_coverage_level{l}``.
     """
 
     def __init__(
@@ -109,12 +119,14 @@ class SetCriterion(nn.Module):
 
         Args:
             outputs: the model's output dict (see :class:`SetCriterion` for the keys used).
-            targets: N dicts with ``labels`` (T_i,) int64 and ``boxes`` (T_i, 4) normalized cxcywh.
+            targets: N dicts with ``labels`` (T_i,) int64 and ``boxes`` (T_i, 4) normalized cxcywh; the
+                ``"foreground"`` and ``"salience"`` rankings also read ``size`` (2,) (h, w) of the resized image.
             num_boxes: the box count that normalizes the detection losses; default this batch's
                 (averaged over processes, at least 1).
-            batch_share: this batch's share of the images of one optimizer step; the per-token mean of
-                ``loss_mask_prediction`` is scaled by it. With gradient accumulation, ``num_boxes`` (the
-                whole step's) and ``batch_share`` make the batches' losses add up to one large batch's.
+            batch_share: this batch's share of the images of one optimizer step; ``loss_mask_prediction``,
+                normalized within the batch, is scaled by it. With gradient accumulation, ``num_boxes`` (the
+                whole step's) and ``batch_share`` make the batches' losses add up to one large batch's (for
+                ``"salience"``, divided by the batch's own count of positive tokens, nearly).
 
         Returns:
             Unweighted losses and metrics by name.
@@ -133,14 +145,14 @@ class SetCriterion(nn.Module):
         for suffix, output_set in output_sets:
             losses.update(self.detection_losses(output_set, targets, num_boxes, suffix)[0])
 
-        losses.update(self.token_losses(outputs))
+        losses.update(self.token_losses(outputs, targets))
         if "loss_mask_prediction" in losses:
             losses["loss_mask_prediction"] = losses["loss_mask_prediction"] * batch_share
         return losses
 
-    def token_losses(self, outputs: DetectorOutputs) -> dict[str, torch.Tensor]:
-        """``loss_mask_prediction`` (DAM criterion) and the DAM coverage of the selected tokens."""
-        trains_scores = self.token_ranking == "dam" and "token_scores" in outputs
+    def token_losses(self, outputs: DetectorOutputs, targets: Targets) -> dict[str, torch.Tensor]:
+        """``loss_mask_prediction`` (the scoring network's loss) and the DAM coverage of the selected tokens."""
+        trains_scores = self.token_ranking in SCORING_NETWORK_RANKINGS and "token_scores" in outputs
         if not trains_scores and "selection" not in outputs:
             return {}
         missing = [key for key in _DAM_INPUTS if key not in outputs]
@@ -150,15 +162,32 @@ class SetCriterion(nn.Module):
         attention_map = decoder_attention_map(outputs["sampling_locations"], outputs["attention_weights"], layout)
         losses = {}
         if trains_scores:
-            target_map = fill_padded_tokens(attention_map, layout.padding_mask)
-            losses["loss_mask_prediction"] = self.loss_mask_prediction(
-                outputs["token_scores"], target_map, selection.counts
-            )
+            losses["loss_mask_prediction"] = self.scoring_loss(outputs, targets, attention_map)
         if "selection" in outputs:
             overall, per_level = attention_coverage(attention_map, selection, layout)
             losses["dam_coverage"] = overall.mean()
             losses.update({f"dam_coverage_level{level}": share for level, share in enumerate(per_level.mean(0))})
         return losses
+
+    def scoring_loss(self, outputs: DetectorOutputs, targets: Targets, attention_map: torch.Tensor) -> torch.Tensor:
+        """The scoring network's loss against the target of :attr:`token_ranking`.
+
+        Args:
+            outputs: with ``token_scores``, ``layout`` and ``selection``.
+            targets: N dicts; the box rankings read ``boxes`` and ``size`` (see :meth:`forward`).
+            attention_map: (N, S) the decoder attention map, the ``"dam"`` target.
+        """
+        scores, layout = outputs["token_scores"], outputs["layout"]
+        if self.token_ranking == "dam":
+            target_map = fill_padded_tokens(attention_map, layout.padding_mask)
+            return self.loss_mask_prediction(scores, target_map, outputs["selection"].counts)
+        if any("size" not in target for target in targets):
+            raise KeyError(f"the {self.token_ranking} ranking needs each target's 'size' (h, w of the resized image)")
+        boxes = [target["boxes"] for target in targets]
+        image_sizes = torch.stack([target["size"] for target in targets])  # (N, 2)
+        if self.token_ranking == "foreground":
+            return foreground_loss(scores, foreground_targets(boxes, image_sizes, layout), layout.padding_mask)
+        return salience_loss(scores, salience_targets(boxes, image_sizes, layout), layout.padding_mask)
 
 
 _DAM_INPUTS = ("sampling_locations", "attention_weights", "layout", "selection")
@@ -214,8 +243,9 @@ def build_weight_dict(model_config: ModelConfig, loss_config: LossConfig) -> dic
     if sparse and model_config.token_ranking == "oam":
         suffixes.append("_backbone")
     weight_dict = {name + suffix: weight for suffix in suffixes for name, weight in base.items()}
-    if sparse and model_config.token_ranking == "dam":
-        weight_dict["loss_mask_prediction"] = loss_config.mask_prediction_coef
+    if sparse and model_config.token_ranking in SCORING_NETWORK_RANKINGS:
+        scale = SCORING_LOSS_SCALES[model_config.token_ranking]
+        weight_dict["loss_mask_prediction"] = loss_config.mask_prediction_coef * scale
     return weight_dict
 
 

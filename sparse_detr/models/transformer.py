@@ -18,6 +18,9 @@ from sparse_detr.models.position_encoding import box_position_encoding
 from sparse_detr.models.scoring import ScoringNetwork, fill_padded_scores, keep_counts, most_kept
 from sparse_detr.models.token_layout import TokenLayout, TokenSelection
 
+# the token rankings whose scores come from a ScoringNetwork; they differ only in its training target (criterion)
+SCORING_NETWORK_RANKINGS = ("dam", "foreground", "salience")
+
 
 def token_proposals(layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """One anchor box per token: its cell centre over the level's valid size, w = h = 0.05 * 2^level.
@@ -72,7 +75,7 @@ class DeformableTransformer(nn.Module):
         ffn, dropout = config.dim_feedforward, config.dropout
 
         sparse = config.is_sparse
-        if sparse and config.token_ranking == "dam":
+        if sparse and config.token_ranking in SCORING_NETWORK_RANKINGS:
             self.enc_mask_predictor = ScoringNetwork(d_model)
         self.encoder = SparseEncoder(
             lambda: EncoderLayer(d_model, ffn, dropout, levels, heads, config.enc_n_points), config.enc_layers
@@ -115,7 +118,7 @@ class DeformableTransformer(nn.Module):
     @property
     def can_sparsify(self) -> bool:
         """Whether this transformer has what its token ranking needs to rank tokens."""
-        if self.token_ranking == "dam":
+        if self.token_ranking in SCORING_NETWORK_RANKINGS:
             return hasattr(self, "enc_mask_predictor")
         if self.token_ranking == "oam":
             return hasattr(self, "oam_class_embed")
@@ -136,7 +139,7 @@ class DeformableTransformer(nn.Module):
             return fill_padded_scores(scores, padding_mask), None
         scoring_input = self._project(tokens, padding_mask, proposals_valid)
         head_outputs = None
-        if self.token_ranking == "dam":
+        if self.token_ranking in SCORING_NETWORK_RANKINGS:
             scores = self.enc_mask_predictor(scoring_input)
         else:
             logits = self.oam_class_embed(scoring_input)  # (N, S, C')

@@ -38,6 +38,7 @@ from sparse_detr.config import (
 from sparse_detr.config.files import TOMLDecodeError, parse_toml
 from sparse_detr.data.source import DataSource
 from sparse_detr.errors import ConfigError
+from sparse_detr.zoo import default_checkpoint
 
 SECTIONS: dict[str, type] = {"data": DataSource, "model": ModelConfig, "loss": LossConfig, "train": TrainConfig}
 # field name -> its section (no field name appears in two sections)
@@ -170,7 +171,7 @@ def run_folder_of(checkpoint: str | Path | None) -> Path | None:
     """The run folder a ``--checkpoint`` value names (the folder itself, or the folder of a checkpoint file
     in it): one that holds the run's ``config.toml``; None for anything else (a zoo name, a lone file).
     None names what a bare ``sdetr train`` writes."""
-    path = Path(checkpoint) if checkpoint is not None else Path(train_recipe(DEFAULT_PRESET).output_dir)
+    path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
     folder = path if path.is_dir() else path.parent
     return folder if (folder / CONFIG_FILE_NAME).is_file() else None
 

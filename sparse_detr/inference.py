@@ -321,29 +321,44 @@ def predict_images(
     return predictions
 
 
-def _checkpoint_or_onnx(
-    checkpoint: str | Path | None,
-    onnx: str | Path | None,
-    device: str | None,
-    image_size: int | None,
-    keep_ratio: float | None,
-    amp: str | None,
-    compile: bool,
-    runtime: str | None = None,
-    last: bool = False,
-) -> Predictor:
-    """The predictor of ``sdetr predict``: the exported file ``onnx`` when given (run by ``runtime``,
-    default onnxruntime), else the checkpoint."""
-    if onnx is None:
-        if runtime is not None:
-            raise UsageError(f"--runtime {runtime} runs an exported file: add --onnx FILE (from `sdetr export`)")
-        return load_predictor(checkpoint, device, image_size, keep_ratio, amp=amp, compile=compile, last=last)
-    if checkpoint is not None or amp is not None or compile:
-        raise UsageError("--onnx runs the exported file: leave out --checkpoint, --amp and --compile")
-    predictor = load_onnx_predictor(onnx, image_size, runtime=runtime or "onnxruntime")
-    if keep_ratio is not None and keep_ratio != predictor.runner.keep_ratio:
-        raise UsageError(f"{onnx} encodes with keep ratio {predictor.runner.keep_ratio:g}, fixed at export")
-    return predictor
+@dataclass(frozen=True)
+class PredictorSettings:
+    """Which model ``sdetr predict`` runs and how: ``checkpoint`` (a file, run folder: its best checkpoint, or
+    its last with ``last``, or zoo name; default the default run's) on ``device``, or the exported file
+    ``onnx`` run by ``runtime`` (default onnxruntime); ``image_size`` (default the trained one),
+    ``keep_ratio`` (default the trained ρ), ``amp`` and ``compile`` as in :func:`load_predictor`."""
+
+    checkpoint: str | Path | None = None
+    last: bool = False
+    onnx: str | Path | None = None
+    runtime: str | None = None
+    device: str | None = None
+    image_size: int | None = None
+    keep_ratio: float | None = None
+    amp: str | None = None
+    compile: bool = False
+
+    def load(self) -> Predictor:
+        """The predictor these settings describe.
+
+        Raises:
+            UsageError: settings that do not go together (``runtime`` without ``onnx``; ``onnx`` with a
+                checkpoint, ``amp`` or ``compile``; a ``keep_ratio`` other than the one fixed at export).
+        """
+        if self.onnx is None:
+            if self.runtime is not None:
+                raise UsageError(
+                    f"--runtime {self.runtime} runs an exported file: add --onnx FILE (from `sdetr export`)"
+                )
+            return load_predictor(self.checkpoint, self.device, self.image_size, self.keep_ratio, amp=self.amp,
+                                  compile=self.compile, last=self.last)  # fmt: skip
+        if self.checkpoint is not None or self.amp is not None or self.compile:
+            raise UsageError("--onnx runs the exported file: leave out --checkpoint, --amp and --compile")
+        predictor = load_onnx_predictor(self.onnx, self.image_size, runtime=self.runtime or "onnxruntime")
+        fixed = predictor.runner.keep_ratio
+        if self.keep_ratio is not None and self.keep_ratio != fixed:
+            raise UsageError(f"{self.onnx} encodes with keep ratio {fixed:g}, fixed at export")
+        return predictor
 
 
 def _interrupted(predictions: Predictions, paths: Sequence[Path], out: str | Path, exit_code: int) -> Interrupted:
@@ -367,49 +382,38 @@ def _interrupted(predictions: Predictions, paths: Sequence[Path], out: str | Pat
 
 
 def predict_files(
-    inputs: Sequence[str | Path],
-    checkpoint: str | Path | None,
+    paths: Sequence[Path],
+    settings: PredictorSettings,
     out: str | Path,
     threshold: float = 0.3,
     annotations: str | Path | None = None,
-    keep_ratio: float | None = None,
-    device: str | None = None,
-    image_size: int | None = None,
     track: Callable[[Iterable], Iterable] = iter,
-    amp: str | None = None,
-    compile: bool = False,
-    onnx: str | Path | None = None,
-    runtime: str | None = None,
     on_image: Callable[[Path, list[dict[str, Any]]], Any] | None = None,
-    last: bool = False,
-) -> tuple[list[dict[str, Any]], dict[Path, str], list[Path]]:
-    """``sdetr predict``: detect objects in the image files, folders or glob patterns ``inputs`` with
-    ``checkpoint`` (see :func:`load_predictor`; ``amp`` and ``compile`` choose how it runs) or the exported
-    file ``onnx`` run by ``runtime`` (see :func:`load_onnx_predictor`) and write the COCO results JSON ``out``
-    (what finished, even when some images fail). Image ids come from the instances file ``annotations`` (matched by file
-    name), else 1..N. ``on_image(path, results)`` runs as each image finishes (see :func:`predict_images`).
+) -> Predictions:
+    """``sdetr predict``: detect objects in the image files ``paths`` (see :func:`expand_image_paths` for
+    folders and patterns) with the model ``settings`` describe and write the COCO results JSON ``out`` (what
+    finished, even when some images fail). Image ids come from the instances file ``annotations`` (matched by
+    file name), else 1..N. ``on_image(path, results)`` runs as each image finishes (see
+    :func:`predict_images`).
 
     Returns:
-        the results, the images that failed with their reason, and the image paths.
+        the results of the images that ran and the reason of each that failed.
 
     Raises:
         Interrupted: Ctrl-C (exit code 130) or SIGTERM (143); the detections of the images that finished
             are written to ``out`` first, and the message says how many and which images were not run.
     """
-    paths = expand_image_paths(inputs)
     check_writable(Path(out).parent)
     image_ids = image_ids_from_annotations(annotations, paths) if annotations is not None else None
     predictions = Predictions()
     try:
         with StopSignals().installed():  # SIGTERM too raises a KeyboardInterrupt, with its exit code
-            predictor = _checkpoint_or_onnx(
-                checkpoint, onnx, device, image_size, keep_ratio, amp, compile, runtime, last
-            )
+            predictor = settings.load()
             predict_images(predictor, paths, threshold, image_ids, track, predictions, on_image)
     except KeyboardInterrupt as interrupt:
         raise _interrupted(predictions, paths, out, getattr(interrupt, "exit_code", Interrupted.exit_code)) from None
     atomic_write_text(out, json.dumps(predictions.results, indent=1))
-    return predictions.results, predictions.failures, paths
+    return predictions
 
 
 def evaluate_onnx(

@@ -266,6 +266,26 @@ def test_submitit_local_executor_trains_each_run_on_two_processes_as_one(tmp_pat
     assert again.job_id is None and sorted(again.skipped["done"]) == ["dam-rho0.3/seed1", "oam-rho0.3/seed1"]
 
 
+@pytest.mark.parametrize("cluster", ["local", None])
+def test_only_slurm_job_ids_are_asked_of_slurm(tmp_path, monkeypatch, cluster):
+    """Local job ids are process ids: Slurm is not asked about them (and need not run); a record written
+    before the cluster was recorded holds Slurm's ids."""
+    from sparse_detr.cluster import status, submit
+
+    asked: list[list[str]] = []
+    monkeypatch.setattr(status, "job_states", lambda job_ids: asked.append(job_ids) or {})
+    monkeypatch.setattr(submit, "job_states", lambda job_ids: asked.append(job_ids) or {})
+    sweep = load_sweep_text(tmp_path, '[launcher]\nlauncher = "slurm"\n', weights="unused.pth")
+    folder = sweep.runs()[0].folder
+    record = {"runs": {folder: "4242_0"}, "reports": []} | ({"cluster": cluster} if cluster else {})
+    submit._write_jobs(sweep, record)
+
+    table = cluster_sweep_status(sweep)
+    assert table["job"].tolist()[0] == "4242_0" and table["state"].tolist()[0] == "failed"  # ended unstarted
+    assert submit.active_jobs(sweep) == {}
+    assert asked == ([] if cluster == "local" else [["4242"], ["4242"]])
+
+
 @pytest.mark.slow
 def test_a_failing_run_is_marked_and_the_next_submission_retries_it(tmp_path):
     sweep = load_sweep_text(tmp_path, '[launcher]\nlauncher = "slurm"\n')

@@ -250,7 +250,8 @@ def test_predict_detections_table_reads_at_80_columns(tmp_path, monkeypatch):
     results = [{"file_name": f"/data/{image}", "category_name": "traffic light", "score": 0.987,
                 "bbox": [1234.5, 567.8, 1024.0, 768.25]}]  # fmt: skip
     monkeypatch.setattr(inference, "expand_image_paths", lambda images: [Path(image)])
-    monkeypatch.setattr(inference, "predict_files", lambda *args, **kwargs: (results, {}, [Path(image)]))
+    finished = inference.Predictions(detections={Path(image): results})
+    monkeypatch.setattr(inference, "predict_files", lambda *args, **kwargs: finished)
     result = runner.invoke(app, ["predict", image, "--out", str(tmp_path / "detections.json")], env=NARROW)
     assert result.exit_code == 0, result.output
     table = "\n".join(line for line in _plain(result.output).splitlines() if not line.startswith("wrote "))

@@ -8,13 +8,13 @@ left, so the first estimate comes minutes into the sweep rather than after a who
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Collection
 
 from sparse_detr.ablation.sweep import Run, Sweep
 from sparse_detr.config import train_recipe
+from sparse_detr.utils.progress import format_estimate
 
 _DROP_OPTIONS = {"baseline": "--no-baseline", "random": "--no-random"}
 
@@ -98,8 +98,8 @@ class TimeEstimate:
         """The estimate from the first epoch of the first run (``seconds`` with its evaluation)."""
         total = seconds * self.epochs_per_run * self.runs_left
         return (
-            f"estimate: first epoch {_duration(seconds)}, so about {_duration(total)} for {self.runs_left} runs "
-            f"of {self.epochs_per_run} epochs, plus measuring each (refined after every run)"
+            f"estimate: first epoch {format_estimate(seconds)}, so about {format_estimate(total)} "
+            f"for {self.runs_left} runs of {self.epochs_per_run} epochs, plus measuring each (refined after every run)"
         )
 
     def skip_run(self) -> None:
@@ -111,16 +111,5 @@ class TimeEstimate:
         self.run_seconds.append(time.perf_counter() - self._run_start)
         self.runs_left -= 1
         mean = statistics.fmean(self.run_seconds)
-        left = "done" if self.runs_left == 0 else f"about {_duration(mean * self.runs_left)} left"
-        return f"run took {_duration(self.run_seconds[-1])}; {self.runs_left} runs to go, {left}"
-
-
-def _duration(seconds: float) -> str:
-    """``42 s``, ``7.5 min``, ``1.4 h``."""
-    if not math.isfinite(seconds):
-        return "?"
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
+        left = "done" if self.runs_left == 0 else f"about {format_estimate(mean * self.runs_left)} left"
+        return f"run took {format_estimate(self.run_seconds[-1])}; {self.runs_left} runs to go, {left}"

@@ -84,11 +84,12 @@ def evaluate(
     from sparse_detr.engine import distributed, run_config
     from sparse_detr.engine.evaluate import evaluate_settings
 
-    run = run_config.run_folder_settings(checkpoint) if onnx is None else {}
+    run_folder = run_config.run_folder_of(checkpoint) if onnx is None else None
+    run = run_config.run_folder_settings(run_folder)
     resolved = run_config.merged_settings(config_file, settings or (), run_config.option_settings(fields), run)
     if run and distributed.get_rank() == 0:
-        log_line(f"the run's own settings: {run_config.run_folder_of(checkpoint) / 'config.toml'} (its validation "
-                 "data, image size and batch; options override them)")  # fmt: skip
+        log_line(f"the run's own settings: {run_folder / 'config.toml'} (its validation data, image size and "
+                 "batch; options override them)")  # fmt: skip
     eval_settings = run_config.EvalSettings.from_settings(resolved, compile=compile)
     if checkpoint is not None and onnx is not None:
         raise UsageError("give --checkpoint (a checkpoint file, run folder or zoo name) or --onnx FILE, not both")
@@ -137,21 +138,22 @@ def predict(
     class names, scores and a legend to DIR/<file name>. One image that fails costs that image only."""
     from rich.progress import track
 
-    from sparse_detr.inference import expand_image_paths, predict_files
+    from sparse_detr.inference import PredictorSettings, expand_image_paths, predict_files
 
     if out.exists() and not force:
         raise UsageError(f"{out} exists: pass --force to overwrite it or choose another --out")
-    inputs = expand_image_paths(images)
+    paths = expand_image_paths(images)
     on_image = None
     if draw is not None:
         from sparse_detr.viz.detections import drawing_writer
 
-        on_image = drawing_writer(inputs, draw, force)
-    results, failures, paths = predict_files(
-        inputs, checkpoint, out, threshold, ann, rho, device, image_size,
-        track=lambda items: track(items, "detecting", console=console), amp=amp, compile=compile, onnx=onnx,
-        runtime=runtime, on_image=on_image, last=last,
-    )  # fmt: skip
+        on_image = drawing_writer(paths, draw, force)
+    settings = PredictorSettings(checkpoint=checkpoint, last=last, onnx=onnx, runtime=runtime, device=device,
+                                 image_size=image_size, keep_ratio=rho, amp=amp, compile=compile)  # fmt: skip
+    predictions = predict_files(
+        paths, settings, out, threshold, ann, lambda items: track(items, "detecting", console=console), on_image
+    )
+    results, failures = predictions.results, predictions.failures
     shown = 50
     columns = [Column("image", wrap=True), Column("class"),
                *(Column(name, numeric=True) for name in ("score", "x", "y", "w", "h"))]  # fmt: skip

@@ -20,8 +20,10 @@ def cluster_sweep_status(sweep: Sweep) -> pd.DataFrame:
     """:func:`~sparse_detr.ablation.status.sweep_status` with each run's latest job (``123_4``) and the
     scheduler's state where it says more than the run folder does."""
     table = sweep_status(sweep)
-    jobs = read_jobs(sweep)["runs"]
-    states = job_states(sorted({job.partition("_")[0] for job in jobs.values()})) if jobs else {}
+    record = read_jobs(sweep)
+    jobs = record["runs"]
+    on_slurm = jobs and record["cluster"] == "slurm"  # local job ids are process ids, not Slurm's
+    states = job_states(sorted({job.partition("_")[0] for job in jobs.values()})) if on_slurm else {}
     for index, folder in zip(table.index, sweep.runs()):
         job = jobs.get(folder.folder)
         if job is None:

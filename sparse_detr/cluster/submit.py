@@ -105,13 +105,15 @@ def anchored(sweep: Sweep) -> Sweep:
 
 
 def read_jobs(sweep: Sweep) -> dict[str, Any]:
-    """The sweep's job record: ``{"runs": {run folder: job id}, "reports": [job ids]}``."""
+    """The sweep's job record: ``{"cluster": "slurm" or "local", "runs": {run folder: job id}, "reports": [job
+    ids]}`` (a record without ``cluster`` was written by Slurm submissions)."""
     path = submitit_folder(sweep) / JOBS_FILE
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
-        return {"runs": {}, "reports": []}
-    return {"runs": dict(record.get("runs", {})), "reports": list(record.get("reports", []))}
+        record = {}
+    return {"cluster": record.get("cluster", "slurm"), "runs": dict(record.get("runs", {})),
+            "reports": list(record.get("reports", []))}  # fmt: skip
 
 
 def _write_jobs(sweep: Sweep, record: dict[str, Any]) -> None:
@@ -121,7 +123,7 @@ def _write_jobs(sweep: Sweep, record: dict[str, Any]) -> None:
 def active_jobs(sweep: Sweep, record: dict[str, Any] | None = None) -> dict[str, str]:
     """The run folders a queued or running job holds, with that job's state (Slurm's word)."""
     record = read_jobs(sweep) if record is None else record
-    if not record["runs"]:
+    if not record["runs"] or record["cluster"] != "slurm":  # local job ids are process ids, not Slurm's
         return {}
     states = job_states(sorted({job.partition("_")[0] for job in record["runs"].values()}))
     return {
@@ -153,7 +155,9 @@ def submit_sweep(sweep: Sweep, cluster: str = "slurm") -> Submission:
 def _submit_runs(sweep: Sweep, runs: list[Run], cluster: str) -> Submission:
     settings = sweep.launcher
     record = read_jobs(sweep)
-    active = active_jobs(sweep, record) if cluster == "slurm" else {}
+    if record["cluster"] != cluster:  # job ids of another cluster mean nothing to this one
+        record = {"cluster": cluster, "runs": {}, "reports": []}
+    active = active_jobs(sweep, record)
     skipped: dict[str, list[str]] = {}
     to_submit: list[Run] = []
     for run in runs:

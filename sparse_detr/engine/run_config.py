@@ -176,11 +176,10 @@ def run_folder_of(checkpoint: str | Path | None) -> Path | None:
     return folder if (folder / CONFIG_FILE_NAME).is_file() else None
 
 
-def run_folder_settings(checkpoint: str | Path | None) -> dict[str, Any]:
-    """What the run folder of ``checkpoint`` (see :func:`run_folder_of`) says about evaluating its model, from
-    its ``config.toml``: its data (``data.*``), image size and evaluation batch (padding differs with the
-    batch, so the run's own batch gives back the AP the run measured); empty for no run folder."""
-    folder = run_folder_of(checkpoint)
+def run_folder_settings(folder: Path | None) -> dict[str, Any]:
+    """What run ``folder`` (see :func:`run_folder_of`) says about evaluating its model, from its
+    ``config.toml``: its data (``data.*``), image size and evaluation batch (padding differs with the batch,
+    so the run's own batch gives back the AP the run measured); empty for no run folder."""
     if folder is None:
         return {}
     settings = read_config_file(folder / CONFIG_FILE_NAME)

@@ -109,6 +109,17 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 60 else format_duration(seconds)
 
 
+def format_estimate(seconds: float) -> str:
+    """A rough length for an estimate: ``42 s``, ``7.5 min``, ``1.4 h`` (``?`` when not known)."""
+    if not math.isfinite(seconds):
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def shows_progress(stream: TextIO) -> tuple[bool, bool]:
     """Whether progress shows at all (the ``sparse_detr`` logger gives INFO lines: not ``sdetr -q``), and
     whether as a rich bar (``stream`` is a terminal) rather than lines."""

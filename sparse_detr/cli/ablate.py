@@ -33,7 +33,9 @@ def ablate(
     keep_ratios: str | None = typer.Option(None, "--rho", help="Comma-separated keep ratios to train at."),
     preset: str | None = typer.Option(None, help="Model preset (without a file: tiny, the default ablation)."),
     backbone: str | None = typer.Option(None, help="Backbone instead of the preset's (r50, swin-t, resnet18...)."),
-    data: Path | None = typer.Option(None, help="Dataset folder: COCO 2017 (train2017/, val2017/, annotations/)."),
+    data: Path | None = typer.Option(
+        None, help="Dataset folder: COCO 2017 (train2017/, val2017/, annotations/) or sdetr data synth's."
+    ),
     epochs: int | None = typer.Option(None, min=1, help="Epochs of every run."),
     iters_per_epoch: int | None = typer.Option(None, min=1, help="Cap on batches per epoch (quick runs)."),
     baseline: bool | None = typer.Option(None, "--baseline/--no-baseline", help="Train the unsparsified baseline."),
@@ -81,8 +83,8 @@ def ablate(
     slurm: list[str] | None = launching.SLURM_OPTION,
     wait: bool = launching.WAIT_OPTION,
 ) -> None:
-    """Train and compare token-sparsity variants: keep ratios, DAM/OAM/random token selection criteria, the
-    encoder aux loss.
+    """Train and compare token-sparsity variants: keep ratios, token rankings (DAM, OAM, foreground, salience,
+    random), the encoder aux loss.
 
     One variant per (criterion, ρ), plus the baseline and the inference-time sweep, each trained once per
     seed; each run is measured (COCO AP, GFLOPs by part, FPS, DAM coverage) into its result.json, and the

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from sparse_detr.ablation.plan import TimeEstimate
 from sparse_detr.checkpoint import save_checkpoint
 from sparse_detr.config import apply_overrides, get_preset
 from sparse_detr.data import make_synthetic_dataset, synthetic_splits
@@ -20,7 +21,7 @@ from sparse_detr.engine.logging import Progress
 from sparse_detr.models import build_model
 from sparse_detr.ops import loader, onnxruntime_library
 from sparse_detr.utils import progress
-from sparse_detr.utils.progress import RecentRate, timed_step, track
+from sparse_detr.utils.progress import RecentRate, format_duration, format_estimate, format_seconds, timed_step, track
 
 WARMUP_STEPS, WARMUP_SLOWDOWN, NOISE = 3, 5.0, 0.2
 
@@ -62,6 +63,26 @@ def eta_errors(total: int, seed: int = 0) -> tuple[list[float], list[float]]:
         recent.append(abs(rate.eta(total - done) - truth) / truth)
         since_start.append(abs((clock.now - began) / done * (total - done) - truth) / truth)
     return recent, since_start
+
+
+def test_durations_read_as_their_kind():
+    assert [format_duration(x) for x in (0.4, 75, 3725, float("nan"))] == ["0:00:00", "0:01:15", "1:02:05", "?"]
+    assert [format_seconds(x) for x in (6.24, 75)] == ["6.2 s", "0:01:15"]
+    assert [format_estimate(x) for x in (42, 450, 9000, float("inf"))] == ["42 s", "7.5 min", "2.5 h", "?"]
+
+
+def test_the_ablation_estimate_counts_runs_left(monkeypatch):
+    from sparse_detr.ablation import plan
+
+    now = iter([0.0, 0.0, 60.0, 60.0, 150.0])
+    monkeypatch.setattr(plan.time, "perf_counter", lambda: next(now))
+    estimate = TimeEstimate(runs_to_train=2, epochs_per_run=6)
+    assert estimate.first_epoch(20) == ("estimate: first epoch 20 s, so about 4.0 min for 2 runs of 6 epochs, plus "
+                                        "measuring each (refined after every run)")  # fmt: skip
+    estimate.start_run()
+    assert estimate.end_run() == "run took 60 s; 1 run to go, about 60 s left"
+    estimate.start_run()
+    assert estimate.end_run() == "run took 1.5 min; 0 runs to go, done"
 
 
 @pytest.mark.parametrize("total", [50, 100, 200])

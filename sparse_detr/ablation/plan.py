@@ -112,4 +112,5 @@ class TimeEstimate:
         self.runs_left -= 1
         mean = statistics.fmean(self.run_seconds)
         left = "done" if self.runs_left == 0 else f"about {format_estimate(mean * self.runs_left)} left"
-        return f"run took {format_estimate(self.run_seconds[-1])}; {self.runs_left} runs to go, {left}"
+        runs = "1 run" if self.runs_left == 1 else f"{self.runs_left} runs"
+        return f"run took {format_estimate(self.run_seconds[-1])}; {runs} to go, {left}"
